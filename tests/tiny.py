@@ -1,0 +1,38 @@
+"""Tiny randomly initialised models of every supported family, built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "olmo2"]
+
+VOCAB = 128
+HIDDEN = 32
+INTERMEDIATE = 64
+LAYERS = 3
+
+
+def tiny_config(family: str, **overrides):
+    params = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    params.update(overrides)
+    return AutoConfig.for_model(family, **params)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    """A tiny model in eval mode with deterministic random weights."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).to(dtype)
+    return model.eval()
