@@ -1,0 +1,12 @@
+"""Everything about running a model over text: models, corpora, batches, hooks, statistics, perplexity."""
+
+from calibrate.batches import make_batches
+from calibrate.corpora import load_corpus
+from calibrate.errors import GluPruneError
+from calibrate.models import load_model
+from calibrate.perplexity import perplexity
+from calibrate.run import calibrate
+from calibrate.stats import ActivationStats
+
+__all__ = ["ActivationStats", "GluPruneError", "calibrate", "load_corpus", "load_model", "make_batches",
+           "perplexity"]

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from calibrate.errors import GluPruneError
+
+FORMAT_VERSION = 1
+FIELDS = ("sum", "abs_sum", "sq_sum", "max_abs")
 
 
 @dataclass
@@ -53,3 +66,188 @@ class LayerStats:
     def l2(self) -> torch.Tensor:
         """L2 norm of each neuron's activations over all tokens seen."""
         return self.sq_sum.sqrt()
+
+    def merge(self, other: LayerStats) -> LayerStats:
+        """Statistics of both token sets together: sums add, maxima take the max."""
+        if other.size != self.size:
+            raise GluPruneError(f"cannot merge statistics of {self.size} and {other.size} neurons")
+        if (self.second_moment is None) != (other.second_moment is None):
+            raise GluPruneError("cannot merge statistics with and without a second moment")
+        sm = None if self.second_moment is None else self.second_moment + other.second_moment
+        return LayerStats(self.count + other.count, self.sum + other.sum, self.abs_sum + other.abs_sum,
+                          self.sq_sum + other.sq_sum, torch.maximum(self.max_abs, other.max_abs), sm)
+
+
+def library_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("glu-prune")
+    except Exception:
+        return "dev"
+
+
+def fingerprint(model) -> str:
+    """A short hash of the GLU weights' shapes and a fixed strided sample of their values."""
+    from calibrate.glu import glu_layers
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for layer in glu_layers(model):
+            for w in (layer.gate_weight(), layer.up_weight(), layer.down_weight()):
+                flat = w.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 1024)].double().cpu()
+                digest.update(str(tuple(w.shape)).encode())
+                digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class ActivationStats:
+    """Per-layer statistics of the down_proj inputs, with provenance metadata (strings)."""
+
+    layers: dict[int, LayerStats]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return next(iter(self.layers.values())).count if self.layers else 0
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        """Statistics of one run over both corpora."""
+        if set(self.layers) != set(other.layers):
+            raise GluPruneError("cannot merge statistics of different layers: calibrate with the same --layers")
+        if self.meta.get("fingerprint") != other.meta.get("fingerprint"):
+            raise GluPruneError("cannot merge statistics of different models")
+        layers = {i: self.layers[i].merge(other.layers[i]) for i in self.layers}
+        meta = {**self.meta, "corpus": "+".join(dict.fromkeys([self.meta.get("corpus", "?"),
+                                                               other.meta.get("corpus", "?")]))}
+        merged = ActivationStats(layers, meta)
+        merged.meta["tokens"] = str(merged.tokens)
+        return merged
+
+    def check_finite(self) -> None:
+        for i, s in self.layers.items():
+            if not all(torch.isfinite(getattr(s, f)).all() for f in FIELDS):
+                raise GluPruneError(f"layer {i} produced NaN or inf activations (overflow): calibrate with "
+                                    f"--dtype bfloat16 or float32")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, s in self.layers.items():
+            out[f"layer.{i}.count"] = torch.tensor([s.count], dtype=torch.int64)
+            for f in FIELDS:
+                out[f"layer.{i}.{f}"] = getattr(s, f).contiguous()
+            if s.second_moment is not None:
+                out[f"layer.{i}.second_moment"] = s.second_moment.contiguous()
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file with metadata, atomically (temporary file, then rename)."""
+        path = Path(path)
+        meta = {**self.meta, "format_version": str(FORMAT_VERSION), "library_version": library_version(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "layers": json.dumps(sorted(self.layers)), "tokens": str(self.tokens)}
+        if not path.parent.exists():
+            raise GluPruneError(f"folder {path.parent} does not exist: create it or choose another --out")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as exc:
+            raise GluPruneError(f"cannot write in {path.parent} ({exc.strerror}): choose another --out") from None
+        os.close(fd)
+        try:
+            save_file(self.tensors(), tmp, metadata={k: str(v) for k, v in meta.items()})
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise GluPruneError(f"could not write {path} ({exc.strerror}); nothing was written") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self.meta = meta
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> ActivationStats:
+        """Read a statistics file; with ``model``, refuse statistics computed on another model."""
+        path = Path(path)
+        if not path.is_file():
+            raise GluPruneError(f"statistics file {path} does not exist: run glu-prune calibrate --out {path}")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = dict(f.metadata() or {})
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise GluPruneError(f"{path} is not a readable statistics file ({str(exc).splitlines()[0][:80]}): "
+                                f"recalibrate to write it again") from None
+        version = int(meta.get("format_version", "0") or 0)
+        if version > FORMAT_VERSION:
+            raise GluPruneError(f"{path} has statistics format {version}, newer than this glu-prune reads "
+                                f"({FORMAT_VERSION}): upgrade glu-prune")
+        if version < 1 or "layers" not in meta:
+            raise GluPruneError(f"{path} is not a glu-prune statistics file: run glu-prune calibrate")
+        layers = {}
+        for i in json.loads(meta["layers"]):
+            p = f"layer.{i}."
+            layers[i] = LayerStats(int(tensors[p + "count"][0]), *(tensors[p + f] for f in FIELDS),
+                                   tensors.get(p + "second_moment"))
+        stats = cls(layers, meta)
+        if model is not None:
+            stats.check_model(model, source=str(path))
+        return stats
+
+    def check_model(self, model, source: str = "the statistics") -> None:
+        expected = self.meta.get("fingerprint")
+        if expected and expected != fingerprint(model):
+            raise GluPruneError(f"{source} was computed on another model ({self.meta.get('model', '?')}, "
+                                f"fingerprint {expected}): recalibrate on this model")
+
+
+def merge(a: ActivationStats, b: ActivationStats) -> ActivationStats:
+    return a.merge(b)
+
+
+def second_moment_bytes(sizes: list[int]) -> int:
+    """Memory of the float64 second-moment matrices of layers of these sizes."""
+    return sum(8 * s * s for s in sizes)
+
+
+def available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_memory(needed: int, what: str = "the second-moment matrices") -> None:
+    free = available_memory()
+    if free is not None and needed > 0.8 * free:
+        raise GluPruneError(f"{what} need {human_bytes(needed)} but only {human_bytes(free)} is available: "
+                            f"calibrate fewer --layers at a time or drop --second-moment")
+
+
+def summary(stats: ActivationStats) -> str:
+    """Provenance, token count, per-layer quantiles of mean |x| and count of never-active neurons."""
+    keys = ("model", "model_type", "fingerprint", "corpus", "source", "part", "seq_len", "dtype", "date",
+            "library_version", "format_version")
+    lines = [f"{k}: {stats.meta[k]}" for k in keys if k in stats.meta]
+    lines.append(f"tokens: {stats.tokens}, layers: {len(stats.layers)}")
+    lines.append(f"{'layer':>5} {'size':>6} {'min':>9} {'q25':>9} {'median':>9} {'q75':>9} {'max':>9} {'dead':>5}"
+                 "   (mean |x| quantiles; dead = never active)")
+    q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    for i, s in sorted(stats.layers.items()):
+        values = torch.quantile(s.mean_abs, q).tolist()
+        dead = int((s.max_abs == 0).sum())
+        lines.append(f"{i:>5} {s.size:>6} " + " ".join(f"{v:9.4f}" for v in values) + f" {dead:>5}")
+    return "\n".join(lines)

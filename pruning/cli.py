@@ -90,6 +90,159 @@ def run_eval(args) -> None:
               f"{result.seconds:.1f} s ({result.tokens_per_second:.0f} tok/s)")
 
 
+def add_calibration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-len", type=positive(int), default=128, help="calibration sequence length (default 128)")
+    p.add_argument("--max-tokens", type=positive(int), default=8192, help="calibration tokens (default 8192)")
+    p.add_argument("--batch-size", type=positive(int), default=8)
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack text into full rows (default: on for documents, off for messages)")
+    p.add_argument("--second-moment", action="store_true", help="also keep sum x xᵀ per layer (reconstruction)")
+
+
+def calibrate_from_args(args, model, tokenizer, layers=None):
+    """Calibrate ``model`` on ``--corpus`` with the calibration options of ``args``."""
+    from calibrate.batches import make_batches
+    from calibrate.run import calibrate
+
+    corpus = corpus_from_args(args, "calibration")
+    batches = make_batches(tokenizer, corpus, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                           batch_size=args.batch_size, packing=args.packing)
+    meta = {"model": args.model, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
+            "seq_len": str(args.seq_len)}
+    return calibrate(model, batches, layers=layers, second_moment=args.second_moment, meta=meta)
+
+
+def refuse_existing(path: str, force: bool) -> None:
+    if os.path.exists(path) and not force:
+        raise GluPruneError(f"{path} already exists: pass --force to overwrite it")
+
+
+@command("calibrate", "record activation statistics of every GLU MLP over a corpus")
+def add_calibrate(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    add_corpus_options(p, part="calibration")
+    add_calibration_options(p)
+    p.add_argument("--layers", default=None, help="only these layers, e.g. 0-3,10")
+    p.add_argument("--out", required=True, help="statistics file (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(run=run_calibrate)
+
+
+def run_calibrate(args) -> None:
+    from calibrate.glu import parse_layers
+    from calibrate.models import load_model
+
+    refuse_existing(args.out, args.force)
+    corpus_from_args(args, "calibration")  # bad corpus arguments fail before the model loads
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    stats = calibrate_from_args(args, model, tokenizer, layers=parse_layers(args.layers))
+    stats.save(args.out)
+    print(f"wrote {args.out}: {stats.meta.get('tokens', '?')} tokens, {len(stats.layers)} layers")
+
+
+@command("stats", "summarise a statistics file")
+def add_stats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="statistics file written by glu-prune calibrate")
+    p.set_defaults(run=run_stats)
+
+
+def run_stats(args) -> None:
+    from calibrate.stats import ActivationStats, summary
+
+    print(summary(ActivationStats.load(args.file)))
+
+
+@command("prune", "remove GLU neurons and save the smaller model")
+def add_prune(p: argparse.ArgumentParser) -> None:
+    from pruning.pipeline import ALLOCATIONS, DEFAULT_METHOD
+    from pruning.scores import METHODS
+
+    add_model_options(p)
+    p.add_argument("--stats", default=None, help="statistics file from glu-prune calibrate")
+    add_corpus_options(p, part="calibration", required=False)
+    add_calibration_options(p)
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
+                   help=f"neuron score (default {DEFAULT_METHOD})")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--ratio", type=float, help="fraction of neurons removed, in (0, 1)")
+    target.add_argument("--expansion-ratio", type=float, help="kept intermediate size / hidden size")
+    target.add_argument("--intermediate-size", type=int, help="kept neurons per layer")
+    p.add_argument("--multiple-of", type=int, default=1, help="round kept counts down to a multiple of N")
+    p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS))
+    p.add_argument("--layers", default=None, help="prune only these layers, e.g. 0-3,10")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(run=run_prune)
+
+
+def run_prune(args) -> None:
+    import time
+
+    from calibrate.glu import parse_layers
+    from calibrate.models import load_model
+    from calibrate.stats import ActivationStats
+    from pruning.pipeline import prune
+    from pruning.plan import Target
+    from pruning.save import save_pruned
+    from pruning.scores import needs_stats
+
+    refuse_existing(args.out, args.force)
+    Target(ratio=args.ratio, expansion_ratio=args.expansion_ratio, intermediate_size=args.intermediate_size,
+           multiple_of=args.multiple_of)  # a bad target fails before anything loads
+    layers = parse_layers(args.layers)
+    if needs_stats(args.method) and args.stats is None and args.corpus is None:
+        raise GluPruneError(f"method '{args.method}' needs calibration statistics: pass --stats FILE or --corpus NAME")
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    stats = None
+    if args.stats is not None:
+        stats = ActivationStats.load(args.stats, model=model)
+    elif args.corpus is not None and needs_stats(args.method):
+        stats = calibrate_from_args(args, model, tokenizer)
+    start = time.perf_counter()
+    prune(model, stats=stats, method=args.method, ratio=args.ratio, expansion_ratio=args.expansion_ratio,
+          intermediate_size=args.intermediate_size, multiple_of=args.multiple_of, allocation=args.allocation,
+          layers=layers, seed=args.seed)
+    save_pruned(model, tokenizer, args.out, model.glu_prune_manifest, force=args.force)
+    sizes = model.glu_prune_manifest["intermediate_sizes"]
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: {args.method}, intermediate sizes {min(sizes)}..{max(sizes)}, "
+          f"{params / 1e6:.1f}M parameters; select + cut + save took {time.perf_counter() - start:.2f} s")
+
+
+@command("compare", "cross-domain grid: calibrate on each corpus, prune, evaluate on every corpus")
+def add_compare(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    p.add_argument("--corpora", default="wikitext2,sms_spam",
+                   help="comma-separated: built-in names and NAME=PATH custom corpora")
+    p.add_argument("--ratios", default="0.2,0.4", help="fractions of neurons removed (default 0.2,0.4)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: ppm,hybrid,wanda)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--eval-tokens", type=positive(int), default=8192, help="tokens per document corpus")
+    p.add_argument("--eval-docs", type=positive(int), default=400, help="messages per message corpus")
+    p.add_argument("--calib-tokens", type=positive(int), default=8192, help="calibration tokens per corpus")
+    p.add_argument("--batch-size", type=positive(int), default=4)
+    p.add_argument("--data-dir", default=None, help="local corpora (default: $GLU_DATA_DIR, else the hub)")
+    p.add_argument("--speed", action="store_true", help="also measure deployment speed of every model")
+    p.add_argument("--out", required=True, help="results folder (an existing one is resumed)")
+    p.set_defaults(run=run_compare)
+
+
+def run_compare(args) -> None:
+    from benchmarks.compare import DEFAULT_METHODS, compare
+    from benchmarks.grid import parse_corpora, parse_list
+
+    corpora = parse_corpora(args.corpora)
+    ratios = parse_list(args.ratios, float, "--ratios")
+    methods = parse_list(args.methods, str, "--methods") if args.methods else DEFAULT_METHODS
+    rows = compare(args.model, corpora, ratios, methods, args.out, data_dir=args.data_dir,
+                   eval_tokens=args.eval_tokens, eval_docs=args.eval_docs, calib_tokens=args.calib_tokens,
+                   allocation=args.allocation, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                   speed=args.speed)
+    print(open(os.path.join(args.out, "results.md")).read())
+    print(f"{len(rows)} results in {args.out}/results.{{csv,json,md}}, plots in {args.out}/*.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glu-prune", description="Data-driven width pruning of GLU MLPs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

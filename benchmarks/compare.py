@@ -1,0 +1,131 @@
+"""``compare``: calibrate on each corpus, prune every (method, ratio, corpus), evaluate on every corpus."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from benchmarks.grid import CorpusSpec, ModelSpec, grid_models
+from benchmarks.speed import measure_speed
+from benchmarks.store import ResultStore
+from calibrate.batches import make_batches
+from calibrate.corpora import load_corpus
+from calibrate.models import load_model
+from calibrate.perplexity import perplexity
+from calibrate.run import calibrate
+from calibrate.stats import ActivationStats
+from pruning.pipeline import prune
+
+DEFAULT_METHODS = ["ppm", "hybrid", "wanda"]
+SPEED = "(speed)"
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Grid:
+    """One comparison run over a results folder; every finished cell is kept and skipped next time."""
+
+    def __init__(self, model: str, corpora: list[CorpusSpec], out_dir: Path, data_dir=None, eval_tokens=8192,
+                 eval_docs=400, seq_len=512, calib_tokens=8192, calib_seq_len=128, allocation="uniform",
+                 batch_size=4, device=None, dtype="float32", speed=False, progress=True):
+        self.model_name, self.corpora, self.out = model, corpora, Path(out_dir)
+        self.data_dir, self.eval_tokens, self.eval_docs, self.seq_len = data_dir, eval_tokens, eval_docs, seq_len
+        self.calib_tokens, self.calib_seq_len, self.allocation = calib_tokens, calib_seq_len, allocation
+        self.batch_size, self.progress = batch_size, progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.store = ResultStore(self.out)
+        self.speed = ResultStore(self.out, "speed.json") if speed else None
+        self.base, self.tokenizer = load_model(model, device=device, dtype=dtype)
+        self.eval_parts = {c.name: load_corpus(c.source, part="evaluation", data_dir=data_dir, name=c.name)
+                           for c in corpora}
+        self.stats: dict[str, ActivationStats] = {}
+
+    def statistics(self, corpus: str) -> ActivationStats:
+        """Calibration statistics of ``corpus``, computed once and kept in DIR/stats/."""
+        if corpus not in self.stats:
+            path = self.out / "stats" / f"{corpus}.safetensors"
+            if path.is_file():
+                self.stats[corpus] = ActivationStats.load(path, model=self.base)
+            else:
+                spec = next(c for c in self.corpora if c.name == corpus)
+                part = load_corpus(spec.source, part="calibration", data_dir=self.data_dir, name=corpus)
+                batches = make_batches(self.tokenizer, part, seq_len=self.calib_seq_len,
+                                       max_tokens=self.calib_tokens, batch_size=8, packing=True)
+                stats = calibrate(self.base, batches, progress=False,
+                                  meta={"corpus": corpus, "source": part.source, "part": "calibration",
+                                        "seq_len": str(self.calib_seq_len), "model": self.model_name})
+                path.parent.mkdir(exist_ok=True)
+                stats.save(path)
+                self.stats[corpus] = stats
+        return self.stats[corpus]
+
+    def build(self, spec: ModelSpec):
+        """The model of ``spec`` (the base itself, or a pruned copy) and the seconds pruning took."""
+        if spec.method is None:
+            return self.base, 0.0
+        stats = self.statistics(spec.calibration) if spec.calibration else None
+        start = time.perf_counter()
+        model = prune(copy.deepcopy(self.base), stats=stats, method=spec.method, ratio=spec.ratio,
+                      allocation=self.allocation)
+        return model, time.perf_counter() - start
+
+    def evaluate(self, model, corpus: str):
+        return perplexity(model, self.tokenizer, self.eval_parts[corpus], seq_len=self.seq_len,
+                          max_tokens=self.eval_tokens, max_docs=self.eval_docs, batch_size=self.batch_size,
+                          progress=False)
+
+    def done(self, model: str, corpus: str) -> bool:
+        store = self.speed if corpus == SPEED else self.store
+        return store.done(model, corpus)
+
+    def run(self, specs: list[ModelSpec]) -> list[dict]:
+        cells = [(s, c.name) for s in specs for c in self.corpora]
+        if self.speed is not None:
+            cells += [(s, SPEED) for s in specs]
+        todo = [(s, c) for s, c in cells if not self.done(s.key, c)]
+        if len(todo) < len(cells):
+            print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already in {self.store.path}, "
+                  f"skipping them", file=sys.stderr)
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="compare",
+                   disable=not self.progress)
+        for spec in specs:
+            pending = [c for s, c in todo if s == spec]
+            if not pending:
+                continue
+            model, prune_seconds = self.build(spec)
+            for corpus in pending:
+                bar.set_postfix_str(f"{spec.key} on {corpus}")
+                if corpus == SPEED:
+                    self.speed.add({"model": spec.key, "eval_corpus": SPEED, **measure_speed(model)})
+                    bar.update()
+                    continue
+                result = self.evaluate(model, corpus)
+                self.store.add({
+                    "model": spec.key, "method": spec.method or "base", "ratio": spec.ratio or 0.0,
+                    "calibration_corpus": spec.calibration or "", "reconstruct": spec.reconstruct,
+                    "allocation": self.allocation if spec.method else "", "eval_corpus": corpus,
+                    "perplexity": result.perplexity, "tokens": result.tokens,
+                    "parameters": parameter_count(model), "prune_seconds": round(prune_seconds, 3),
+                    "eval_seconds": round(result.seconds, 2),
+                })
+                bar.update()
+            if model is not self.base:
+                del model
+        bar.close()
+        return self.store.rows, (self.speed.rows if self.speed is not None else [])
+
+
+def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods: list[str], out_dir,
+            **options) -> list[dict]:
+    """Run (or resume) the grid and write results.{json,csv,md} and plots into ``out_dir``."""
+    from benchmarks.report import write_reports
+
+    grid = Grid(model, corpora, out_dir, **options)
+    rows, speed = grid.run(grid_models(methods, ratios, [c.name for c in corpora]))
+    return write_reports(rows, Path(out_dir), speed)

@@ -1,0 +1,78 @@
+"""The cross-domain grid: which models to build and which corpora to evaluate them on (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from calibrate.corpora import BUILTIN
+from calibrate.errors import GluPruneError
+from pruning.scores import METHODS, needs_stats
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A corpus taking part in the grid: a built-in name, or NAME=PATH for a custom one."""
+
+    name: str
+    source: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the grid: the base (method None) or a pruned variant."""
+
+    method: str | None = None
+    ratio: float | None = None
+    calibration: str | None = None
+    reconstruct: str = "none"
+
+    @property
+    def key(self) -> str:
+        if self.method is None:
+            return "base"
+        parts = [self.method, f"{self.ratio:g}", self.calibration or "static"]
+        if self.reconstruct != "none":
+            parts.append(self.reconstruct)
+        return "-".join(parts)
+
+
+def parse_corpora(text: str) -> list[CorpusSpec]:
+    """'wikitext2,sms_spam,legal=docs/legal.txt' -> corpus specs (names unique)."""
+    specs = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, source = item.partition("=")
+        if not source:
+            name, source = item, item
+            if item not in BUILTIN:
+                raise GluPruneError(f"corpus '{item}' in --corpora needs a name: write NAME=PATH, "
+                                    f"e.g. mydomain={item}")
+        specs.append(CorpusSpec(name.strip(), source.strip()))
+    names = [s.name for s in specs]
+    if not specs or len(set(names)) != len(names):
+        raise GluPruneError(f"--corpora '{text}' must name at least one corpus, each name once")
+    return specs
+
+
+def parse_list(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise GluPruneError(f"{flag} '{text}' is not a comma-separated list of {kind.__name__}") from None
+    if not values:
+        raise GluPruneError(f"{flag} is empty")
+    return values
+
+
+def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
+                reconstruct: list[str] = ("none",)) -> list[ModelSpec]:
+    """The base, then per ratio: static methods once, data-driven ones once per calibration corpus."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise GluPruneError(f"unknown method '{unknown[0]}': choose from {', '.join(METHODS)}")
+    models = [ModelSpec()]
+    for ratio in ratios:
+        for method in methods:
+            for rec in reconstruct:
+                calibrations = corpora if needs_stats(method) or rec != "none" else [None]
+                models += [ModelSpec(method, ratio, c, rec) for c in calibrations]
+    return models

@@ -1,0 +1,184 @@
+"""Tables and plots of grid results: results.csv, results.md, perplexity.png, heatmap.png."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from benchmarks.store import write_atomic
+
+COLUMNS = ["model", "method", "ratio", "calibration_corpus", "reconstruct", "allocation", "eval_corpus",
+           "perplexity", "tokens", "ratio_to_base", "parameters", "prune_seconds", "eval_seconds"]
+
+
+def with_base_ratio(rows: list[dict]) -> list[dict]:
+    """Rows with ``ratio_to_base``: perplexity divided by the base model's on the same corpus."""
+    base = {r["eval_corpus"]: r["perplexity"] for r in rows if r["model"] == "base"}
+    return [{**r, "ratio_to_base": r["perplexity"] / base[r["eval_corpus"]] if r["eval_corpus"] in base
+             else None} for r in rows]
+
+
+def to_csv(rows: list[dict]) -> str:
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS + extra, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def label(row: dict) -> str:
+    if row["model"] == "base":
+        return "base"
+    calibration = row["calibration_corpus"] or "static"
+    rec = f" +{row['reconstruct']}" if row.get("reconstruct", "none") != "none" else ""
+    return f"{row['method']}{rec} ({calibration})"
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    """One table per ratio: models × evaluation corpora; best pruned model per column in bold, and
+    the calibration-domain diagonal marked with a dagger."""
+    corpora = list(dict.fromkeys(r["eval_corpus"] for r in rows))
+    ppl = {(label(r), r["ratio"], r["eval_corpus"]): r for r in rows}
+    base = [r for r in rows if r["model"] == "base"]
+    lines = ["Perplexity (lower is better). **bold**: best pruned model in the column; "
+             "†: evaluated on its own calibration domain.", ""]
+    for ratio in sorted({r["ratio"] for r in rows if r["model"] != "base"}):
+        group = [r for r in rows if r["ratio"] == ratio and r["model"] != "base"]
+        models = list(dict.fromkeys(label(r) for r in group))
+        best = {c: min((r["perplexity"] for r in group if r["eval_corpus"] == c), default=None) for c in corpora}
+        lines += [f"### {ratio:.0%} of GLU neurons removed", "",
+                  "| model | " + " | ".join(corpora) + " |", "| --- |" + " ---: |" * len(corpora)]
+        if base:
+            cells = [f"{ppl[('base', 0.0, c)]['perplexity']:.2f}" if ("base", 0.0, c) in ppl else "" for c in corpora]
+            lines.append("| base | " + " | ".join(cells) + " |")
+        for name in models:
+            cells = []
+            for c in corpora:
+                row = ppl.get((name, ratio, c))
+                if row is None:
+                    cells.append("")
+                    continue
+                text = f"{row['perplexity']:.2f}" + (" †" if row["calibration_corpus"] == c else "")
+                cells.append(f"**{text}**" if row["perplexity"] == best[c] else text)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_perplexity(rows: list[dict], path: Path) -> None:
+    """Perplexity against ratio, one panel per evaluation corpus, one line per method and calibration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = list(dict.fromkeys(r["eval_corpus"] for r in rows))
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.5), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        here = [r for r in rows if r["eval_corpus"] == corpus]
+        for name in dict.fromkeys(label(r) for r in here if r["model"] != "base"):
+            points = sorted((r["ratio"], r["perplexity"]) for r in here if label(r) == name)
+            ax.plot(*zip(*points), marker="o", label=name)
+        for r in here:
+            if r["model"] == "base":
+                ax.axhline(r["perplexity"], color="black", linestyle="--", label="base")
+        ax.set(title=f"evaluated on {corpus}", xlabel="fraction of GLU neurons removed", ylabel="perplexity",
+               yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_heatmap(rows: list[dict], path: Path) -> bool:
+    """Calibration corpus × evaluation corpus, perplexity relative to base; a panel per method and ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    calibrated = [r for r in rows if r["calibration_corpus"] and r["ratio_to_base"] is not None]
+    panels = list(dict.fromkeys((r["method"], r.get("reconstruct", "none"), r["ratio"]) for r in calibrated))
+    if not panels:
+        return False
+    calib = list(dict.fromkeys(r["calibration_corpus"] for r in calibrated))
+    evals = list(dict.fromkeys(r["eval_corpus"] for r in calibrated))
+    cols = min(len(panels), 4)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (method, rec, ratio) in zip(axes.flat, panels):
+        grid = [[next((r["ratio_to_base"] for r in calibrated if (r["method"], r.get("reconstruct", "none"),
+                      r["ratio"], r["calibration_corpus"], r["eval_corpus"]) == (method, rec, ratio, c, e)),
+                      float("nan")) for e in evals] for c in calib]
+        ax.imshow(grid, cmap="viridis_r")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                ax.text(j, i, f"{value:.2f}x", ha="center", va="center", color="white", fontsize=9)
+        ax.set_xticks(range(len(evals)), evals, fontsize=8)
+        ax.set_yticks(range(len(calib)), calib, fontsize=8)
+        ax.set(xlabel="evaluated on", ylabel="calibrated on",
+               title=f"{method}{'' if rec == 'none' else ' +' + rec} {ratio:.0%}")
+    fig.suptitle("perplexity relative to the base model (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+SPEED_FIGURES = ["prefill_tokens_per_second", "decode_tokens_per_second", "ttft_ms"]
+
+
+def speed_table(speed: list[dict]) -> str:
+    """Deployment figures of every model, with ratios to the base measured in the same run."""
+    base = next((r for r in speed if r["model"] == "base"), None)
+    lines = ["### Deployment figures (ratios to the base model, same run)", "",
+             "| model | parameters | size MiB | prefill tok/s | decode tok/s | time to first token ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in speed:
+        cells = [f"{r[k]:.0f}" + (f" ({r[k] / base[k]:.2f}x)" if base else "") for k in SPEED_FIGURES]
+        head = f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['size_mb']:.0f} | "
+        lines.append(head + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speed(speed: list[dict], path: Path) -> None:
+    """Bars of each model's speed figures relative to the base model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in speed if r["model"] == "base")
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(speed)), 4))
+    width = 0.8 / len(SPEED_FIGURES)
+    for k, figure in enumerate(SPEED_FIGURES):
+        ax.bar([i + k * width for i in range(len(speed))], [r[figure] / base[figure] for r in speed], width,
+               label=figure.replace("_", " "))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width for i in range(len(speed))], [r["model"] for r in speed], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set(ylabel="relative to base", title="deployment speed (higher is faster; ttft: lower is faster)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(rows: list[dict], out_dir: Path, speed: list[dict] = ()) -> list[dict]:
+    """Write results.json/csv/md and the plots; returns the rows with ``ratio_to_base``."""
+    figures = {r["model"]: {k: r[k] for k in SPEED_FIGURES + ["size_mb"]} for r in speed}
+    rows = [{**r, **figures.get(r["model"], {})} for r in with_base_ratio(rows)]
+    write_atomic(out_dir / "results.json", json.dumps(rows, indent=1))
+    write_atomic(out_dir / "results.csv", to_csv(rows))
+    write_atomic(out_dir / "results.md", markdown_tables(rows) + ("\n" + speed_table(speed) if speed else ""))
+    if any(r["model"] == "base" for r in speed):
+        plot_speed(speed, out_dir / "speed.png")
+    plot_perplexity(rows, out_dir / "perplexity.png")
+    plot_heatmap(rows, out_dir / "heatmap.png")
+    return rows

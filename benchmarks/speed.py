@@ -1,0 +1,51 @@
+"""Deployment figures of a model: parameters, size, prefill and decode throughput, time to first token."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_speed(model, batch: int = 8, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3,
+                  vocab_limit: int = 1000) -> dict:
+    """Prefill tokens/s on a (batch, prompt_len) batch, decode tokens/s and time to first token at batch 1."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, vocab_limit, (batch, prompt_len), generator=generator).to(device)
+    one = prompts[:1]
+
+    def prefill():
+        model(input_ids=prompts, use_cache=False)
+
+    def first_token():
+        model(input_ids=one, use_cache=True).logits[:, -1].argmax(-1)
+
+    def generate():
+        model.generate(one, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None
+                       else model.config.pad_token_id)
+
+    with torch.inference_mode():
+        prefill_s, ttft_s, gen_s = timed(prefill, repeats), timed(first_token, repeats), timed(generate, repeats)
+    params = sum(p.numel() for p in model.parameters())
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "parameters": params,
+        "size_mb": round(size / 2**20, 1),
+        "prefill_tokens_per_second": batch * prompt_len / prefill_s,
+        "decode_tokens_per_second": (new_tokens - 1) / max(gen_s - ttft_s, 1e-9),
+        "ttft_ms": ttft_s * 1000,
+    }

@@ -1,0 +1,71 @@
+"""``calibrate(model, batches)``: run the decoder body over token batches with recorders attached."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from calibrate.errors import GluPruneError
+from calibrate.glu import decoder, glu_layers, model_type
+from calibrate.hooks import StopForward, recording
+from calibrate.stats import ActivationStats, check_memory, fingerprint, human_bytes, second_moment_bytes
+
+
+def batch_tensors(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (all ones when absent) of one batch, on ``device``."""
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise GluPruneError("each calibration batch must be a dict with 'input_ids' (and 'attention_mask')")
+    input_ids = torch.as_tensor(batch["input_ids"])
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask).reshape(input_ids.shape)
+    return input_ids.to(device), mask.to(device)
+
+
+def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None, second_moment: bool = False,
+              max_tokens: int | None = None, progress: bool = True, meta: dict | None = None) -> ActivationStats:
+    """Statistics of every selected layer's down_proj input over ``batches``.
+
+    Only the decoder body runs, and it stops after the last recorded layer. ``max_tokens`` stops
+    after the batch that reaches it. Padding (attention mask 0) never enters the statistics.
+    """
+    selected = glu_layers(model, layers)
+    if second_moment:
+        needed = second_moment_bytes([g.intermediate_size for g in selected])
+        print(f"second moment: {human_bytes(needed)} for {len(selected)} layers", file=sys.stderr)
+        check_memory(needed)
+    device = next(model.parameters()).device
+    body = decoder(model)
+    seen = 0
+    bar = tqdm(unit="tok", unit_scale=True, desc="calibrate", disable=not progress, total=max_tokens)
+    with recording(model, [g.index for g in selected], second_moment) as recorders, torch.inference_mode():
+        for batch in batches:
+            input_ids, mask = batch_tensors(batch, device)
+            recorders.set_mask(mask)
+            try:
+                body(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            except StopForward:
+                pass
+            count = int(mask.sum())
+            seen += count
+            bar.update(count)
+            if max_tokens is not None and seen >= max_tokens:
+                break
+        layer_stats = recorders.stats()
+    bar.close()
+    if seen == 0:
+        raise GluPruneError("the calibration batches hold no tokens: check the corpus")
+    stats = ActivationStats(layer_stats, dict(meta or {}))
+    stats.check_finite()
+    stats.meta.update({
+        "tokens": str(seen), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "model_type": model_type(model), "num_layers": str(len(glu_layers(model))),
+        "sizes": ",".join(str(g.intermediate_size) for g in selected), "fingerprint": fingerprint(model),
+        "second_moment": str(second_moment).lower(),
+    })
+    stats.meta.setdefault("model", getattr(model, "glu_prune_name", model.config.name_or_path))
+    return stats

@@ -1,0 +1,60 @@
+"""Integration: the real SmolLM2-135M against the reference figures of PROTOCOL.md."""
+
+import json
+
+import pytest
+import torch
+
+from calibrate.corpora import load_corpus
+from calibrate.models import alias_path, model_source
+from calibrate.perplexity import perplexity
+from pruning.cli import main
+
+pytestmark = pytest.mark.slow
+
+REFERENCE = {"wikitext2": 36.63, "sms_spam": 255.8}
+
+
+def test_gguf_cache_round_trip_gives_identical_logits(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    cached, _ = smollm2
+    path = alias_path("smollm2-135m")
+    direct = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    x = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30]])
+    with torch.no_grad():
+        assert torch.equal(direct(x).logits, cached(x).logits)
+    assert (model_source("smollm2-135m") + "/model.safetensors").endswith("model.safetensors")
+
+
+def test_wikitext2_reference_perplexity(smollm2, data_dir):
+    model, tok = smollm2
+    corpus = load_corpus("wikitext2", part="evaluation", data_dir=data_dir)
+    result = perplexity(model, tok, corpus, seq_len=512, max_tokens=8192, batch_size=4, progress=False)
+    assert result.perplexity == pytest.approx(REFERENCE["wikitext2"], rel=0.01)
+
+
+def test_sms_reference_perplexity(smollm2, data_dir):
+    model, tok = smollm2
+    corpus = load_corpus("sms_spam", part="evaluation", data_dir=data_dir)
+    result = perplexity(model, tok, corpus, max_docs=400, batch_size=8, progress=False)
+    assert result.perplexity == pytest.approx(REFERENCE["sms_spam"], rel=0.01)
+
+
+@pytest.mark.parametrize("name,limits", [("wikitext2", {"max_tokens": 2048}), ("sms_spam", {"max_docs": 40})])
+def test_batch_size_does_not_change_perplexity(smollm2, data_dir, name, limits):
+    model, tok = smollm2
+    corpus = load_corpus(name, part="evaluation", data_dir=data_dir)
+    one = perplexity(model, tok, corpus, seq_len=512, batch_size=1, progress=False, **limits)
+    four = perplexity(model, tok, corpus, seq_len=512, batch_size=4, progress=False, **limits)
+    assert one.tokens == four.tokens
+    assert four.perplexity == pytest.approx(one.perplexity, rel=1e-4)
+
+
+def test_cli_eval_json(capsys, data_dir):
+    code = main(["eval", "--corpus", "wikitext2", "--seq-len", "256", "--max-tokens", "1024",
+                 "--data-dir", str(data_dir), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"perplexity", "tokens", "seconds", "tokens_per_second", "model", "corpus"} <= out.keys()
+    assert out["tokens"] == 1024 - 4 and out["corpus"] == "wikitext2"
