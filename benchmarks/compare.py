@@ -92,6 +92,8 @@ class Grid:
         if len(todo) < len(cells):
             print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already in {self.store.path}, "
                   f"skipping them", file=sys.stderr)
+        for corpus in dict.fromkeys(s.calibration for s, _ in todo if s.calibration):
+            self.statistics(corpus)  # calibrate up front: a corpus too small fails before any long work
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="compare",
                    disable=not self.progress)
         for spec in specs:

@@ -109,22 +109,23 @@ def plot_heatmap(rows: list[dict], path: Path) -> bool:
     evals = list(dict.fromkeys(r["eval_corpus"] for r in calibrated))
     cols = min(len(panels), 4)
     nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(max(4.2 * cols, 6), 3.4 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (method, rec, ratio) in zip(axes.flat, panels):
         grid = [[next((r["ratio_to_base"] for r in calibrated if (r["method"], r.get("reconstruct", "none"),
                       r["ratio"], r["calibration_corpus"], r["eval_corpus"]) == (method, rec, ratio, c, e)),
                       float("nan")) for e in evals] for c in calib]
-        ax.imshow(grid, cmap="viridis_r")
+        image = ax.imshow(grid, cmap="viridis_r")
         for i, line in enumerate(grid):
             for j, value in enumerate(line):
-                ax.text(j, i, f"{value:.2f}x", ha="center", va="center", color="white", fontsize=9)
+                ax.text(j, i, f"{value:.2f}x", ha="center", va="center", fontsize=9,
+                        color="black" if image.norm(value) < 0.3 else "white")
         ax.set_xticks(range(len(evals)), evals, fontsize=8)
         ax.set_yticks(range(len(calib)), calib, fontsize=8)
         ax.set(xlabel="evaluated on", ylabel="calibrated on",
                title=f"{method}{'' if rec == 'none' else ' +' + rec} {ratio:.0%}")
-    fig.suptitle("perplexity relative to the base model (lower is better)")
+    fig.suptitle("perplexity / base perplexity (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

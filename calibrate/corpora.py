@@ -147,7 +147,7 @@ def load_builtin(name: str, part: str | None, split: str | None, data_dir: Path 
 
 def split_documents(text: str) -> list[str]:
     """Documents of a text separated by one or more blank lines."""
-    return [d.strip("\n") for d in re.split(r"\n[ \t\r\f\v]*\n", text.replace("\r\n", "\n")) if d.strip()]
+    return [d.strip("\n") for d in re.split(r"\n(?:[ \t\r\f\v]*\n)+", text.replace("\r\n", "\n")) if d.strip()]
 
 
 def table_rows(path: Path) -> list[dict]:
@@ -193,7 +193,8 @@ def file_documents(path: Path, text_field: str | None) -> list[str]:
 
 
 def looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or text.endswith(FILE_SUFFIXES) or os.sep in text and ":" not in text
+    """A hub id is 'name' or 'owner/name' (with an optional ':config'); anything else is a path."""
+    return text.startswith((".", "/", "~")) or text.endswith(FILE_SUFFIXES) or text.count("/") > 1
 
 
 def load_custom(source: str, part: str, split: str | None, text_field: str | None, kind: str | None,
