@@ -218,7 +218,8 @@ def load_custom(source: str, part: str, split: str | None, text_field: str | Non
 def hub_dataset(source: str, split: str | None, text_field: str | None) -> list[str]:
     name, _, config = source.partition(":")
     if text_field is None:
-        raise GluPruneError(f"hub dataset '{source}' needs --text-field naming its text column")
+        raise GluPruneError(f"corpus '{source}' is not a built-in corpus ({', '.join(sorted(BUILTIN))}) nor an "
+                            f"existing file or folder; for a hub dataset, pass --text-field naming its text column")
     try:
         from datasets import load_dataset
 

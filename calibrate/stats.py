@@ -199,8 +199,8 @@ class ActivationStats:
     def check_model(self, model, source: str = "the statistics") -> None:
         expected = self.meta.get("fingerprint")
         if expected and expected != fingerprint(model):
-            raise GluPruneError(f"{source} was computed on another model ({self.meta.get('model', '?')}, "
-                                f"fingerprint {expected}): recalibrate on this model")
+            origin = ", ".join(x for x in (self.meta.get("model"), f"fingerprint {expected}") if x)
+            raise GluPruneError(f"{source} was computed on another model ({origin}): recalibrate on this model")
 
 
 def merge(a: ActivationStats, b: ActivationStats) -> ActivationStats:

@@ -102,8 +102,10 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
 def calibrate_from_args(args, model, tokenizer, layers=None):
     """Calibrate ``model`` on ``--corpus`` with the calibration options of ``args``."""
     from calibrate.batches import make_batches
+    from calibrate.glu import glu_layers
     from calibrate.run import calibrate
 
+    glu_layers(model, layers)  # an unsupported family or bad --layers fails before any work
     corpus = corpus_from_args(args, "calibration")
     batches = make_batches(tokenizer, corpus, seq_len=args.seq_len, max_tokens=args.max_tokens,
                            batch_size=args.batch_size, packing=args.packing)
@@ -113,8 +115,14 @@ def calibrate_from_args(args, model, tokenizer, layers=None):
 
 
 def refuse_existing(path: str, force: bool) -> None:
+    """Check an output path before any work: not there yet (or --force), in an existing folder."""
     if os.path.exists(path) and not force:
         raise GluPruneError(f"{path} already exists: pass --force to overwrite it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise GluPruneError(f"folder {parent} does not exist: create it or choose another --out")
+    if not os.access(parent, os.W_OK):
+        raise GluPruneError(f"folder {parent} is not writable: choose another --out")
 
 
 @command("calibrate", "record activation statistics of every GLU MLP over a corpus")

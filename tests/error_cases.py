@@ -1,0 +1,103 @@
+"""Bad inputs and what ``glu-prune`` answers: shared by the tests and docs/errors.md's generator."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+from calibrate.run import calibrate
+from pruning.cli import main
+
+TEXT = "\n\n".join(f"Document {i}: the pruned model keeps the neurons this domain uses." for i in range(40))
+
+# (what is wrong, arguments; {d} is the fixtures folder)
+CASES = [
+    ("model path does not exist", "eval --model {d}/no-such-model --corpus {d}/c.txt"),
+    ("directory that is not a model", "eval --model {d}/not-a-model --corpus {d}/c.txt"),
+    ("model without a GLU MLP (GPT-2)", "calibrate --model {d}/gpt2 --corpus {d}/c.txt --out {d}/s.st"),
+    ("truncated .gguf", "eval --model {d}/truncated.gguf --corpus {d}/c.txt"),
+    ("file that is not GGUF", "eval --model {d}/fake.gguf --corpus {d}/c.txt"),
+    ("unknown corpus name", "eval --model {d}/llama --corpus wikitext3"),
+    ("missing corpus file", "eval --model {d}/llama --corpus {d}/missing.txt"),
+    ("empty corpus file", "eval --model {d}/llama --corpus {d}/empty.txt --part all"),
+    ("whitespace-only corpus", "eval --model {d}/llama --corpus {d}/blank.txt --part all"),
+    ("binary corpus file", "eval --model {d}/llama --corpus {d}/binary.txt"),
+    ("--text-field not in the file", "eval --model {d}/llama --corpus {d}/c.jsonl --text-field body"),
+    ("data directory without the corpus files", "eval --model {d}/llama --corpus sms_spam --data-dir {d}/empty-dir"),
+    ("fewer tokens than one sequence",
+     "calibrate --model {d}/llama --corpus {d}/short.txt --part all --seq-len 512 --out {d}/s.st"),
+    ("--ratio outside (0, 1)", "prune --model {d}/llama --method ppm --ratio 1.5 --out {d}/p"),
+    ("a target that keeps no neuron", "prune --model {d}/llama --method ppm --ratio 0.999 --out {d}/p"),
+    ("--intermediate-size larger than the model's",
+     "prune --model {d}/llama --method ppm --intermediate-size 4096 --out {d}/p"),
+    ("--multiple-of 0", "prune --model {d}/llama --method ppm --ratio 0.2 --multiple-of 0 --out {d}/p"),
+    ("--multiple-of negative", "prune --model {d}/llama --method ppm --ratio 0.2 --multiple-of -8 --out {d}/p"),
+    ("--layers out of range", "prune --model {d}/llama --method ppm --ratio 0.2 --layers 0-7 --out {d}/p"),
+    ("data-driven method without statistics", "prune --model {d}/llama --method hybrid --ratio 0.2 --out {d}/p"),
+    ("statistics from another model",
+     "prune --model {d}/llama --stats {d}/other.st --method hybrid --ratio 0.2 --out {d}/p"),
+    ("truncated statistics file",
+     "prune --model {d}/llama --stats {d}/truncated.st --method hybrid --ratio 0.2 --out {d}/p"),
+    ("statistics of a newer format", "stats {d}/newer.st"),
+    ("--device cuda without a GPU", "eval --model {d}/llama --corpus {d}/c.txt --device cuda"),
+    ("output exists, no --force", "prune --model {d}/llama --method ppm --ratio 0.2 --out {d}/existing"),
+    ("output folder missing", "prune --model {d}/llama --method ppm --ratio 0.2 --out {d}/no/such/dir"),
+    ("statistics output exists, no --force", "calibrate --model {d}/llama --corpus {d}/c.txt --out {d}/llama.st"),
+]
+
+
+def make_fixtures(d: Path) -> None:
+    """Write the tiny models, corpora and files the cases refer to into ``d``."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer()
+    llama = tiny_model("llama")
+    llama.save_pretrained(d / "llama")
+    tokenizer.save_pretrained(d / "llama")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128)).save_pretrained(d / "gpt2")
+    tokenizer.save_pretrained(d / "gpt2")
+    (d / "not-a-model").mkdir(exist_ok=True)
+    (d / "truncated.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(40))
+    (d / "fake.gguf").write_text("this is not a gguf file")
+    (d / "c.txt").write_text(TEXT)
+    (d / "short.txt").write_text("tiny\n\nsmall")
+    (d / "empty.txt").write_text("")
+    (d / "blank.txt").write_text("  \n\n\t\n")
+    (d / "binary.txt").write_bytes(bytes(range(256)))
+    (d / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXT.split("\n\n")))
+    (d / "empty-dir").mkdir(exist_ok=True)
+    (d / "existing").mkdir(exist_ok=True)
+    ids = {"input_ids": torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))}
+    calibrate(llama, [ids], progress=False).save(d / "llama.st")
+    calibrate(tiny_model("llama", seed=5), [ids], progress=False).save(d / "other.st")
+    (d / "truncated.st").write_bytes((d / "llama.st").read_bytes()[:100])
+    meta = {"format_version": "99", "layers": "[0]"}
+    save_file(load_file(d / "llama.st"), d / "newer.st", metadata=meta)
+
+
+def run_case(args: str, d: Path) -> tuple[int, str]:
+    """Exit code and stderr of ``glu-prune args`` run in this process."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(args.format(d=d).split())
+        except SystemExit as exc:  # argparse refusals
+            code = exc.code
+    return code, err.getvalue().strip().replace(str(d), "DIR")
+
+
+def cleanup_outputs(d: Path) -> None:
+    for name in ("p", "s.st"):
+        path = d / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
