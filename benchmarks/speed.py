@@ -24,7 +24,8 @@ def measure_speed(model, batch: int = 8, prompt_len: int = 128, new_tokens: int 
     """Prefill tokens/s on a (batch, prompt_len) batch, decode tokens/s and time to first token at batch 1."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, vocab_limit, (batch, prompt_len), generator=generator).to(device)
+    high = min(vocab_limit, model.config.vocab_size)
+    prompts = torch.randint(3, high, (batch, prompt_len), generator=generator).to(device)
     one = prompts[:1]
 
     def prefill():

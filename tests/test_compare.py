@@ -1,0 +1,76 @@
+import json
+
+import pytest
+from tiny import tiny_model, tiny_tokenizer
+
+from benchmarks import compare as compare_module
+from benchmarks.compare import compare
+from benchmarks.grid import CorpusSpec, ModelSpec, grid_models, parse_corpora
+from calibrate.errors import GluPruneError
+
+OPTIONS = dict(eval_tokens=256, eval_docs=10, seq_len=64, calib_tokens=512, calib_seq_len=32, progress=False)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    corpora = []
+    for name, word in (("law", "contract court judge"), ("food", "bread salt oven")):
+        path = tmp_path / f"{name}.txt"
+        path.write_text("\n\n".join(f"{word} {i} " * 8 for i in range(30)))
+        corpora.append(CorpusSpec(name, str(path)))
+    return str(model_dir), corpora
+
+
+def test_grid_lists_base_static_once_and_data_methods_per_corpus():
+    specs = grid_models(["ppm", "hybrid"], [0.2, 0.4], ["a", "b"])
+    assert [s.key for s in specs] == ["base", "ppm-0.2-static", "hybrid-0.2-a", "hybrid-0.2-b",
+                                      "ppm-0.4-static", "hybrid-0.4-a", "hybrid-0.4-b"]
+    assert ModelSpec().key == "base"
+    assert parse_corpora("wikitext2,mine=/x/y.txt") == [CorpusSpec("wikitext2", "wikitext2"),
+                                                        CorpusSpec("mine", "/x/y.txt")]
+    with pytest.raises(GluPruneError, match="NAME=PATH"):
+        parse_corpora("wikitext2,/x/y.txt")
+    with pytest.raises(GluPruneError, match="unknown method"):
+        grid_models(["nope"], [0.2], ["a"])
+
+
+def test_compare_writes_tables_plots_and_resumes_without_recomputing(setup, tmp_path, monkeypatch):
+    model, corpora = setup
+    out = tmp_path / "run"
+    calls = []
+    real = compare_module.Grid.evaluate
+
+    def counted(self, m, corpus):
+        calls.append(corpus)
+        if len(calls) == 5 and not getattr(counted, "interrupted", False):
+            counted.interrupted = True
+            raise KeyboardInterrupt
+        return real(self, m, corpus)
+
+    monkeypatch.setattr(compare_module.Grid, "evaluate", counted)
+    with pytest.raises(KeyboardInterrupt):
+        compare(model, corpora, [0.25], ["ppm", "hybrid"], out, **OPTIONS)
+    assert len(json.loads((out / "results.json").read_text())) == 4
+    calls.clear()
+    rows = compare(model, corpora, [0.25], ["ppm", "hybrid"], out, **OPTIONS)
+    assert len(calls) == 4 and len(rows) == 8  # (base, ppm, hybrid-law, hybrid-food) x 2 corpora
+    assert {r["model"] for r in rows} == {"base", "ppm-0.25-static", "hybrid-0.25-law", "hybrid-0.25-food"}
+    for name in ("results.csv", "results.md", "perplexity.png", "heatmap.png", "stats/law.safetensors"):
+        assert (out / name).is_file(), name
+    table = (out / "results.md").read_text()
+    assert "| hybrid (law) |" in table and "†" in table and "| law | food |" in table
+    fresh = compare(model, corpora, [0.25], ["ppm", "hybrid"], tmp_path / "fresh", **OPTIONS)
+    key = lambda r: (r["model"], r["eval_corpus"])  # noqa: E731
+    assert [(key(r), r["perplexity"]) for r in sorted(rows, key=key)] == \
+        [(key(r), r["perplexity"]) for r in sorted(fresh, key=key)]
+
+
+def test_compare_speed_figures(setup, tmp_path):
+    model, corpora = setup
+    rows = compare(model, corpora[:1], [0.5], ["ppm"], tmp_path / "s", speed=True, **OPTIONS)
+    assert all(r["prefill_tokens_per_second"] > 0 and r["ttft_ms"] > 0 for r in rows)
+    assert (tmp_path / "s" / "speed.png").is_file()
+    assert "Deployment figures" in (tmp_path / "s" / "results.md").read_text()

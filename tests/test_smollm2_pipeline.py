@@ -1,0 +1,84 @@
+"""Integration: calibration and pruning of the real SmolLM2-135M (reference settings of PROTOCOL.md)."""
+
+import copy
+
+import pytest
+import torch
+
+from calibrate.batches import make_batches
+from calibrate.corpora import load_corpus
+from calibrate.perplexity import perplexity
+from calibrate.run import calibrate
+from calibrate.stats import merge
+from pruning import load_pruned, prune, save_pruned
+
+pytestmark = pytest.mark.slow
+
+OPTIPFAIR_HYBRID_20_WIKI = 53.85  # PROTOCOL.md reference figure
+
+
+def assert_same(a, b, rel=1e-9):
+    assert a.layers.keys() == b.layers.keys()
+    for i in a.layers:
+        assert a.layers[i].count == b.layers[i].count
+        for f in ("sum", "abs_sum", "sq_sum", "max_abs"):
+            torch.testing.assert_close(getattr(a.layers[i], f), getattr(b.layers[i], f), rtol=rel, atol=0)
+
+
+@pytest.fixture(scope="module")
+def reference_stats(smollm2, data_dir):
+    """Statistics of 64 packed sequences of 128 tokens from each corpus's calibration part."""
+    model, tok = smollm2
+    stats = {}
+    for name in ("wikitext2", "sms_spam"):
+        corpus = load_corpus(name, part="calibration", data_dir=data_dir)
+        stats[name] = calibrate(model, make_batches(tok, corpus, seq_len=128, max_tokens=8192, packing=True),
+                                progress=False)
+    return stats
+
+
+def test_statistics_do_not_depend_on_batch_size_and_are_additive(smollm2, data_dir):
+    model, tok = smollm2
+    corpus = load_corpus("wikitext2", part="calibration", data_dir=data_dir)
+    one = calibrate(model, make_batches(tok, corpus, seq_len=64, max_tokens=1024, batch_size=1), progress=False)
+    eight = make_batches(tok, corpus, seq_len=64, max_tokens=1024, batch_size=8)
+    assert one.tokens == 1024 and sum(b["input_ids"].shape[0] for b in eight) == 16
+    assert_same(one, calibrate(model, eight, progress=False))
+    halves = merge(calibrate(model, eight[:1], progress=False), calibrate(model, eight[1:], progress=False))
+    assert_same(one, halves)
+
+
+def test_padded_message_batches_equal_one_by_one(smollm2, data_dir):
+    model, tok = smollm2
+    corpus = load_corpus("sms_spam", part="calibration", data_dir=data_dir)
+    padded = make_batches(tok, corpus, seq_len=128, max_tokens=600, batch_size=8)
+    assert any(not b["attention_mask"].all() for b in padded)
+    single = make_batches(tok, corpus, seq_len=128, max_tokens=600, batch_size=1)
+    assert_same(calibrate(model, padded, progress=False), calibrate(model, single, progress=False))
+
+
+def test_hybrid_matches_optipfair_reference_and_the_diagonal_wins(smollm2, data_dir, reference_stats):
+    model, tok = smollm2
+    wiki = load_corpus("wikitext2", part="evaluation", data_dir=data_dir)
+    sms = load_corpus("sms_spam", part="evaluation", data_dir=data_dir)
+    ppl = {}
+    for calibrated_on, stats in reference_stats.items():
+        pruned = prune(copy.deepcopy(model), stats=stats, method="hybrid", ratio=0.2)
+        ppl[calibrated_on, "wikitext2"] = perplexity(pruned, tok, wiki, seq_len=512, max_tokens=8192,
+                                                     batch_size=4, progress=False).perplexity
+        ppl[calibrated_on, "sms_spam"] = perplexity(pruned, tok, sms, max_docs=400, batch_size=8,
+                                                    progress=False).perplexity
+    assert ppl["wikitext2", "wikitext2"] == pytest.approx(OPTIPFAIR_HYBRID_20_WIKI, rel=0.02)
+    assert ppl["wikitext2", "wikitext2"] < ppl["sms_spam", "wikitext2"]
+    assert ppl["sms_spam", "sms_spam"] < ppl["wikitext2", "sms_spam"]
+
+
+def test_pruned_smollm2_reloads_with_identical_logits(smollm2, reference_stats, tmp_path):
+    model, tok = smollm2
+    pruned = prune(copy.deepcopy(model), stats=reference_stats["sms_spam"], method="wanda", ratio=0.4)
+    assert pruned.config.intermediate_size == 922
+    save_pruned(pruned, tok, tmp_path / "m", pruned.glu_prune_manifest)
+    reloaded = load_pruned(tmp_path / "m")
+    x = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, pruned(x).logits)
