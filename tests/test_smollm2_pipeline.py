@@ -49,12 +49,17 @@ def test_statistics_do_not_depend_on_batch_size_and_are_additive(smollm2, data_d
 
 
 def test_padded_message_batches_equal_one_by_one(smollm2, data_dir):
+    """Padding never enters the statistics. In float32 the masked attention kernels of a padded batch
+    round differently from unpadded ones (about 1e-5 relative), so exactness is checked in float64."""
+    from calibrate.models import load_model
+
     model, tok = smollm2
     corpus = load_corpus("sms_spam", part="calibration", data_dir=data_dir)
     padded = make_batches(tok, corpus, seq_len=128, max_tokens=600, batch_size=8)
     assert any(not b["attention_mask"].all() for b in padded)
     single = make_batches(tok, corpus, seq_len=128, max_tokens=600, batch_size=1)
-    assert_same(calibrate(model, padded, progress=False), calibrate(model, single, progress=False))
+    model64, _ = load_model("smollm2-135m", dtype="float64", with_tokenizer=False)
+    assert_same(calibrate(model64, padded, progress=False), calibrate(model64, single, progress=False))
 
 
 def test_hybrid_matches_optipfair_reference_and_the_diagonal_wins(smollm2, data_dir, reference_stats):
