@@ -23,6 +23,7 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The default cross-domain grid on the embedded SmolLM2-135M: calibrate on each corpus, prune 20% and 40%,
+# evaluate every model on every corpus. Resumable: run it again to finish an interrupted grid.
 demo: setup
-	$(VENV)/bin/glu-prune eval --corpus wikitext2 --seq-len 512 --max-tokens 8192
-	$(VENV)/bin/glu-prune eval --corpus sms_spam --max-docs 400
+	$(VENV)/bin/glu-prune compare --out $(OUT)

@@ -76,8 +76,12 @@ class Grid:
         return model, time.perf_counter() - start
 
     def evaluate(self, model, corpus: str):
-        return perplexity(model, self.tokenizer, self.eval_parts[corpus], seq_len=self.seq_len,
-                          max_tokens=self.eval_tokens, max_docs=self.eval_docs, batch_size=self.batch_size,
+        """Perplexity on the evaluation part: the first eval_tokens of documents, the first eval_docs messages."""
+        part = self.eval_parts[corpus]
+        messages = part.kind == "messages"
+        return perplexity(model, self.tokenizer, part, seq_len=self.seq_len,
+                          max_tokens=None if messages else self.eval_tokens,
+                          max_docs=self.eval_docs if messages else None, batch_size=self.batch_size,
                           progress=False)
 
     def done(self, model: str, corpus: str) -> bool:
