@@ -23,22 +23,24 @@ class Layout:
     gate: str | None = "gate_proj"
     up: str | None = "up_proj"
     fused_gate_up: str | None = None
+    bias_flag: str | None = None  # config flag giving gate/up/down biases that stock transformers reloads
 
 
 SEPARATE = Layout()
+SEPARATE_BIASABLE = Layout(bias_flag="mlp_bias")
 FUSED = Layout(gate=None, up=None, fused_gate_up="gate_up_proj")
 
 # model_type -> layout. Every family here keeps its decoder layers at ``get_decoder().layers``
 # and each layer's MLP at ``layer.mlp``.
 ADAPTERS: dict[str, Layout] = {
-    "llama": SEPARATE,
+    "llama": SEPARATE_BIASABLE,
     "mistral": SEPARATE,
     "qwen2": SEPARATE,
     "qwen3": SEPARATE,
     "gemma": SEPARATE,
     "gemma2": SEPARATE,
     "gemma3_text": SEPARATE,
-    "granite": SEPARATE,
+    "granite": SEPARATE_BIASABLE,
     "olmo2": SEPARATE,
     "phi3": FUSED,
 }

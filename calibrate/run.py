@@ -69,3 +69,15 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
     })
     stats.meta.setdefault("model", getattr(model, "glu_prune_name", model.config.name_or_path))
     return stats
+
+
+def calibrate_with_holdout(model, batches: list[dict], holdout_fraction: float = 0.125, **options) -> ActivationStats:
+    """:func:`calibrate` on all but the last ``holdout_fraction`` of ``batches`` (at least one batch),
+    with the statistics of those last batches kept apart in ``stats.holdout``."""
+    if len(batches) < 2:
+        raise GluPruneError("a held-out slice needs at least 2 calibration batches: lower --batch-size or add tokens")
+    held = max(1, round(len(batches) * holdout_fraction))
+    stats = calibrate(model, batches[:-held], **options)
+    stats.holdout = calibrate(model, batches[-held:], **{**options, "progress": False}).layers
+    stats.meta["holdout_tokens"] = str(next(iter(stats.holdout.values())).count)
+    return stats

@@ -108,6 +108,7 @@ class ActivationStats:
 
     layers: dict[int, LayerStats]
     meta: dict[str, str] = field(default_factory=dict)
+    holdout: dict[int, LayerStats] | None = None  # a held-out slice, for choosing a refit's ridge
 
     @property
     def tokens(self) -> int:
@@ -134,12 +135,13 @@ class ActivationStats:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for i, s in self.layers.items():
-            out[f"layer.{i}.count"] = torch.tensor([s.count], dtype=torch.int64)
-            for f in FIELDS:
-                out[f"layer.{i}.{f}"] = getattr(s, f).contiguous()
-            if s.second_moment is not None:
-                out[f"layer.{i}.second_moment"] = s.second_moment.contiguous()
+        for prefix, layers in (("layer", self.layers), ("holdout", self.holdout or {})):
+            for i, s in layers.items():
+                out[f"{prefix}.{i}.count"] = torch.tensor([s.count], dtype=torch.int64)
+                for f in FIELDS:
+                    out[f"{prefix}.{i}.{f}"] = getattr(s, f).contiguous()
+                if s.second_moment is not None:
+                    out[f"{prefix}.{i}.second_moment"] = s.second_moment.contiguous()
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -186,12 +188,19 @@ class ActivationStats:
                                 f"({FORMAT_VERSION}): upgrade glu-prune")
         if version < 1 or "layers" not in meta:
             raise GluPruneError(f"{path} is not a glu-prune statistics file: run glu-prune calibrate")
-        layers = {}
-        for i in json.loads(meta["layers"]):
-            p = f"layer.{i}."
-            layers[i] = LayerStats(int(tensors[p + "count"][0]), *(tensors[p + f] for f in FIELDS),
-                                   tensors.get(p + "second_moment"))
-        stats = cls(layers, meta)
+        def read(prefix: str) -> dict[int, LayerStats]:
+            layers = {}
+            for i in json.loads(meta["layers"]):
+                p = f"{prefix}.{i}."
+                if p + "count" in tensors:
+                    layers[i] = LayerStats(int(tensors[p + "count"][0]), *(tensors[p + f] for f in FIELDS),
+                                           tensors.get(p + "second_moment"))
+            return layers
+
+        try:
+            stats = cls(read("layer"), meta, read("holdout") or None)
+        except (KeyError, IndexError, ValueError):
+            raise GluPruneError(f"{path} is incomplete or corrupt: recalibrate to write it again") from None
         if model is not None:
             stats.check_model(model, source=str(path))
         return stats

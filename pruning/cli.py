@@ -96,14 +96,15 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive(int), default=8)
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help="pack text into full rows (default: on for documents, off for messages)")
-    p.add_argument("--second-moment", action="store_true", help="also keep sum x xᵀ per layer (reconstruction)")
+    p.add_argument("--second-moment", action="store_true",
+                   help="also keep sum x xᵀ per layer, and a held-out eighth of the batches (for --reconstruct)")
 
 
 def calibrate_from_args(args, model, tokenizer, layers=None):
     """Calibrate ``model`` on ``--corpus`` with the calibration options of ``args``."""
     from calibrate.batches import make_batches
     from calibrate.glu import glu_layers
-    from calibrate.run import calibrate
+    from calibrate.run import calibrate, calibrate_with_holdout
 
     glu_layers(model, layers)  # an unsupported family or bad --layers fails before any work
     corpus = corpus_from_args(args, "calibration")
@@ -111,7 +112,9 @@ def calibrate_from_args(args, model, tokenizer, layers=None):
                            batch_size=args.batch_size, packing=args.packing)
     meta = {"model": args.model, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
             "seq_len": str(args.seq_len)}
-    return calibrate(model, batches, layers=layers, second_moment=args.second_moment, meta=meta)
+    if args.second_moment:
+        return calibrate_with_holdout(model, batches, layers=layers, second_moment=True, meta=meta)
+    return calibrate(model, batches, layers=layers, meta=meta)
 
 
 def refuse_existing(path: str, force: bool) -> None:
@@ -163,6 +166,7 @@ def run_stats(args) -> None:
 @command("prune", "remove GLU neurons and save the smaller model")
 def add_prune(p: argparse.ArgumentParser) -> None:
     from pruning.pipeline import ALLOCATIONS, DEFAULT_METHOD
+    from pruning.reconstruct import RECONSTRUCTIONS
     from pruning.scores import METHODS
 
     add_model_options(p)
@@ -177,6 +181,8 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     target.add_argument("--intermediate-size", type=int, help="kept neurons per layer")
     p.add_argument("--multiple-of", type=int, default=1, help="round kept counts down to a multiple of N")
     p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS))
+    p.add_argument("--reconstruct", default="none", choices=list(RECONSTRUCTIONS),
+                   help="compensate removed neurons from the statistics (lstsq needs --second-moment)")
     p.add_argument("--layers", default=None, help="prune only these layers, e.g. 0-3,10")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
     p.add_argument("--out", required=True, help="output model directory")
@@ -187,11 +193,12 @@ def add_prune(p: argparse.ArgumentParser) -> None:
 def run_prune(args) -> None:
     import time
 
-    from calibrate.glu import parse_layers
+    from calibrate.glu import glu_layers, parse_layers
     from calibrate.models import load_model
     from calibrate.stats import ActivationStats
-    from pruning.pipeline import prune
+    from pruning.pipeline import check_bias_support, prune
     from pruning.plan import Target
+    from pruning.reconstruct import NEEDS_SECOND_MOMENT
     from pruning.save import save_pruned
     from pruning.scores import needs_stats
 
@@ -199,18 +206,26 @@ def run_prune(args) -> None:
     Target(ratio=args.ratio, expansion_ratio=args.expansion_ratio, intermediate_size=args.intermediate_size,
            multiple_of=args.multiple_of)  # a bad target fails before anything loads
     layers = parse_layers(args.layers)
-    if needs_stats(args.method) and args.stats is None and args.corpus is None:
-        raise GluPruneError(f"method '{args.method}' needs calibration statistics: pass --stats FILE or --corpus NAME")
+    wants_stats = needs_stats(args.method) or args.reconstruct != "none"
+    if wants_stats and args.stats is None and args.corpus is None:
+        what = f"method '{args.method}'" if needs_stats(args.method) else f"--reconstruct {args.reconstruct}"
+        raise GluPruneError(f"{what} needs calibration statistics: pass --stats FILE or --corpus NAME")
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    check_bias_support(model, args.reconstruct)
+    glu_layers(model, layers)
     stats = None
     if args.stats is not None:
         stats = ActivationStats.load(args.stats, model=model)
-    elif args.corpus is not None and needs_stats(args.method):
+        if args.reconstruct in NEEDS_SECOND_MOMENT and any(s.second_moment is None for s in stats.layers.values()):
+            raise GluPruneError(f"--reconstruct {args.reconstruct} needs second-moment statistics, which {args.stats} "
+                                f"lacks: recalibrate with --second-moment")
+    elif args.corpus is not None and wants_stats:
+        args.second_moment = args.second_moment or args.reconstruct in NEEDS_SECOND_MOMENT
         stats = calibrate_from_args(args, model, tokenizer)
     start = time.perf_counter()
     prune(model, stats=stats, method=args.method, ratio=args.ratio, expansion_ratio=args.expansion_ratio,
           intermediate_size=args.intermediate_size, multiple_of=args.multiple_of, allocation=args.allocation,
-          layers=layers, seed=args.seed)
+          layers=layers, seed=args.seed, reconstruct_with=args.reconstruct)
     save_pruned(model, tokenizer, args.out, model.glu_prune_manifest, force=args.force)
     sizes = model.glu_prune_manifest["intermediate_sizes"]
     params = sum(p.numel() for p in model.parameters())

@@ -11,6 +11,7 @@ from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
 from calibrate.stats import ActivationStats, fingerprint
 from pruning.plan import Target, kept_count, plan_global, plan_uniform
+from pruning.reconstruct import NEEDS_BIAS, check_reconstruction, reconstruct_layer
 from pruning.scores import needs_stats, score_neurons
 from pruning.surgery import apply_plan
 
@@ -51,30 +52,86 @@ def make_plan(model, scores: dict[int, torch.Tensor], target: Target, allocation
     raise GluPruneError(f"--allocation '{allocation}' is not one of {', '.join(ALLOCATIONS)}")
 
 
-def check_stats(model, method: str, stats: ActivationStats | None) -> None:
-    if needs_stats(method) and stats is None:
-        raise GluPruneError(f"method '{method}' needs calibration statistics: pass --stats FILE or --corpus NAME")
+def check_stats(model, method: str, stats: ActivationStats | None, reconstruct: str = "none") -> None:
+    check_reconstruction(reconstruct)
+    if (needs_stats(method) or reconstruct != "none") and stats is None:
+        what = f"method '{method}'" if needs_stats(method) else f"--reconstruct {reconstruct}"
+        raise GluPruneError(f"{what} needs calibration statistics: pass --stats FILE or --corpus NAME")
+    check_bias_support(model, reconstruct)
+
+
+def check_bias_support(model, reconstruct: str) -> None:
+    """Refuse a reconstruction that adds a down_proj bias to a family whose config cannot reload one."""
+    if reconstruct in NEEDS_BIAS and glu_layers(model)[0].layout.bias_flag is None:
+        raise GluPruneError(f"--reconstruct {reconstruct} adds a down_proj bias, which {model.config.model_type} "
+                            f"models cannot reload with stock transformers: use --reconstruct lstsq")
     if stats is not None and stats.meta.get("fingerprint") not in (None, fingerprint(model)):
         raise GluPruneError("the statistics were computed on another model: recalibrate on this model")
 
 
+def enable_mlp_biases(model) -> None:
+    """Give every GLU linear a bias (zeros where it had none) and set the config flag that reloads them."""
+    layers = glu_layers(model)
+    setattr(model.config, layers[0].layout.bias_flag, True)
+    for layer in layers:
+        for name in (layer.layout.gate, layer.layout.up, layer.layout.down):
+            linear = getattr(layer.mlp, name)
+            if linear.bias is None:
+                linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                             device=linear.weight.device))
+
+
+def reconstruct(model, plan: dict[int, torch.Tensor], stats: ActivationStats, method: str) -> dict:
+    """Refit the kept down_proj columns (and bias) of every planned layer; call before surgery."""
+    if method == "none":
+        return {}
+    updates, chosen = {}, {}
+    for layer in glu_layers(model, sorted(plan)):
+        holdout = stats.holdout.get(layer.index) if stats.holdout else None
+        weight, bias, info = reconstruct_layer(method, layer.down_weight().detach().cpu(), plan[layer.index],
+                                               stats.layers[layer.index], holdout)
+        updates[layer.index], chosen[str(layer.index)] = (weight, bias), info
+    return {"updates": updates, "chosen": chosen}
+
+
+def install(model, updates: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """Write refitted down weights and biases into the (already sliced) layers."""
+    if any(bias is not None for _, bias in updates.values()):
+        enable_mlp_biases(model)
+    for layer in glu_layers(model, sorted(updates)):
+        weight, bias = updates[layer.index]
+        down = layer.down
+        with torch.no_grad():
+            down.weight.copy_(weight.to(down.weight.dtype))
+            if bias is not None:
+                down.bias.add_(bias.to(down.bias.dtype))
+
+
 def prune(model, stats: ActivationStats | None = None, method: str = DEFAULT_METHOD, ratio: float | None = None,
           expansion_ratio: float | None = None, intermediate_size: int | None = None, multiple_of: int = 1,
-          allocation: str = "uniform", layers: list[int] | None = None, seed: int = 0):
-    """Prune ``model`` in place and return it, with ``model.glu_prune_manifest`` describing the cut."""
+          allocation: str = "uniform", layers: list[int] | None = None, seed: int = 0,
+          reconstruct_with: str = "none"):
+    """Prune ``model`` in place and return it, with ``model.glu_prune_manifest`` describing the cut.
+
+    ``reconstruct_with`` compensates the removed neurons (see :mod:`pruning.reconstruct`).
+    """
     start = time.perf_counter()
     target = Target(ratio=ratio, expansion_ratio=expansion_ratio, intermediate_size=intermediate_size,
                     multiple_of=multiple_of)
-    check_stats(model, method, stats)
+    check_stats(model, method, stats, reconstruct_with)
     scores = layer_scores(model, method, stats, layers, seed)
     plan = make_plan(model, scores, target, allocation)
     sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
+    refit = reconstruct(model, plan, stats, reconstruct_with)
     sizes = apply_plan(model, plan)
+    install(model, refit.get("updates", {}))
     model.glu_prune_manifest = {
         "base_model": getattr(model, "glu_prune_name", model.config.name_or_path),
         "method": method,
         "target": {k: v for k, v in asdict(target).items() if v is not None},
         "allocation": allocation,
+        "reconstruct": reconstruct_with,
+        "reconstruct_choices": refit.get("chosen", {}),
         "layers": sorted(plan),
         "intermediate_sizes_before": sizes_before,
         "intermediate_sizes": sizes,

@@ -45,6 +45,10 @@ CASES = [
     ("truncated statistics file",
      "prune --model {d}/llama --stats {d}/truncated.st --method hybrid --ratio 0.2 --out {d}/p"),
     ("statistics of a newer format", "stats {d}/newer.st"),
+    ("reconstruction needs the second moment, the file has none",
+     "prune --model {d}/llama --stats {d}/llama.st --method wanda --ratio 0.2 --reconstruct lstsq --out {d}/p"),
+    ("bias reconstruction on a family that cannot reload a down_proj bias",
+     "prune --model {d}/qwen2 --method ppm --ratio 0.2 --reconstruct bias --corpus {d}/c.txt --out {d}/p"),
     ("--device cuda without a GPU", "eval --model {d}/llama --corpus {d}/c.txt --device cuda"),
     ("output exists, no --force", "prune --model {d}/llama --method ppm --ratio 0.2 --out {d}/existing"),
     ("output folder missing", "prune --model {d}/llama --method ppm --ratio 0.2 --out {d}/no/such/dir"),
@@ -62,6 +66,8 @@ def make_fixtures(d: Path) -> None:
     llama = tiny_model("llama")
     llama.save_pretrained(d / "llama")
     tokenizer.save_pretrained(d / "llama")
+    tiny_model("qwen2").save_pretrained(d / "qwen2")
+    tokenizer.save_pretrained(d / "qwen2")
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128)).save_pretrained(d / "gpt2")
     tokenizer.save_pretrained(d / "gpt2")
     (d / "not-a-model").mkdir(exist_ok=True)

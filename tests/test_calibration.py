@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny import FAMILIES, tiny_model
 
 from calibrate.errors import GluPruneError
@@ -195,3 +197,20 @@ def test_recording_context_is_clean_on_error():
             assert hooks_left(model) == 3
             raise ValueError
     assert hooks_left(model) == 0
+
+
+def random_stats(seed: int, size: int = 5) -> ActivationStats:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(int(torch.randint(1, 20, (1,), generator=g)), size, generator=g, dtype=torch.float64)
+    layer = LayerStats(x.shape[0], x.sum(0), x.abs().sum(0), x.square().sum(0), x.abs().amax(0), x.T @ x)
+    return ActivationStats({0: layer}, {"fingerprint": "f"})
+
+
+@settings(max_examples=40, deadline=None)
+@given(a=st.integers(0, 10**6), b=st.integers(0, 10**6), c=st.integers(0, 10**6))
+def test_merge_is_associative_and_commutative(a, b, c):
+    x, y, z = random_stats(a), random_stats(b), random_stats(c)
+    assert_same_stats(merge(x, y), merge(y, x), rel=1e-12)
+    assert_same_stats(merge(merge(x, y), z), merge(x, merge(y, z)), rel=1e-12)
+    torch.testing.assert_close(merge(merge(x, y), z).layers[0].second_moment,
+                               merge(x, merge(y, z)).layers[0].second_moment)

@@ -1,0 +1,101 @@
+"""Compensating removed neurons from calibration statistics, without retraining.
+
+For a down projection ``y = W x`` (W: hidden × intermediate) that keeps the neurons ``K``:
+
+- ``bias`` (FLAP): ``b = W[:, R] @ mean(x_R)`` for the removed neurons ``R``, added as a down_proj bias.
+- ``lstsq``: refit ``W'`` (hidden × |K|) minimising ``E||W x - W' x_K||²`` from the uncentred second
+  moment ``S = E[x xᵀ]``: ``W' = W S[:, K] (S[K, K] + λI)⁻¹``, solved in float64 by Cholesky.
+- ``lstsq-centred``: the same on the covariance, plus the bias ``W mean - W' mean_K``.
+
+The ridge ``λ = α · mean(diag S[K, K])`` takes the α from ``RIDGE_GRID`` that leaves the least
+error on held-out statistics. Pure functions on tensors; :func:`reconstruct_layer` returns the new
+down weight and bias for one layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from calibrate.errors import GluPruneError
+from calibrate.stats import LayerStats
+
+RECONSTRUCTIONS = ("none", "bias", "lstsq", "lstsq-centred")
+NEEDS_SECOND_MOMENT = ("lstsq", "lstsq-centred")
+NEEDS_BIAS = ("bias", "lstsq-centred")
+RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def check_reconstruction(method: str) -> None:
+    if method not in RECONSTRUCTIONS:
+        raise GluPruneError(f"--reconstruct '{method}' is not one of {', '.join(RECONSTRUCTIONS)}")
+
+
+def removed_of(keep: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[keep] = False
+    return mask.nonzero().squeeze(1)
+
+
+def bias_compensation(weight: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """FLAP's bias: the removed columns of ``weight`` times the removed neurons' mean activation."""
+    removed = removed_of(keep, weight.shape[1])
+    return weight.double()[:, removed] @ mean.double()[removed]
+
+
+def moments(stats: LayerStats, centred: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(second moment E[x xᵀ] or covariance, mean), float64."""
+    if stats.second_moment is None:
+        raise GluPruneError("this reconstruction needs second-moment statistics: calibrate with --second-moment")
+    second = stats.second_moment / max(stats.count, 1)
+    mean = stats.mean
+    return (second - torch.outer(mean, mean) if centred else second), mean
+
+
+def lstsq_refit(weight: torch.Tensor, second: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``W S[:, K] (S[K, K] + λI)⁻¹`` with ``λ = alpha · mean diag S[K, K]``, by Cholesky in float64."""
+    w = weight.double()
+    s_kk = second[keep][:, keep]
+    ridge = alpha * s_kk.diagonal().mean().clamp_min(1e-12)
+    factor, info = torch.linalg.cholesky_ex(s_kk + ridge * torch.eye(len(keep), dtype=torch.float64))
+    if info != 0:
+        raise GluPruneError(f"the refit is singular at ridge {alpha:g}: use more calibration tokens")
+    rhs = (w @ second[:, keep]).T  # (K, hidden)
+    return torch.cholesky_solve(rhs, factor).T
+
+
+def refit_error(weight: torch.Tensor, new_weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
+                holdout: LayerStats) -> float:
+    """``E||W x - W' x_K - b||²`` over the held-out statistics."""
+    second, mean = moments(holdout, centred=False)
+    diff = weight.double().clone()
+    diff[:, keep] -= new_weight
+    error = torch.einsum("hi,ij,hj->", diff, second, diff)
+    if bias is not None:
+        error = error - 2 * bias @ (diff @ mean) + bias @ bias
+    return float(error)
+
+
+def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats,
+                      holdout: LayerStats | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """New down weight (hidden × |K|) and bias (or None) of one layer, with what was chosen."""
+    check_reconstruction(method)
+    w = weight.double()
+    if method == "none":
+        return w[:, keep], None, {}
+    if method == "bias":
+        return w[:, keep], bias_compensation(w, fit.mean, keep), {}
+    centred = method == "lstsq-centred"
+    second, mean = moments(fit, centred)
+    candidates = []
+    for alpha in RIDGE_GRID if holdout is not None else (1e-2,):
+        try:
+            new = lstsq_refit(w, second, keep, alpha)
+        except GluPruneError:
+            continue
+        bias = w @ mean - new @ mean[keep] if centred else None
+        error = refit_error(w, new, bias, keep, holdout) if holdout is not None else 0.0
+        candidates.append((error, alpha, new, bias))
+    if not candidates:
+        raise GluPruneError("every ridge left the refit singular: use more calibration tokens")
+    error, alpha, new, bias = min(candidates, key=lambda c: c[0])
+    return new, bias, {"ridge": alpha, "holdout_error": error}

@@ -1,0 +1,80 @@
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from calibrate.errors import GluPruneError
+from calibrate.run import calibrate, calibrate_with_holdout
+from calibrate.stats import LayerStats
+from pruning import prune, save_pruned
+from pruning.reconstruct import bias_compensation, lstsq_refit, reconstruct_layer, refit_error
+
+
+def stats_of(x: torch.Tensor) -> LayerStats:
+    return LayerStats(x.shape[0], x.sum(0), x.abs().sum(0), x.square().sum(0), x.abs().amax(0), x.T @ x)
+
+
+def test_bias_equals_the_formula_on_a_hand_built_example():
+    weight = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mean = torch.tensor([0.5, -1.0, 2.0])
+    keep = torch.tensor([1])
+    expected = torch.tensor([1 * 0.5 + 3 * 2.0, 4 * 0.5 + 6 * 2.0], dtype=torch.float64)
+    torch.testing.assert_close(bias_compensation(weight, mean, keep), expected)
+
+
+def test_lstsq_without_ridge_equals_torch_lstsq_on_raw_activations():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0, 2, 3, 6])
+    ours = lstsq_refit(weight, x.T @ x / len(x), keep, alpha=0.0)
+    reference = torch.linalg.lstsq(x[:, keep], x @ weight.T).solution.T
+    torch.testing.assert_close(ours, reference, rtol=1e-8, atol=1e-10)
+
+
+def test_refit_error_matches_the_direct_computation_and_ridge_comes_from_the_holdout():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64) + 0.5
+    weight = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    keep = torch.tensor([1, 2, 4])
+    fit, holdout = stats_of(x[:200]), stats_of(x[200:])
+    new, bias, info = reconstruct_layer("lstsq-centred", weight, keep, fit, holdout)
+    direct = ((x[200:] @ weight.T - x[200:, keep] @ new.T - bias) ** 2).sum(1).mean()
+    assert refit_error(weight, new, bias, keep, holdout) == pytest.approx(float(direct), rel=1e-9)
+    assert info["ridge"] in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    plain, _, _ = reconstruct_layer("none", weight, keep, fit)
+    assert refit_error(weight, new, bias, keep, holdout) < refit_error(weight, plain, None, keep, holdout)
+
+
+def test_second_moment_is_required():
+    x = torch.randn(10, 4, dtype=torch.float64)
+    no_second = LayerStats(10, x.sum(0), x.abs().sum(0), x.square().sum(0), x.abs().amax(0))
+    with pytest.raises(GluPruneError, match="--second-moment"):
+        reconstruct_layer("lstsq", torch.randn(3, 4), torch.tensor([0, 1]), no_second)
+
+
+def batches(n=8):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(3, 120, (2, 16), generator=g)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["bias", "lstsq", "lstsq-centred"])
+def test_reconstructed_models_reload_with_stock_transformers(method, tmp_path):
+    model = tiny_model("llama")
+    stats = calibrate_with_holdout(model, batches(), second_moment=True, progress=False)
+    pruned = prune(tiny_model("llama"), stats=stats, method="wanda", ratio=0.5, reconstruct_with=method)
+    save_pruned(pruned, tiny_tokenizer(), tmp_path / "m", pruned.glu_prune_manifest)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    x = torch.randint(3, 120, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, pruned(x).logits)
+    assert (pruned.config.mlp_bias is True) == (method != "lstsq")
+
+
+def test_bias_reconstruction_needs_a_family_that_reloads_biases():
+    model = tiny_model("qwen2")
+    stats = calibrate(model, batches(2), progress=False)
+    with pytest.raises(GluPruneError, match="use --reconstruct lstsq"):
+        prune(model, stats=stats, method="wanda", ratio=0.5, reconstruct_with="bias")
+    with pytest.raises(GluPruneError, match="not one of"):
+        prune(model, stats=stats, method="wanda", ratio=0.5, reconstruct_with="magic")
