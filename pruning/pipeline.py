@@ -58,6 +58,8 @@ def check_stats(model, method: str, stats: ActivationStats | None, reconstruct: 
         what = f"method '{method}'" if needs_stats(method) else f"--reconstruct {reconstruct}"
         raise GluPruneError(f"{what} needs calibration statistics: pass --stats FILE or --corpus NAME")
     check_bias_support(model, reconstruct)
+    if stats is not None and stats.meta.get("fingerprint") not in (None, fingerprint(model)):
+        raise GluPruneError("the statistics were computed on another model: recalibrate on this model")
 
 
 def check_bias_support(model, reconstruct: str) -> None:
@@ -65,8 +67,6 @@ def check_bias_support(model, reconstruct: str) -> None:
     if reconstruct in NEEDS_BIAS and glu_layers(model)[0].layout.bias_flag is None:
         raise GluPruneError(f"--reconstruct {reconstruct} adds a down_proj bias, which {model.config.model_type} "
                             f"models cannot reload with stock transformers: use --reconstruct lstsq")
-    if stats is not None and stats.meta.get("fingerprint") not in (None, fingerprint(model)):
-        raise GluPruneError("the statistics were computed on another model: recalibrate on this model")
 
 
 def enable_mlp_biases(model) -> None:
