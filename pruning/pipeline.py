@@ -96,6 +96,8 @@ def reconstruct(model, plan: dict[int, torch.Tensor], stats: ActivationStats, me
 
 def install(model, updates: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
     """Write refitted down weights and biases into the (already sliced) layers."""
+    if not updates:
+        return
     if any(bias is not None for _, bias in updates.values()):
         enable_mlp_biases(model)
     for layer in glu_layers(model, sorted(updates)):
