@@ -69,17 +69,27 @@ def optipfair_available() -> bool:
     return True
 
 
-def measure(fn, model, batches, tokens: int, repeats: int) -> tuple[float, float]:
-    """Best tokens/s over ``repeats`` and the peak RSS above the level before the run (MiB)."""
-    best = 0.0
+def measure(fn, model, batches, tokens: int) -> tuple[float, float]:
+    """Tokens/s of one run and its peak RSS above the level before it (MiB)."""
     reset_peak_rss()
     before = rss_mib("VmRSS")
     with torch.inference_mode():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(model, batches)
-            best = max(best, tokens / (time.perf_counter() - start))
-    return best, rss_mib("VmHWM") - before
+        start = time.perf_counter()
+        fn(model, batches)
+        speed = tokens / (time.perf_counter() - start)
+    return speed, rss_mib("VmHWM") - before
+
+
+def interleaved(variants: dict, model, batches, tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Best tokens/s and largest peak per variant, the variants taking turns in every round so that
+    load from elsewhere on the machine hits them alike."""
+    best: dict[str, tuple[float, float]] = {}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            speed, peak = measure(fn, model, batches, tokens)
+            old_speed, old_peak = best.get(name, (0.0, 0.0))
+            best[name] = (max(speed, old_speed), max(peak, old_peak))
+    return best
 
 
 def main() -> None:
@@ -90,7 +100,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="8192,32768", help="token budgets, comma-separated")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model, device="cpu")
@@ -106,7 +116,7 @@ def main() -> None:
         count = sum(int(b["attention_mask"].sum()) for b in batches)
         with torch.inference_mode():
             decoder_only(model, batches[:1])  # warm-up
-        results = {name: measure(fn, model, batches, count, args.repeats) for name, fn in variants.items()}
+        results = interleaved(variants, model, batches, count, args.repeats)
         a, b = results["(a) model forward + logits"][0], results["(b) decoder body, no hooks"][0]
         print(f"\n{count} tokens")
         print(f"{'variant':34} {'tok/s':>8} {'vs (a)':>7} {'vs (b)':>7} {'peak MiB':>9}")
