@@ -55,9 +55,9 @@ def test_padded_message_batches_equal_one_by_one(smollm2, data_dir):
 
     model, tok = smollm2
     corpus = load_corpus("sms_spam", part="calibration", data_dir=data_dir)
-    padded = make_batches(tok, corpus, seq_len=128, max_tokens=600, batch_size=8)
+    padded = make_batches(tok, corpus, seq_len=128, max_tokens=300, batch_size=8)
     assert any(not b["attention_mask"].all() for b in padded)
-    single = make_batches(tok, corpus, seq_len=128, max_tokens=600, batch_size=1)
+    single = make_batches(tok, corpus, seq_len=128, max_tokens=300, batch_size=1)
     model64, _ = load_model("smollm2-135m", dtype="float64", with_tokenizer=False)
     assert_same(calibrate(model64, padded, progress=False), calibrate(model64, single, progress=False))
 
@@ -71,7 +71,7 @@ def test_hybrid_matches_optipfair_reference_and_the_diagonal_wins(smollm2, data_
         pruned = prune(copy.deepcopy(model), stats=stats, method="hybrid", ratio=0.2)
         ppl[calibrated_on, "wikitext2"] = perplexity(pruned, tok, wiki, seq_len=512, max_tokens=8192,
                                                      batch_size=4, progress=False).perplexity
-        ppl[calibrated_on, "sms_spam"] = perplexity(pruned, tok, sms, max_docs=400, batch_size=8,
+        ppl[calibrated_on, "sms_spam"] = perplexity(pruned, tok, sms, max_docs=200, batch_size=8,
                                                     progress=False).perplexity
     assert ppl["wikitext2", "wikitext2"] == pytest.approx(OPTIPFAIR_HYBRID_20_WIKI, rel=0.02)
     assert ppl["wikitext2", "wikitext2"] < ppl["sms_spam", "wikitext2"]
