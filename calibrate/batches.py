@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -111,8 +110,3 @@ def make_batches(tokenizer, corpus: Corpus, seq_len: int = 128, max_tokens: int 
     pad = pad_id(tokenizer)
     return [collate(rows[i : i + batch_size], pad) for i in range(0, len(rows), batch_size)]
 
-
-def iter_rows(batches: list[dict[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
-    for batch in batches:
-        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
-            yield ids[mask.bool()]
