@@ -16,9 +16,10 @@ from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.models import load_model
 from calibrate.perplexity import perplexity
-from calibrate.run import calibrate
+from calibrate.run import calibrate, calibrate_with_holdout, split_holdout
 from calibrate.stats import ActivationStats
-from pruning.pipeline import prune
+from pruning.pipeline import prune, prune_sequential
+from pruning.reconstruct import NEEDS_SECOND_MOMENT
 
 DEFAULT_METHODS = ["ppm", "hybrid", "wanda"]
 SPEED = "(speed)"
@@ -33,11 +34,11 @@ class Grid:
 
     def __init__(self, model: str, corpora: list[CorpusSpec], out_dir: Path, data_dir=None, eval_tokens=8192,
                  eval_docs=400, seq_len=512, calib_tokens=8192, calib_seq_len=128, allocation="uniform",
-                 batch_size=4, device=None, dtype="float32", speed=False, progress=True):
+                 batch_size=4, device=None, dtype="float32", speed=False, second_moment=False, progress=True):
         self.model_name, self.corpora, self.out = model, corpora, Path(out_dir)
         self.data_dir, self.eval_tokens, self.eval_docs, self.seq_len = data_dir, eval_tokens, eval_docs, seq_len
         self.calib_tokens, self.calib_seq_len, self.allocation = calib_tokens, calib_seq_len, allocation
-        self.batch_size, self.progress = batch_size, progress
+        self.batch_size, self.progress, self.second_moment = batch_size, progress, second_moment
         self.out.mkdir(parents=True, exist_ok=True)
         self.store = ResultStore(self.out)
         self.speed = ResultStore(self.out, "speed.json") if speed else None
@@ -45,21 +46,34 @@ class Grid:
         self.eval_parts = {c.name: load_corpus(c.source, part="evaluation", data_dir=data_dir, name=c.name)
                            for c in corpora}
         self.stats: dict[str, ActivationStats] = {}
+        self.calibration_parts: dict = {}
+
+    def calibration_batches(self, corpus: str) -> list[dict]:
+        """The calibration part of ``corpus`` as packed batches of calib_seq_len, up to calib_tokens."""
+        if corpus not in self.calibration_parts:
+            spec = next(c for c in self.corpora if c.name == corpus)
+            self.calibration_parts[corpus] = load_corpus(spec.source, part="calibration", data_dir=self.data_dir,
+                                                         name=corpus)
+        return list(make_batches(self.tokenizer, self.calibration_parts[corpus], seq_len=self.calib_seq_len,
+                                 max_tokens=self.calib_tokens, batch_size=8, packing=True))
 
     def statistics(self, corpus: str) -> ActivationStats:
-        """Calibration statistics of ``corpus``, computed once and kept in DIR/stats/."""
+        """Calibration statistics of ``corpus``, computed once and kept in DIR/stats/.
+
+        With ``second_moment`` they also hold x xᵀ and a held-out eighth of the batches (for refits).
+        """
         if corpus not in self.stats:
-            path = self.out / "stats" / f"{corpus}.safetensors"
+            path = self.out / "stats" / f"{corpus}{'-second-moment' if self.second_moment else ''}.safetensors"
             if path.is_file():
                 self.stats[corpus] = ActivationStats.load(path, model=self.base)
             else:
-                spec = next(c for c in self.corpora if c.name == corpus)
-                part = load_corpus(spec.source, part="calibration", data_dir=self.data_dir, name=corpus)
-                batches = make_batches(self.tokenizer, part, seq_len=self.calib_seq_len,
-                                       max_tokens=self.calib_tokens, batch_size=8, packing=True)
-                stats = calibrate(self.base, batches, progress=False,
-                                  meta={"corpus": corpus, "source": part.source, "part": "calibration",
-                                        "seq_len": str(self.calib_seq_len), "model": self.model_name})
+                batches = self.calibration_batches(corpus)
+                meta = {"corpus": corpus, "source": self.calibration_parts[corpus].source, "part": "calibration",
+                        "seq_len": str(self.calib_seq_len), "model": self.model_name}
+                if self.second_moment:
+                    stats = calibrate_with_holdout(self.base, batches, second_moment=True, progress=False, meta=meta)
+                else:
+                    stats = calibrate(self.base, batches, progress=False, meta=meta)
                 path.parent.mkdir(exist_ok=True)
                 stats.save(path)
                 self.stats[corpus] = stats
@@ -69,10 +83,16 @@ class Grid:
         """The model of ``spec`` (the base itself, or a pruned copy) and the seconds pruning took."""
         if spec.method is None:
             return self.base, 0.0
+        if spec.schedule == "sequential":
+            fit, held = split_holdout(self.calibration_batches(spec.calibration))
+            start = time.perf_counter()
+            model = prune_sequential(copy.deepcopy(self.base), fit, held, method=spec.method, ratio=spec.ratio,
+                                     reconstruct_with=spec.reconstruct, progress=False)
+            return model, time.perf_counter() - start
         stats = self.statistics(spec.calibration) if spec.calibration else None
         start = time.perf_counter()
         model = prune(copy.deepcopy(self.base), stats=stats, method=spec.method, ratio=spec.ratio,
-                      allocation=self.allocation)
+                      allocation=self.allocation, reconstruct_with=spec.reconstruct)
         return model, time.perf_counter() - start
 
     def evaluate(self, model, corpus: str):
@@ -115,6 +135,7 @@ class Grid:
                 self.store.add({
                     "model": spec.key, "method": spec.method or "base", "ratio": spec.ratio or 0.0,
                     "calibration_corpus": spec.calibration or "", "reconstruct": spec.reconstruct,
+                    "schedule": spec.schedule,
                     "allocation": self.allocation if spec.method else "", "eval_corpus": corpus,
                     "perplexity": result.perplexity, "tokens": result.tokens,
                     "parameters": parameter_count(model), "prune_seconds": round(prune_seconds, 3),
@@ -128,10 +149,16 @@ class Grid:
 
 
 def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods: list[str], out_dir,
-            **options) -> list[dict]:
-    """Run (or resume) the grid and write results.{json,csv,md} and plots into ``out_dir``."""
+            reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",), **options) -> list[dict]:
+    """Run (or resume) the grid and write results.{json,csv,md} and plots into ``out_dir``.
+
+    Each method is pruned once per entry of ``reconstruct`` and of ``schedules`` (one-shot,
+    sequential); a refit makes every corpus calibrate with the second moment.
+    """
     from benchmarks.report import write_reports
 
-    grid = Grid(model, corpora, out_dir, **options)
-    rows, speed = grid.run(grid_models(methods, ratios, [c.name for c in corpora]))
+    specs = grid_models(methods, ratios, [c.name for c in corpora], reconstruct, schedules)
+    second_moment = any(r in NEEDS_SECOND_MOMENT for r in reconstruct)
+    grid = Grid(model, corpora, out_dir, second_moment=second_moment, **options)
+    rows, speed = grid.run(specs)
     return write_reports(rows, Path(out_dir), speed)

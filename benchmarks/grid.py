@@ -25,6 +25,7 @@ class ModelSpec:
     ratio: float | None = None
     calibration: str | None = None
     reconstruct: str = "none"
+    schedule: str = "one-shot"
 
     @property
     def key(self) -> str:
@@ -33,6 +34,8 @@ class ModelSpec:
         parts = [self.method, f"{self.ratio:g}", self.calibration or "static"]
         if self.reconstruct != "none":
             parts.append(self.reconstruct)
+        if self.schedule != "one-shot":
+            parts.append(self.schedule)
         return "-".join(parts)
 
 
@@ -63,16 +66,24 @@ def parse_list(text: str, kind, flag: str) -> list:
     return values
 
 
+SCHEDULES = ("one-shot", "sequential")
+
+
 def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
-                reconstruct: list[str] = ("none",)) -> list[ModelSpec]:
-    """The base, then per ratio: static methods once, data-driven ones once per calibration corpus."""
+                reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",)) -> list[ModelSpec]:
+    """The base, then per ratio: static methods once, data-driven ones (and any reconstruction or
+    sequential schedule) once per calibration corpus."""
+    bad = [s for s in schedules if s not in SCHEDULES]
+    if bad:
+        raise GluPruneError(f"unknown schedule '{bad[0]}': choose from {', '.join(SCHEDULES)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise GluPruneError(f"unknown method '{unknown[0]}': choose from {', '.join(METHODS)}")
     models = [ModelSpec()]
     for ratio in ratios:
         for method in methods:
-            for rec in reconstruct:
-                calibrations = corpora if needs_stats(method) or rec != "none" else [None]
-                models += [ModelSpec(method, ratio, c, rec) for c in calibrations]
+            for schedule in schedules:
+                for rec in reconstruct:
+                    data = needs_stats(method) or rec != "none" or schedule != "one-shot"
+                    models += [ModelSpec(method, ratio, c, rec, schedule) for c in (corpora if data else [None])]
     return models

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from benchmarks.store import write_atomic
 
-COLUMNS = ["model", "method", "ratio", "calibration_corpus", "reconstruct", "allocation", "eval_corpus",
+COLUMNS = ["model", "method", "ratio", "calibration_corpus", "reconstruct", "schedule", "allocation", "eval_corpus",
            "perplexity", "tokens", "ratio_to_base", "parameters", "prune_seconds", "eval_seconds"]
 
 
@@ -29,12 +29,17 @@ def to_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
+def variant(row: dict) -> str:
+    """Method with its reconstruction and schedule, e.g. 'hybrid +lstsq sequential'."""
+    rec = f" +{row['reconstruct']}" if row.get("reconstruct", "none") != "none" else ""
+    schedule = f" {row['schedule']}" if row.get("schedule", "one-shot") != "one-shot" else ""
+    return f"{row['method']}{rec}{schedule}"
+
+
 def label(row: dict) -> str:
     if row["model"] == "base":
         return "base"
-    calibration = row["calibration_corpus"] or "static"
-    rec = f" +{row['reconstruct']}" if row.get("reconstruct", "none") != "none" else ""
-    return f"{row['method']}{rec} ({calibration})"
+    return f"{variant(row)} ({row['calibration_corpus'] or 'static'})"
 
 
 def markdown_tables(rows: list[dict]) -> str:
@@ -102,7 +107,7 @@ def plot_heatmap(rows: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     calibrated = [r for r in rows if r["calibration_corpus"] and r["ratio_to_base"] is not None]
-    panels = list(dict.fromkeys((r["method"], r.get("reconstruct", "none"), r["ratio"]) for r in calibrated))
+    panels = list(dict.fromkeys((variant(r), r["ratio"]) for r in calibrated))
     if not panels:
         return False
     calib = list(dict.fromkeys(r["calibration_corpus"] for r in calibrated))
@@ -112,9 +117,9 @@ def plot_heatmap(rows: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(nrows, cols, figsize=(max(4.2 * cols, 6), 3.4 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, (method, rec, ratio) in zip(axes.flat, panels):
-        grid = [[next((r["ratio_to_base"] for r in calibrated if (r["method"], r.get("reconstruct", "none"),
-                      r["ratio"], r["calibration_corpus"], r["eval_corpus"]) == (method, rec, ratio, c, e)),
+    for ax, (name, ratio) in zip(axes.flat, panels):
+        grid = [[next((r["ratio_to_base"] for r in calibrated if (variant(r), r["ratio"], r["calibration_corpus"],
+                                                                   r["eval_corpus"]) == (name, ratio, c, e)),
                       float("nan")) for e in evals] for c in calib]
         image = ax.imshow(grid, cmap="viridis_r")
         for i, line in enumerate(grid):
@@ -124,7 +129,7 @@ def plot_heatmap(rows: list[dict], path: Path) -> bool:
         ax.set_xticks(range(len(evals)), evals, fontsize=8)
         ax.set_yticks(range(len(calib)), calib, fontsize=8)
         ax.set(xlabel="evaluated on", ylabel="calibrated on",
-               title=f"{method}{'' if rec == 'none' else ' +' + rec} {ratio:.0%}")
+               title=f"{name} {ratio:.0%}")
     fig.suptitle("perplexity / base perplexity (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

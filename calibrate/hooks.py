@@ -66,9 +66,9 @@ class Recorder:
 class Recorders:
     """The recorders of one calibration pass; the runner sets each batch's attention mask here."""
 
-    def __init__(self, recorders: list[Recorder]):
+    def __init__(self, recorders: list[Recorder], stop_early: bool = True):
         self.recorders = recorders
-        if recorders:
+        if recorders and stop_early:
             recorders[-1].stop_after = True
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
@@ -80,13 +80,17 @@ class Recorders:
 
 
 @contextmanager
-def recording(model: nn.Module, layers: list[int] | None = None, second_moment: bool = False) -> Iterator[Recorders]:
-    """Attach a recorder to every selected layer's down_proj; every handle is removed on exit, always."""
+def recording(model: nn.Module, layers: list[int] | None = None, second_moment: bool = False,
+              stop_early: bool = True) -> Iterator[Recorders]:
+    """Attach a recorder to every selected layer's down_proj; every handle is removed on exit, always.
+
+    With ``stop_early`` the last recorder raises :class:`StopForward` once it has accumulated.
+    """
     attached: list[Recorder] = []
     try:
         for layer in glu_layers(model, layers):
             attached.append(Recorder(layer.index, layer.down, layer.intermediate_size, second_moment))
-        yield Recorders(attached)
+        yield Recorders(attached, stop_early)
     finally:
         for recorder in attached:
             recorder.remove()

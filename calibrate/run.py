@@ -60,24 +60,35 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
     if seen == 0:
         raise GluPruneError("the calibration batches hold no tokens: check the corpus")
     stats = ActivationStats(layer_stats, dict(meta or {}))
+    finish_stats(model, stats, seen, [g.index for g in selected], second_moment)
+    return stats
+
+
+def finish_stats(model, stats: ActivationStats, tokens: int, layers: list[int], second_moment: bool) -> None:
+    """Check ``stats`` for NaN/inf and record what they were computed on in ``stats.meta``."""
     stats.check_finite()
     stats.meta.update({
-        "tokens": str(seen), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "tokens": str(tokens), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "model_type": model_type(model), "num_layers": str(len(glu_layers(model))),
-        "sizes": ",".join(str(g.intermediate_size) for g in selected), "fingerprint": fingerprint(model),
-        "second_moment": str(second_moment).lower(),
+        "sizes": ",".join(str(g.intermediate_size) for g in glu_layers(model, layers)),
+        "fingerprint": fingerprint(model), "second_moment": str(second_moment).lower(),
     })
     stats.meta.setdefault("model", getattr(model, "glu_prune_name", model.config.name_or_path))
-    return stats
+
+
+def split_holdout(batches: list[dict], fraction: float = 0.125) -> tuple[list[dict], list[dict]]:
+    """(fit, held-out): the last ``fraction`` of ``batches`` (at least one) held out."""
+    if len(batches) < 2:
+        raise GluPruneError("a held-out slice needs at least 2 calibration batches: lower --batch-size or add tokens")
+    held = max(1, round(len(batches) * fraction))
+    return batches[:-held], batches[-held:]
 
 
 def calibrate_with_holdout(model, batches: list[dict], holdout_fraction: float = 0.125, **options) -> ActivationStats:
     """:func:`calibrate` on all but the last ``holdout_fraction`` of ``batches`` (at least one batch),
     with the statistics of those last batches kept apart in ``stats.holdout``."""
-    if len(batches) < 2:
-        raise GluPruneError("a held-out slice needs at least 2 calibration batches: lower --batch-size or add tokens")
-    held = max(1, round(len(batches) * holdout_fraction))
-    stats = calibrate(model, batches[:-held], **options)
-    stats.holdout = calibrate(model, batches[-held:], **{**options, "progress": False}).layers
+    fit, held = split_holdout(batches, holdout_fraction)
+    stats = calibrate(model, fit, **options)
+    stats.holdout = calibrate(model, held, **{**options, "progress": False}).layers
     stats.meta["holdout_tokens"] = str(next(iter(stats.holdout.values())).count)
     return stats

@@ -183,6 +183,9 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS))
     p.add_argument("--reconstruct", default="none", choices=list(RECONSTRUCTIONS),
                    help="compensate removed neurons from the statistics (lstsq needs --second-moment)")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate on --corpus and prune one layer at a time, each layer measured on the model "
+                        "whose earlier layers are already pruned (uniform allocation)")
     p.add_argument("--layers", default=None, help="prune only these layers, e.g. 0-3,10")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
     p.add_argument("--out", required=True, help="output model directory")
@@ -199,7 +202,6 @@ def run_prune(args) -> None:
     from pruning.pipeline import check_bias_support, prune
     from pruning.plan import Target
     from pruning.reconstruct import NEEDS_SECOND_MOMENT
-    from pruning.save import save_pruned
     from pruning.scores import needs_stats
 
     refuse_existing(args.out, args.force)
@@ -210,9 +212,13 @@ def run_prune(args) -> None:
     if wants_stats and args.stats is None and args.corpus is None:
         what = f"method '{args.method}'" if needs_stats(args.method) else f"--reconstruct {args.reconstruct}"
         raise GluPruneError(f"{what} needs calibration statistics: pass --stats FILE or --corpus NAME")
+    if args.sequential and (args.corpus is None or args.stats is not None or args.allocation != "uniform"):
+        raise GluPruneError("--sequential calibrates as it prunes: pass --corpus (not --stats) and uniform allocation")
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     check_bias_support(model, args.reconstruct)
     glu_layers(model, layers)
+    if args.sequential:
+        return run_sequential(args, model, tokenizer, layers)
     stats = None
     if args.stats is not None:
         stats = ActivationStats.load(args.stats, model=model)
@@ -226,11 +232,38 @@ def run_prune(args) -> None:
     prune(model, stats=stats, method=args.method, ratio=args.ratio, expansion_ratio=args.expansion_ratio,
           intermediate_size=args.intermediate_size, multiple_of=args.multiple_of, allocation=args.allocation,
           layers=layers, seed=args.seed, reconstruct_with=args.reconstruct)
+    save_and_report(args, model, tokenizer, f"select + cut + save took {time.perf_counter() - start:.2f} s")
+
+
+def run_sequential(args, model, tokenizer, layers) -> None:
+    import time
+
+    from calibrate.batches import make_batches
+    from calibrate.run import split_holdout
+    from pruning.pipeline import prune_sequential
+    from pruning.reconstruct import NEEDS_SECOND_MOMENT
+
+    start = time.perf_counter()
+    corpus = corpus_from_args(args, "calibration")
+    batches = list(make_batches(tokenizer, corpus, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                batch_size=args.batch_size, packing=args.packing))
+    fit, held = split_holdout(batches) if args.reconstruct in NEEDS_SECOND_MOMENT else (batches, None)
+    meta = {"model": args.model, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
+            "seq_len": str(args.seq_len)}
+    prune_sequential(model, fit, held, method=args.method, ratio=args.ratio, expansion_ratio=args.expansion_ratio,
+                     intermediate_size=args.intermediate_size, multiple_of=args.multiple_of, layers=layers,
+                     seed=args.seed, reconstruct_with=args.reconstruct, meta=meta)
+    save_and_report(args, model, tokenizer, f"calibrate + prune + save took {time.perf_counter() - start:.2f} s")
+
+
+def save_and_report(args, model, tokenizer, timing: str) -> None:
+    from pruning.save import save_pruned
+
     save_pruned(model, tokenizer, args.out, model.glu_prune_manifest, force=args.force)
     sizes = model.glu_prune_manifest["intermediate_sizes"]
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {args.method}, intermediate sizes {min(sizes)}..{max(sizes)}, "
-          f"{params / 1e6:.1f}M parameters; select + cut + save took {time.perf_counter() - start:.2f} s")
+          f"{params / 1e6:.1f}M parameters; {timing}")
 
 
 @command("compare", "cross-domain grid: calibrate on each corpus, prune, evaluate on every corpus")
@@ -241,6 +274,11 @@ def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", default="0.2,0.4", help="fractions of neurons removed (default 0.2,0.4)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: ppm,hybrid,wanda)")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--reconstruct", default="none",
+                   help="comma-separated reconstructions, each a row per method (e.g. none,bias,lstsq)")
+    p.add_argument("--schedule", default="one-shot",
+                   help="comma-separated: one-shot (dense statistics) and/or sequential (layer by layer, "
+                        "each layer calibrated on the model with earlier layers already pruned)")
     p.add_argument("--eval-tokens", type=positive(int), default=8192, help="tokens per document corpus")
     p.add_argument("--eval-docs", type=positive(int), default=400, help="messages per message corpus")
     p.add_argument("--calib-tokens", type=positive(int), default=8192, help="calibration tokens per corpus")
@@ -254,11 +292,17 @@ def add_compare(p: argparse.ArgumentParser) -> None:
 def run_compare(args) -> None:
     from benchmarks.compare import DEFAULT_METHODS, compare
     from benchmarks.grid import parse_corpora, parse_list
+    from pruning.reconstruct import check_reconstruction
 
     corpora = parse_corpora(args.corpora)
     ratios = parse_list(args.ratios, float, "--ratios")
     methods = parse_list(args.methods, str, "--methods") if args.methods else DEFAULT_METHODS
-    rows = compare(args.model, corpora, ratios, methods, args.out, data_dir=args.data_dir,
+    reconstruct = parse_list(args.reconstruct, str, "--reconstruct")
+    for name in reconstruct:
+        check_reconstruction(name)
+    schedules = parse_list(args.schedule, str, "--schedule")
+    rows = compare(args.model, corpora, ratios, methods, args.out, reconstruct=reconstruct, schedules=schedules,
+                   data_dir=args.data_dir,
                    eval_tokens=args.eval_tokens, eval_docs=args.eval_docs, calib_tokens=args.calib_tokens,
                    allocation=args.allocation, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                    speed=args.speed)

@@ -9,7 +9,7 @@ import torch
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
-from calibrate.stats import ActivationStats, fingerprint
+from calibrate.stats import ActivationStats, LayerStats, fingerprint
 from pruning.plan import Target, kept_count, plan_global, plan_uniform
 from pruning.reconstruct import NEEDS_BIAS, check_reconstruction, reconstruct_layer
 from pruning.scores import needs_stats, score_neurons
@@ -125,21 +125,76 @@ def prune(model, stats: ActivationStats | None = None, method: str = DEFAULT_MET
     plan = make_plan(model, scores, target, allocation)
     sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
     refit = reconstruct(model, plan, stats, reconstruct_with)
-    sizes = apply_plan(model, plan)
+    apply_plan(model, plan)
     install(model, refit.get("updates", {}))
-    model.glu_prune_manifest = {
+    model.glu_prune_manifest = manifest(model, method, target, allocation, reconstruct_with, refit.get("chosen", {}),
+                                        plan, sizes_before, stats, seed, start, schedule="one-shot")
+    return model
+
+
+def prune_sequential(model, batches: list[dict], holdout_batches: list[dict] | None = None,
+                     method: str = DEFAULT_METHOD, ratio: float | None = None,
+                     expansion_ratio: float | None = None, intermediate_size: int | None = None,
+                     multiple_of: int = 1, layers: list[int] | None = None, seed: int = 0,
+                     reconstruct_with: str = "none", max_tokens: int | None = None, progress: bool = True,
+                     meta: dict | None = None):
+    """Calibrate and prune one layer at a time: each layer's statistics are taken on the model whose
+    earlier layers are already pruned (and refitted), so errors do not compound unseen.
+
+    Uniform allocation only (a layer is cut before later layers are measured). A refit chooses its
+    ridge on ``holdout_batches``; without them it uses a fixed ridge.
+    """
+    from calibrate.layerwise import calibrate_layerwise
+    from pruning.reconstruct import NEEDS_SECOND_MOMENT
+
+    start = time.perf_counter()
+    target = Target(ratio=ratio, expansion_ratio=expansion_ratio, intermediate_size=intermediate_size,
+                    multiple_of=multiple_of)
+    check_reconstruction(reconstruct_with)
+    check_bias_support(model, reconstruct_with)
+    selected = glu_layers(model, layers)
+    if len({g.intermediate_size for g in selected}) > 1:
+        raise GluPruneError("sequential pruning needs equal layer sizes (uniform allocation)")
+    keep_count = kept_count(selected[0].intermediate_size, model.config.hidden_size, target)
+    sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
+    plan, chosen = {}, {}
+
+    def cut(index: int, layer_stats: LayerStats, holdout: LayerStats | None) -> None:
+        layer = glu_layers(model, [index])[0]
+        scores = score_neurons(method, layer.gate_weight().detach().cpu(), layer.up_weight().detach().cpu(),
+                               layer.down_weight().detach().cpu(), stats=layer_stats, seed=seed, layer=index)
+        plan[index] = plan_uniform({index: scores}, keep_count)[index]
+        weight, bias, info = reconstruct_layer(reconstruct_with, layer.down_weight().detach().cpu(), plan[index],
+                                               layer_stats, holdout)
+        chosen[str(index)] = info
+        apply_plan(model, {index: plan[index]})
+        install(model, {index: (weight, bias)})
+
+    stats = calibrate_layerwise(model, batches, holdout_batches=holdout_batches, layers=layers,
+                                second_moment=reconstruct_with in NEEDS_SECOND_MOMENT, max_tokens=max_tokens,
+                                after_layer=cut, progress=progress, meta=meta)
+    model.glu_prune_manifest = manifest(model, method, target, "uniform", reconstruct_with, chosen, plan,
+                                        sizes_before, stats, seed, start, schedule="sequential")
+    return model
+
+
+def manifest(model, method: str, target: Target, allocation: str, reconstruct_with: str, chosen: dict,
+             plan: dict[int, torch.Tensor], sizes_before: list[int], stats: ActivationStats | None, seed: int,
+             start: float, schedule: str) -> dict:
+    """What was done to ``model``: saved as pruning.json beside the pruned weights."""
+    return {
         "base_model": getattr(model, "glu_prune_name", model.config.name_or_path),
         "method": method,
         "target": {k: v for k, v in asdict(target).items() if v is not None},
         "allocation": allocation,
+        "schedule": schedule,
         "reconstruct": reconstruct_with,
-        "reconstruct_choices": refit.get("chosen", {}),
+        "reconstruct_choices": chosen,
         "layers": sorted(plan),
         "intermediate_sizes_before": sizes_before,
-        "intermediate_sizes": sizes,
+        "intermediate_sizes": [layer.intermediate_size for layer in glu_layers(model)],
         "kept_indices": {str(i): idx.tolist() for i, idx in plan.items()},
         "statistics": dict(stats.meta) if stats is not None else None,
         "seed": seed,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    return model

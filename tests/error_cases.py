@@ -49,6 +49,8 @@ CASES = [
      "prune --model {d}/llama --stats {d}/llama.st --method wanda --ratio 0.2 --reconstruct lstsq --out {d}/p"),
     ("bias reconstruction on a family that cannot reload a down_proj bias",
      "prune --model {d}/qwen2 --method ppm --ratio 0.2 --reconstruct bias --corpus {d}/c.txt --out {d}/p"),
+    ("--sequential with a statistics file",
+     "prune --model {d}/llama --stats {d}/llama.st --method hybrid --ratio 0.2 --sequential --out {d}/p"),
     ("--device cuda without a GPU", "eval --model {d}/llama --corpus {d}/c.txt --device cuda"),
     ("output exists, no --force", "prune --model {d}/llama --method ppm --ratio 0.2 --out {d}/existing"),
     ("output folder missing", "prune --model {d}/llama --method ppm --ratio 0.2 --out {d}/no/such/dir"),

@@ -74,3 +74,21 @@ def test_compare_speed_figures(setup, tmp_path):
     assert all(r["prefill_tokens_per_second"] > 0 and r["ttft_ms"] > 0 for r in rows)
     assert (tmp_path / "s" / "speed.png").is_file()
     assert "Deployment figures" in (tmp_path / "s" / "results.md").read_text()
+
+
+def test_compare_with_reconstruction_and_sequential_schedule(setup, tmp_path):
+    model, corpora = setup
+    out = tmp_path / "rec"
+    rows = compare(model, corpora[:1], [0.25], ["hybrid"], out, reconstruct=["none", "lstsq"],
+                   schedules=["one-shot", "sequential"], **OPTIONS)
+    keys = {r["model"] for r in rows}
+    assert keys == {"base", "hybrid-0.25-law", "hybrid-0.25-law-lstsq", "hybrid-0.25-law-sequential",
+                    "hybrid-0.25-law-lstsq-sequential"}
+    assert (out / "stats" / "law-second-moment.safetensors").is_file()
+    table = (out / "results.md").read_text()
+    assert "hybrid +lstsq sequential (law)" in table
+    ppl = {r["model"]: r["perplexity"] for r in rows}
+    assert ppl["hybrid-0.25-law-lstsq"] != ppl["hybrid-0.25-law"]
+    assert ppl["hybrid-0.25-law-lstsq-sequential"] != ppl["hybrid-0.25-law-lstsq"]
+    with pytest.raises(GluPruneError, match="unknown schedule"):
+        grid_models(["hybrid"], [0.2], ["a"], schedules=["later"])

@@ -46,3 +46,45 @@ def test_prune_refuses_missing_or_foreign_statistics():
         prune(model, method="ppm", ratio=1.5)
     with pytest.raises(GluPruneError, match="out of range"):
         prune(model, method="ppm", ratio=0.2, layers=[5])
+
+
+@pytest.mark.parametrize("reconstruct_with", ["none", "bias", "lstsq"])
+def test_sequential_equals_layer_by_layer_one_shot(reconstruct_with):
+    """Sequential pruning = for each layer in turn: calibrate the partly pruned model, cut that layer."""
+    from pruning.pipeline import prune_sequential
+
+    ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}]
+    second = reconstruct_with == "lstsq"
+    sequential = prune_sequential(tiny_model("llama", dtype=torch.float64), batches, method="hybrid", ratio=0.25,
+                                  reconstruct_with=reconstruct_with, progress=False)
+    by_hand = tiny_model("llama", dtype=torch.float64)
+    for layer in range(3):
+        stats = calibrate(by_hand, batches, progress=False, second_moment=second)
+        prune(by_hand, stats=stats, method="hybrid", ratio=0.25, layers=[layer], reconstruct_with=reconstruct_with)
+    assert sequential.glu_prune_manifest["schedule"] == "sequential"
+    assert sequential.config.intermediate_size == 48
+    for a, b in zip(sequential.state_dict().values(), by_hand.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(sequential(ids).logits, by_hand(ids).logits)
+
+
+def test_cli_sequential_prune_saves_a_reloadable_model(tmp_path):
+    import json
+
+    from tiny import tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from pruning.cli import main
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "c.txt").write_text("\n\n".join(f"sequential pruning document {i} " * 6 for i in range(40)))
+    code = main(f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --method hybrid "
+                f"--ratio 0.25 --sequential --reconstruct lstsq --batch-size 2 --out {tmp_path}/p".split())
+    assert code in (0, None)
+    manifest = json.loads((tmp_path / "p" / "pruning.json").read_text())
+    assert manifest["schedule"] == "sequential" and manifest["intermediate_sizes"] == [48, 48, 48]
+    assert set(manifest["reconstruct_choices"]["0"]) == {"ridge", "holdout_error"}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.intermediate_size == 48

@@ -1,0 +1,69 @@
+import pytest
+import torch
+from test_calibration import assert_same_stats, hooks_left, random_batches
+from tiny import FAMILIES, tiny_model
+
+from calibrate.glu import decoder_layers, glu_layers
+from calibrate.layerwise import calibrate_layerwise, capture_inputs
+from calibrate.run import calibrate
+
+
+def padded_batches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (6, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[4, 3:] = 0
+    return [{"input_ids": ids[:3], "attention_mask": mask[:3]}, {"input_ids": ids[3:], "attention_mask": mask[3:]}]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_by_layer_equals_whole_model(family):
+    model = tiny_model(family, dtype=torch.float64)
+    for batches in (random_batches()[0], padded_batches()):
+        whole = calibrate(model, batches, progress=False, second_moment=True)
+        layered = calibrate_layerwise(model, batches, progress=False, second_moment=True)
+        assert_same_stats(whole, layered)
+        for i in whole.layers:
+            torch.testing.assert_close(whole.layers[i].second_moment, layered.layers[i].second_moment)
+    assert hooks_left(model) == 0
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
+
+
+def test_selected_layers_and_holdout():
+    model = tiny_model("llama", dtype=torch.float64)
+    batches, _ = random_batches(16)
+    stats = calibrate_layerwise(model, batches[:3], holdout_batches=batches[3:], layers=[1], progress=False)
+    assert list(stats.layers) == [1]
+    assert_same_stats(stats, calibrate(model, batches[:3], layers=[1], progress=False))
+    held = calibrate(model, batches[3:], layers=[1], progress=False)
+    assert held.layers[1].count == stats.holdout[1].count
+    torch.testing.assert_close(held.layers[1].sum, stats.holdout[1].sum)
+
+
+def test_after_layer_sees_the_changed_model():
+    """Zeroing layer 0's down_proj between its statistics and the next layer's run changes what layer 1 sees."""
+    model = tiny_model("llama", dtype=torch.float64)
+    batches, _ = random_batches()
+    seen = []
+
+    def zero_down(index, stats, holdout):
+        seen.append(index)
+        if index == 0:
+            with torch.no_grad():
+                glu_layers(model, [0])[0].down.weight.zero_()
+
+    stats = calibrate_layerwise(model, batches, after_layer=zero_down, progress=False)
+    assert seen == list(range(len(decoder_layers(model))))
+    after = calibrate(model, batches, progress=False)  # the model now has layer 0 zeroed throughout
+    assert_same_stats(stats, after)
+    assert stats.meta["schedule"] == "sequential"
+
+
+def test_capture_stops_at_max_tokens_and_unhooks_on_error():
+    model = tiny_model("qwen2")
+    batches, _ = random_batches(16, seq=12, batch=4)
+    assert len(capture_inputs(model, batches, max_tokens=50)) == 2
+    with pytest.raises(Exception):
+        capture_inputs(model, [{"input_ids": torch.full((1, 4), 10_000)}])
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
