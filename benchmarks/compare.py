@@ -15,11 +15,13 @@ from benchmarks.store import ResultStore
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.models import load_model
-from calibrate.perplexity import perplexity
+from calibrate.perplexity import protocol_perplexity
 from calibrate.run import calibrate, calibrate_with_holdout, split_holdout
 from calibrate.stats import ActivationStats
+from pruning.heal import HealConfig, heal, training_batches
 from pruning.pipeline import prune, prune_sequential
 from pruning.reconstruct import NEEDS_SECOND_MOMENT
+from pruning.scores import needs_stats
 
 DEFAULT_METHODS = ["ppm", "hybrid", "wanda"]
 SPEED = "(speed)"
@@ -34,11 +36,13 @@ class Grid:
 
     def __init__(self, model: str, corpora: list[CorpusSpec], out_dir: Path, data_dir=None, eval_tokens=8192,
                  eval_docs=400, seq_len=512, calib_tokens=8192, calib_seq_len=128, allocation="uniform",
-                 batch_size=4, device=None, dtype="float32", speed=False, second_moment=False, progress=True):
+                 batch_size=4, device=None, dtype="float32", speed=False, second_moment=False, heal_seq_len=256,
+                 progress=True):
         self.model_name, self.corpora, self.out = model, corpora, Path(out_dir)
         self.data_dir, self.eval_tokens, self.eval_docs, self.seq_len = data_dir, eval_tokens, eval_docs, seq_len
         self.calib_tokens, self.calib_seq_len, self.allocation = calib_tokens, calib_seq_len, allocation
         self.batch_size, self.progress, self.second_moment = batch_size, progress, second_moment
+        self.heal_seq_len = heal_seq_len
         self.out.mkdir(parents=True, exist_ok=True)
         self.store = ResultStore(self.out)
         self.speed = ResultStore(self.out, "speed.json") if speed else None
@@ -50,12 +54,15 @@ class Grid:
 
     def calibration_batches(self, corpus: str) -> list[dict]:
         """The calibration part of ``corpus`` as packed batches of calib_seq_len, up to calib_tokens."""
+        return list(make_batches(self.tokenizer, self.calibration_part(corpus), seq_len=self.calib_seq_len,
+                                 max_tokens=self.calib_tokens, batch_size=8, packing=True))
+
+    def calibration_part(self, corpus: str):
         if corpus not in self.calibration_parts:
             spec = next(c for c in self.corpora if c.name == corpus)
             self.calibration_parts[corpus] = load_corpus(spec.source, part="calibration", data_dir=self.data_dir,
                                                          name=corpus)
-        return list(make_batches(self.tokenizer, self.calibration_parts[corpus], seq_len=self.calib_seq_len,
-                                 max_tokens=self.calib_tokens, batch_size=8, packing=True))
+        return self.calibration_parts[corpus]
 
     def statistics(self, corpus: str) -> ActivationStats:
         """Calibration statistics of ``corpus``, computed once and kept in DIR/stats/.
@@ -68,7 +75,7 @@ class Grid:
                 self.stats[corpus] = ActivationStats.load(path, model=self.base)
             else:
                 batches = self.calibration_batches(corpus)
-                meta = {"corpus": corpus, "source": self.calibration_parts[corpus].source, "part": "calibration",
+                meta = {"corpus": corpus, "source": self.calibration_part(corpus).source, "part": "calibration",
                         "seq_len": str(self.calib_seq_len), "model": self.model_name}
                 if self.second_moment:
                     stats = calibrate_with_holdout(self.base, batches, second_moment=True, progress=False, meta=meta)
@@ -83,26 +90,26 @@ class Grid:
         """The model of ``spec`` (the base itself, or a pruned copy) and the seconds pruning took."""
         if spec.method is None:
             return self.base, 0.0
+        start = time.perf_counter()
         if spec.schedule == "sequential":
             fit, held = split_holdout(self.calibration_batches(spec.calibration))
-            start = time.perf_counter()
             model = prune_sequential(copy.deepcopy(self.base), fit, held, method=spec.method, ratio=spec.ratio,
                                      reconstruct_with=spec.reconstruct, progress=False)
-            return model, time.perf_counter() - start
-        stats = self.statistics(spec.calibration) if spec.calibration else None
-        start = time.perf_counter()
-        model = prune(copy.deepcopy(self.base), stats=stats, method=spec.method, ratio=spec.ratio,
-                      allocation=self.allocation, reconstruct_with=spec.reconstruct)
+        else:
+            stats = self.statistics(spec.calibration) if needs_stats(spec.method) or spec.reconstruct != "none" \
+                else None
+            model = prune(copy.deepcopy(self.base), stats=stats, method=spec.method, ratio=spec.ratio,
+                          allocation=self.allocation, reconstruct_with=spec.reconstruct)
+        if spec.heal_steps:
+            part = self.calibration_part(spec.calibration)
+            batches = training_batches(self.tokenizer, part, seq_len=self.heal_seq_len, batch_size=4)
+            model, _ = heal(model, self.base, batches, HealConfig(steps=spec.heal_steps), progress=False)
         return model, time.perf_counter() - start
 
     def evaluate(self, model, corpus: str):
         """Perplexity on the evaluation part: the first eval_tokens of documents, the first eval_docs messages."""
-        part = self.eval_parts[corpus]
-        messages = part.kind == "messages"
-        return perplexity(model, self.tokenizer, part, seq_len=self.seq_len,
-                          max_tokens=None if messages else self.eval_tokens,
-                          max_docs=self.eval_docs if messages else None, batch_size=self.batch_size,
-                          progress=False)
+        return protocol_perplexity(model, self.tokenizer, self.eval_parts[corpus], self.eval_tokens, self.eval_docs,
+                                   self.seq_len, self.batch_size)
 
     def done(self, model: str, corpus: str) -> bool:
         store = self.speed if corpus == SPEED else self.store
@@ -135,7 +142,7 @@ class Grid:
                 self.store.add({
                     "model": spec.key, "method": spec.method or "base", "ratio": spec.ratio or 0.0,
                     "calibration_corpus": spec.calibration or "", "reconstruct": spec.reconstruct,
-                    "schedule": spec.schedule,
+                    "schedule": spec.schedule, "heal_steps": spec.heal_steps,
                     "allocation": self.allocation if spec.method else "", "eval_corpus": corpus,
                     "perplexity": result.perplexity, "tokens": result.tokens,
                     "parameters": parameter_count(model), "prune_seconds": round(prune_seconds, 3),
@@ -149,15 +156,17 @@ class Grid:
 
 
 def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods: list[str], out_dir,
-            reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",), **options) -> list[dict]:
+            reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",), heal_steps: int = 0,
+            **options) -> list[dict]:
     """Run (or resume) the grid and write results.{json,csv,md} and plots into ``out_dir``.
 
     Each method is pruned once per entry of ``reconstruct`` and of ``schedules`` (one-shot,
-    sequential); a refit makes every corpus calibrate with the second moment.
+    sequential); a refit makes every corpus calibrate with the second moment. ``heal_steps`` adds
+    each pruned model healed (distilled from the base) on its calibration corpus.
     """
     from benchmarks.report import write_reports
 
-    specs = grid_models(methods, ratios, [c.name for c in corpora], reconstruct, schedules)
+    specs = grid_models(methods, ratios, [c.name for c in corpora], reconstruct, schedules, heal_steps)
     second_moment = any(r in NEEDS_SECOND_MOMENT for r in reconstruct)
     grid = Grid(model, corpora, out_dir, second_moment=second_moment, **options)
     rows, speed = grid.run(specs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from calibrate.corpora import BUILTIN
 from calibrate.errors import GluPruneError
@@ -26,6 +26,7 @@ class ModelSpec:
     calibration: str | None = None
     reconstruct: str = "none"
     schedule: str = "one-shot"
+    heal_steps: int = 0
 
     @property
     def key(self) -> str:
@@ -36,6 +37,8 @@ class ModelSpec:
             parts.append(self.reconstruct)
         if self.schedule != "one-shot":
             parts.append(self.schedule)
+        if self.heal_steps:
+            parts.append(f"heal{self.heal_steps}")
         return "-".join(parts)
 
 
@@ -70,9 +73,11 @@ SCHEDULES = ("one-shot", "sequential")
 
 
 def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
-                reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",)) -> list[ModelSpec]:
+                reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",),
+                heal_steps: int = 0) -> list[ModelSpec]:
     """The base, then per ratio: static methods once, data-driven ones (and any reconstruction or
-    sequential schedule) once per calibration corpus."""
+    sequential schedule) once per calibration corpus; with ``heal_steps`` each pruned model also
+    healed on each corpus it was calibrated on (static ones: on every corpus)."""
     bad = [s for s in schedules if s not in SCHEDULES]
     if bad:
         raise GluPruneError(f"unknown schedule '{bad[0]}': choose from {', '.join(SCHEDULES)}")
@@ -86,4 +91,7 @@ def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
                 for rec in reconstruct:
                     data = needs_stats(method) or rec != "none" or schedule != "one-shot"
                     models += [ModelSpec(method, ratio, c, rec, schedule) for c in (corpora if data else [None])]
+    if heal_steps:
+        models += [replace(m, calibration=c, heal_steps=heal_steps) for m in models if m.method
+                   for c in ([m.calibration] if m.calibration else corpora)]
     return models

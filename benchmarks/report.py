@@ -9,7 +9,7 @@ from pathlib import Path
 
 from benchmarks.store import write_atomic
 
-COLUMNS = ["model", "method", "ratio", "calibration_corpus", "reconstruct", "schedule", "allocation", "eval_corpus",
+COLUMNS = ["model", "method", "ratio", "calibration_corpus", "reconstruct", "schedule", "heal_steps", "allocation", "eval_corpus",
            "perplexity", "tokens", "ratio_to_base", "parameters", "prune_seconds", "eval_seconds"]
 
 
@@ -30,10 +30,11 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def variant(row: dict) -> str:
-    """Method with its reconstruction and schedule, e.g. 'hybrid +lstsq sequential'."""
+    """Method with its reconstruction, schedule and healing, e.g. 'hybrid +lstsq sequential healed 100'."""
     rec = f" +{row['reconstruct']}" if row.get("reconstruct", "none") != "none" else ""
     schedule = f" {row['schedule']}" if row.get("schedule", "one-shot") != "one-shot" else ""
-    return f"{row['method']}{rec}{schedule}"
+    healed = f" healed {row['heal_steps']}" if row.get("heal_steps") else ""
+    return f"{row['method']}{rec}{schedule}{healed}"
 
 
 def label(row: dict) -> str:

@@ -107,3 +107,12 @@ def perplexity(model, tokenizer, corpus: Corpus, seq_len: int = 512, max_tokens:
     if not math.isfinite(mean):
         raise GluPruneError("perplexity is not finite (NaN/inf logits): evaluate in --dtype float32 or bfloat16")
     return PerplexityResult(math.exp(mean), mean, total_tokens, len(sequences), seconds, total_tokens / seconds)
+
+
+def protocol_perplexity(model, tokenizer, corpus: Corpus, eval_tokens: int = 8192, eval_docs: int = 400,
+                        seq_len: int = 512, batch_size: int = 4, progress: bool = False) -> PerplexityResult:
+    """PROTOCOL.md's reference measurement: the first ``eval_tokens`` tokens of a document corpus,
+    or the first ``eval_docs`` messages of a message corpus."""
+    messages = corpus.kind == "messages"
+    return perplexity(model, tokenizer, corpus, seq_len=seq_len, max_tokens=None if messages else eval_tokens,
+                      max_docs=eval_docs if messages else None, batch_size=batch_size, progress=progress)

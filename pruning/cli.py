@@ -266,6 +266,116 @@ def save_and_report(args, model, tokenizer, timing: str) -> None:
           f"{params / 1e6:.1f}M parameters; {timing}")
 
 
+@command("heal", "distil a pruned model from its unpruned teacher on the calibration corpus")
+def add_heal(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    p.add_argument("--teacher", required=True, help="the unpruned model (hub id, directory, .gguf or alias)")
+    add_corpus_options(p, part="calibration")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=positive(int), default=None, help="optimiser steps (default 200)")
+    budget.add_argument("--max-tokens", type=positive(int), default=None, help="training tokens instead of --steps")
+    p.add_argument("--max-seconds", type=positive(float), default=None, help="stop after this much training time")
+    p.add_argument("--seq-len", type=positive(int), default=256, help="training sequence length (default 256)")
+    p.add_argument("--batch-size", type=positive(int), default=4)
+    p.add_argument("--lr", type=positive(float), default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--temperature", type=positive(float), default=2.0, help="distillation temperature (default 2)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term; 1 - alpha on the LM loss")
+    p.add_argument("--lora", type=positive(int), default=None, help="train LoRA adapters of rank R (peft), merged")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    p.add_argument("--autocast", action="store_true", help="bfloat16 autocast (GPUs)")
+    p.add_argument("--checkpoint-every", type=positive(int), default=50, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.heal-checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-corpora", default="wikitext2,sms_spam",
+                   help="built-in names and NAME=PATH corpora measured before and after (with the training "
+                        "corpus); 'none' to skip")
+    p.add_argument("--eval-tokens", type=positive(int), default=8192, help="tokens per document corpus")
+    p.add_argument("--eval-docs", type=positive(int), default=400, help="messages per message corpus")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--force", action="store_true", help="replace an existing --out and any old checkpoint")
+    p.set_defaults(run=run_heal)
+
+
+def run_heal(args) -> None:
+    import shutil
+    from pathlib import Path
+
+    from benchmarks.grid import parse_corpora
+    from calibrate.corpora import load_corpus
+    from calibrate.models import load_model
+    from pruning.heal import HealConfig, heal, training_batches
+
+    refuse_existing(args.out, args.force)
+    checkpoint = Path(args.out).with_name(Path(args.out).name + ".heal-checkpoint")
+    if checkpoint.exists() and not args.resume:
+        if not args.force:
+            raise GluPruneError(f"{checkpoint} holds an unfinished run: pass --resume to continue it, "
+                                f"or --force to start over")
+        shutil.rmtree(checkpoint)
+    corpus = corpus_from_args(args, "calibration")
+    specs = [] if args.eval_corpora == "none" else parse_corpora(args.eval_corpora)
+    sources = {corpus.name: args.corpus, **{c.name: c.source for c in specs}} if specs else {}
+    eval_parts = {name: load_corpus(source, part="evaluation", data_dir=args.data_dir, text_field=args.text_field,
+                                    name=name) for name, source in sources.items()}
+    student, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    teacher, _ = load_model(args.teacher, device=args.device, dtype=args.dtype)
+    batches = training_batches(tokenizer, corpus, seq_len=args.seq_len, batch_size=args.batch_size)
+    tokens_per_step = max(1, sum(int(b["attention_mask"].sum()) for b in batches) // len(batches))
+    steps = args.steps or (-(-args.max_tokens // tokens_per_step) if args.max_tokens else 200)
+    config = HealConfig(steps=steps, lr=args.lr, warmup_steps=min(args.warmup_steps, steps // 10),
+                        temperature=args.temperature, alpha=args.alpha, lora_rank=args.lora,
+                        gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast,
+                        checkpoint_every=args.checkpoint_every, seed=args.seed, max_seconds=args.max_seconds)
+    before = measure(student, tokenizer, eval_parts, args)
+    healed, history = heal(student, teacher, batches, config, checkpoint_dir=checkpoint, resume=args.resume)
+    after = measure(healed, tokenizer, eval_parts, args)
+    manifest = healed_manifest(args, healed, corpus, config, history, before, after)
+    from pruning.save import save_pruned
+
+    save_pruned(healed, tokenizer, args.out, manifest, force=args.force, card=healing_card(manifest["healing"]))
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    changes = ", ".join(f"{n} {before[n]:.2f} -> {after[n]:.2f}" for n in before)
+    print(f"wrote {args.out}: {len(history)} steps, {manifest['healing']['tokens']} tokens in "
+          f"{manifest['healing']['seconds']:.0f} s; perplexity {changes or 'not measured'}")
+
+
+def measure(model, tokenizer, parts: dict, args) -> dict[str, float]:
+    from calibrate.perplexity import protocol_perplexity
+
+    return {name: protocol_perplexity(model, tokenizer, part, args.eval_tokens, args.eval_docs).perplexity
+            for name, part in parts.items()}
+
+
+def healed_manifest(args, model, corpus, config, history: list[dict], before: dict, after: dict) -> dict:
+    """The student's pruning.json (if any) with a ``healing`` section."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from pruning.save import MANIFEST
+
+    source = Path(args.model, MANIFEST)
+    manifest = json.loads(source.read_text()) if source.is_file() else {"base_model": args.teacher}
+    manifest["healing"] = {
+        "teacher": args.teacher, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "config": asdict(config), "steps": len(history),
+        "tokens": sum(h["tokens"] for h in history), "seconds": history[-1]["seconds"] if history else 0.0,
+        "final_loss": history[-1]["loss"] if history else None,
+        "perplexity_before": before, "perplexity_after": after,
+    }
+    return manifest
+
+
+def healing_card(healing: dict) -> str:
+    lines = [f"## Healing\n\nDistilled from `{healing['teacher']}` on `{healing['corpus']}` "
+             f"({healing['part']} part): {healing['steps']} steps, {healing['tokens']} tokens.\n"]
+    if healing["perplexity_before"]:
+        lines += ["| corpus (evaluation part) | before | after |", "| --- | ---: | ---: |"]
+        lines += [f"| {name} | {value:.2f} | {healing['perplexity_after'][name]:.2f} |"
+                  for name, value in healing["perplexity_before"].items()]
+    return "\n".join(lines)
+
+
 @command("compare", "cross-domain grid: calibrate on each corpus, prune, evaluate on every corpus")
 def add_compare(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
@@ -279,6 +389,8 @@ def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="one-shot",
                    help="comma-separated: one-shot (dense statistics) and/or sequential (layer by layer, "
                         "each layer calibrated on the model with earlier layers already pruned)")
+    p.add_argument("--heal-steps", type=positive(int), default=None,
+                   help="also heal every pruned model for N steps on its calibration corpus (distilled from the base)")
     p.add_argument("--eval-tokens", type=positive(int), default=8192, help="tokens per document corpus")
     p.add_argument("--eval-docs", type=positive(int), default=400, help="messages per message corpus")
     p.add_argument("--calib-tokens", type=positive(int), default=8192, help="calibration tokens per corpus")
@@ -302,7 +414,7 @@ def run_compare(args) -> None:
         check_reconstruction(name)
     schedules = parse_list(args.schedule, str, "--schedule")
     rows = compare(args.model, corpora, ratios, methods, args.out, reconstruct=reconstruct, schedules=schedules,
-                   data_dir=args.data_dir,
+                   heal_steps=args.heal_steps or 0, data_dir=args.data_dir,
                    eval_tokens=args.eval_tokens, eval_docs=args.eval_docs, calib_tokens=args.calib_tokens,
                    allocation=args.allocation, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                    speed=args.speed)

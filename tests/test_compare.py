@@ -92,3 +92,16 @@ def test_compare_with_reconstruction_and_sequential_schedule(setup, tmp_path):
     assert ppl["hybrid-0.25-law-lstsq-sequential"] != ppl["hybrid-0.25-law-lstsq"]
     with pytest.raises(GluPruneError, match="unknown schedule"):
         grid_models(["hybrid"], [0.2], ["a"], schedules=["later"])
+
+
+def test_compare_adds_healed_rows(setup, tmp_path):
+    model, corpora = setup
+    specs = grid_models(["ppm", "hybrid"], [0.5], ["law", "food"], heal_steps=3)
+    assert [s.key for s in specs if s.heal_steps] == ["ppm-0.5-law-heal3", "ppm-0.5-food-heal3",
+                                                        "hybrid-0.5-law-heal3", "hybrid-0.5-food-heal3"]
+    rows = compare(model, corpora[:1], [0.5], ["hybrid"], tmp_path / "heal", heal_steps=3, heal_seq_len=32,
+                   **OPTIONS)
+    ppl = {r["model"]: r["perplexity"] for r in rows}
+    assert set(ppl) == {"base", "hybrid-0.5-law", "hybrid-0.5-law-heal3"}
+    assert ppl["hybrid-0.5-law-heal3"] != ppl["hybrid-0.5-law"]
+    assert "hybrid healed 3 (law)" in (tmp_path / "heal" / "results.md").read_text()

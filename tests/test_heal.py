@@ -1,0 +1,146 @@
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+from calibrate.corpora import load_corpus
+from calibrate.errors import GluPruneError
+from calibrate.run import calibrate
+from pruning import prune
+from pruning.heal import HealConfig, batch_for_step, distillation_loss, heal, learning_rate, training_batches
+
+
+def pruned_pair(seed=0):
+    teacher = tiny_model("llama", seed=seed, initializer_range=0.3)  # peaked outputs: pruning changes them
+    student = tiny_model("llama", seed=seed, initializer_range=0.3)
+    ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(0))
+    prune(student, stats=calibrate(student, [{"input_ids": ids}], progress=False), method="hybrid", ratio=0.5)
+    return student, teacher
+
+
+def batches(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, 120, (2, 16), generator=g)} for _ in range(n)]
+
+
+def test_loss_parts_equal_their_formulas():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    ids = torch.randint(0, 11, (2, 5), generator=g)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    loss, parts = distillation_loss(s, t, ids, mask, temperature=2.0, alpha=0.25)
+    real = mask.bool()
+    p_t = torch.softmax(t[real] / 2, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s[real] / 2, -1))).sum(-1).mean() * 4
+    pairs = [(s[b, i], ids[b, i + 1]) for b in range(2) for i in range(4) if mask[b, i + 1]]
+    ce = torch.stack([-torch.log_softmax(x, -1)[y] for x, y in pairs]).mean()
+    torch.testing.assert_close(loss, 0.25 * kl + 0.75 * ce)
+    assert distillation_loss(t, t, ids, mask, 2.0, 1.0)[1]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_schedule_and_batch_order_are_functions_of_the_step():
+    config = HealConfig(steps=100, lr=1e-3, warmup_steps=10)
+    assert learning_rate(0, config) == pytest.approx(1e-4)
+    assert learning_rate(9, config) == pytest.approx(1e-3)
+    assert learning_rate(100, config) == pytest.approx(1e-4)
+    data = list(range(5))
+    epoch = [batch_for_step(data, s, seed=3) for s in range(5)]
+    assert sorted(epoch) == data  # every batch once per epoch
+    assert [batch_for_step(data, s, seed=3) for s in range(5)] == epoch
+
+
+def test_healing_brings_the_student_closer_to_the_teacher():
+    student, teacher = pruned_pair()
+    data = batches()
+    ids = data[0]["input_ids"]
+
+    def kl():
+        with torch.no_grad():
+            return distillation_loss(student(ids).logits, teacher(ids).logits, ids, torch.ones_like(ids), 1.0,
+                                     1.0)[1]["kl"]
+
+    before = kl()
+    healed, history = heal(student, teacher, data, HealConfig(steps=30, lr=3e-3, warmup_steps=2, alpha=1.0), progress=False)
+    assert healed is student and len(history) == 30
+    assert kl() < 0.7 * before
+    assert not any(p.requires_grad for p in healed.parameters())
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    config = HealConfig(steps=7, lr=3e-3, warmup_steps=2, checkpoint_every=2)
+    straight, teacher = pruned_pair()
+    heal(straight, teacher, batches(), config, progress=False)
+
+    interrupted, teacher = pruned_pair()
+
+    def stop(step, record):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(interrupted, teacher, batches(), config, checkpoint_dir=tmp_path, progress=False, on_step=stop)
+    resumed, teacher = pruned_pair()
+    steps_run = []
+    _, history = heal(resumed, teacher, batches(), config, checkpoint_dir=tmp_path, resume=True, progress=False,
+                      on_step=lambda step, record: steps_run.append(step))
+    assert steps_run == [5, 6, 7] and len(history) == 7  # resumed from the checkpoint of step 4
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(GluPruneError, match="other settings"):
+        heal(resumed, teacher, batches(), HealConfig(steps=9, checkpoint_every=2), checkpoint_dir=tmp_path,
+             resume=True, progress=False)
+
+
+def test_lora_is_merged_back_into_a_plain_model():
+    pytest.importorskip("peft")
+    student, teacher = pruned_pair()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    healed, _ = heal(student, teacher, batches(), HealConfig(steps=4, lr=1e-2, warmup_steps=1, lora_rank=4),
+                     progress=False)
+    assert type(healed).__name__ == "LlamaForCausalLM"
+    assert set(healed.state_dict()) == set(before)
+    assert any(not torch.equal(before[k], v) for k, v in healed.state_dict().items())
+
+
+def test_only_the_calibration_part_is_ever_trained_on(tmp_path):
+    tokenizer = tiny_tokenizer()
+    docs = [f"doc{i} " + ("abc" if i % 5 != 4 else "xyz") * 10 for i in range(20)]
+    path = tmp_path / "c.txt"
+    path.write_text("\n\n".join(docs))
+    evaluation = load_corpus(str(path), part="evaluation")
+    with pytest.raises(GluPruneError, match="calibration part only"):
+        training_batches(tokenizer, evaluation, seq_len=16)
+    with pytest.raises(GluPruneError, match="calibration part only"):
+        training_batches(tokenizer, load_corpus(str(path), part="all"), seq_len=16)
+    data = training_batches(tokenizer, load_corpus(str(path), part="calibration"), seq_len=16, batch_size=2)
+    text = "".join(tokenizer.decode(row) for b in data for row in b["input_ids"]).replace(" ", "")
+    assert "abcabc" in text and "xyz" not in text
+    assert not any(t.replace(" ", "")[:5] in text for t in evaluation.texts)  # doc4, doc9, ...
+
+
+def test_cli_heal_measures_saves_and_reloads(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from pruning.cli import main
+
+    teacher = tiny_model("llama", initializer_range=0.3)
+    teacher.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    (tmp_path / "c.txt").write_text("\n\n".join(f"healing document {i} " * 6 for i in range(40)))
+    (tmp_path / "other.txt").write_text("\n\n".join(f"another domain {i} " * 6 for i in range(40)))
+    common = f"--corpus {tmp_path}/c.txt --seq-len 32 --batch-size 2".split()
+    assert main(f"prune --model {tmp_path}/base --method hybrid --ratio 0.5 --out {tmp_path}/pruned".split()
+                + common) in (0, None)
+    heal_args = (f"heal --model {tmp_path}/pruned --teacher {tmp_path}/base --steps 6 --lr 3e-3 --alpha 1 "
+                 f"--eval-corpora other={tmp_path}/other.txt --eval-tokens 64 --out {tmp_path}/healed").split()
+    assert main(heal_args + common) in (0, None)
+    manifest = json.loads((tmp_path / "healed" / "pruning.json").read_text())
+    healing = manifest["healing"]
+    assert manifest["method"] == "hybrid" and healing["steps"] == 6 and healing["part"] == "calibration"
+    assert set(healing["perplexity_before"]) == {"c", "other"} == set(healing["perplexity_after"])
+    assert "## Healing" in (tmp_path / "healed" / "README.md").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "healed").config.intermediate_size == 32
+    assert not (tmp_path / "healed.heal-checkpoint").exists()
+    assert main(heal_args + common) == 2  # exists, no --force
