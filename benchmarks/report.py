@@ -9,8 +9,8 @@ from pathlib import Path
 
 from benchmarks.store import write_atomic
 
-COLUMNS = ["model", "method", "ratio", "calibration_corpus", "reconstruct", "schedule", "heal_steps", "allocation", "eval_corpus",
-           "perplexity", "tokens", "ratio_to_base", "parameters", "prune_seconds", "eval_seconds"]
+COLUMNS = ["model", "method", "ratio", "calibration_corpus", "reconstruct", "schedule", "heal_steps", "allocation",
+           "eval_corpus", "perplexity", "tokens", "ratio_to_base", "parameters", "prune_seconds", "eval_seconds"]
 
 
 def with_base_ratio(rows: list[dict]) -> list[dict]:

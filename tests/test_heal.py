@@ -60,7 +60,8 @@ def test_healing_brings_the_student_closer_to_the_teacher():
                                      1.0)[1]["kl"]
 
     before = kl()
-    healed, history = heal(student, teacher, data, HealConfig(steps=30, lr=3e-3, warmup_steps=2, alpha=1.0), progress=False)
+    config = HealConfig(steps=30, lr=3e-3, warmup_steps=2, alpha=1.0)
+    healed, history = heal(student, teacher, data, config, progress=False)
     assert healed is student and len(history) == 30
     assert kl() < 0.7 * before
     assert not any(p.requires_grad for p in healed.parameters())
