@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from benchmarks.grid import CorpusSpec, ModelSpec, grid_models
+from benchmarks.lm_eval_tasks import harness, lm_eval_scores
 from benchmarks.speed import measure_speed
 from benchmarks.store import ResultStore
 from calibrate.batches import make_batches
@@ -25,6 +26,7 @@ from pruning.scores import needs_stats
 
 DEFAULT_METHODS = ["ppm", "hybrid", "wanda"]
 SPEED = "(speed)"
+LM_EVAL = "(lm-eval)"
 
 
 def parameter_count(model) -> int:
@@ -37,6 +39,7 @@ class Grid:
     def __init__(self, model: str, corpora: list[CorpusSpec], out_dir: Path, data_dir=None, eval_tokens=8192,
                  eval_docs=400, seq_len=512, calib_tokens=8192, calib_seq_len=128, allocation="uniform",
                  batch_size=4, device=None, dtype="float32", speed=False, second_moment=False, heal_seq_len=256,
+                 lm_eval: list[str] | None = None, lm_eval_include: str | None = None, lm_eval_limit: int | None = None,
                  progress=True):
         self.model_name, self.corpora, self.out = model, corpora, Path(out_dir)
         self.data_dir, self.eval_tokens, self.eval_docs, self.seq_len = data_dir, eval_tokens, eval_docs, seq_len
@@ -45,7 +48,13 @@ class Grid:
         self.heal_seq_len = heal_seq_len
         self.out.mkdir(parents=True, exist_ok=True)
         self.store = ResultStore(self.out)
-        self.speed = ResultStore(self.out, "speed.json") if speed else None
+        self.extras: dict[str, tuple[ResultStore, object]] = {}  # per-model measurements beside perplexity
+        if speed:
+            self.extras[SPEED] = (ResultStore(self.out, "speed.json"), measure_speed)
+        if lm_eval:
+            harness()  # a missing extra fails before any work
+            self.extras[LM_EVAL] = (ResultStore(self.out, "lm_eval.json"), lambda m: lm_eval_scores(
+                m, self.tokenizer, lm_eval, include_path=lm_eval_include, limit=lm_eval_limit))
         self.base, self.tokenizer = load_model(model, device=device, dtype=dtype)
         self.eval_parts = {c.name: load_corpus(c.source, part="evaluation", data_dir=data_dir, name=c.name)
                            for c in corpora}
@@ -112,13 +121,12 @@ class Grid:
                                    self.seq_len, self.batch_size)
 
     def done(self, model: str, corpus: str) -> bool:
-        store = self.speed if corpus == SPEED else self.store
+        store = self.extras[corpus][0] if corpus in self.extras else self.store
         return store.done(model, corpus)
 
-    def run(self, specs: list[ModelSpec]) -> list[dict]:
-        cells = [(s, c.name) for s in specs for c in self.corpora]
-        if self.speed is not None:
-            cells += [(s, SPEED) for s in specs]
+    def run(self, specs: list[ModelSpec]) -> tuple[list[dict], dict[str, list[dict]]]:
+        """Every pending cell; returns the perplexity rows and each extra measurement's rows."""
+        cells = [(s, c) for s in specs for c in [c.name for c in self.corpora] + list(self.extras)]
         todo = [(s, c) for s, c in cells if not self.done(s.key, c)]
         if len(todo) < len(cells):
             print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already in {self.store.path}, "
@@ -134,8 +142,9 @@ class Grid:
             model, prune_seconds = self.build(spec)
             for corpus in pending:
                 bar.set_postfix_str(f"{spec.key} on {corpus}")
-                if corpus == SPEED:
-                    self.speed.add({"model": spec.key, "eval_corpus": SPEED, **measure_speed(model)})
+                if corpus in self.extras:
+                    store, measure = self.extras[corpus]
+                    store.add({"model": spec.key, "eval_corpus": corpus, **measure(model)})
                     bar.update()
                     continue
                 result = self.evaluate(model, corpus)
@@ -152,7 +161,7 @@ class Grid:
             if model is not self.base:
                 del model
         bar.close()
-        return self.store.rows, (self.speed.rows if self.speed is not None else [])
+        return self.store.rows, {name: store.rows for name, (store, _) in self.extras.items()}
 
 
 def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods: list[str], out_dir,
@@ -169,5 +178,5 @@ def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods:
     specs = grid_models(methods, ratios, [c.name for c in corpora], reconstruct, schedules, heal_steps)
     second_moment = any(r in NEEDS_SECOND_MOMENT for r in reconstruct)
     grid = Grid(model, corpora, out_dir, second_moment=second_moment, **options)
-    rows, speed = grid.run(specs)
-    return write_reports(rows, Path(out_dir), speed)
+    rows, extras = grid.run(specs)
+    return write_reports(rows, Path(out_dir), extras.get(SPEED, []), extras.get(LM_EVAL, []))

@@ -177,13 +177,31 @@ def plot_speed(speed: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_reports(rows: list[dict], out_dir: Path, speed: list[dict] = ()) -> list[dict]:
-    """Write results.json/csv/md and the plots; returns the rows with ``ratio_to_base``."""
-    figures = {r["model"]: {k: r[k] for k in SPEED_FIGURES + ["size_mb"]} for r in speed}
-    rows = [{**r, **figures.get(r["model"], {})} for r in with_base_ratio(rows)]
+def lm_eval_table(scores: list[dict]) -> str:
+    """lm-evaluation-harness scores of every model (higher is better for accuracies)."""
+    names = sorted({k for r in scores for k in r} - {"model", "eval_corpus"})
+    lines = ["### lm-evaluation-harness", "", "| model | " + " | ".join(names) + " |",
+             "| --- |" + " ---: |" * len(names)]
+    lines += [f"| {r['model']} | " + " | ".join(f"{r[n]:.4f}" if n in r else "" for n in names) + " |"
+              for r in scores]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(rows: list[dict], out_dir: Path, speed: list[dict] = (), lm_eval: list[dict] = ()) -> list[dict]:
+    """Write results.json/csv/md and the plots; returns the rows with ``ratio_to_base``, speed
+    figures and lm-eval scores (``lm_eval:task/metric``) merged into every row of their model."""
+    extra: dict[str, dict] = {}
+    for r in speed:
+        extra.setdefault(r["model"], {}).update({k: r[k] for k in SPEED_FIGURES + ["size_mb"]})
+    for r in lm_eval:
+        extra.setdefault(r["model"], {}).update({f"lm_eval:{k}": v for k, v in r.items()
+                                                 if k not in ("model", "eval_corpus")})
+    rows = [{**r, **extra.get(r["model"], {})} for r in with_base_ratio(rows)]
     write_atomic(out_dir / "results.json", json.dumps(rows, indent=1))
     write_atomic(out_dir / "results.csv", to_csv(rows))
-    write_atomic(out_dir / "results.md", markdown_tables(rows) + ("\n" + speed_table(speed) if speed else ""))
+    sections = [markdown_tables(rows)] + ([speed_table(speed)] if speed else []) + \
+        ([lm_eval_table(lm_eval)] if lm_eval else [])
+    write_atomic(out_dir / "results.md", "\n".join(sections))
     if any(r["model"] == "base" for r in speed):
         plot_speed(speed, out_dir / "speed.png")
     plot_perplexity(rows, out_dir / "perplexity.png")

@@ -397,6 +397,11 @@ def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive(int), default=4)
     p.add_argument("--data-dir", default=None, help="local corpora (default: $GLU_DATA_DIR, else the hub)")
     p.add_argument("--speed", action="store_true", help="also measure deployment speed of every model")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="comma-separated lm-evaluation-harness tasks run on every model (pip install "
+                        "'glu-prune[lm-eval]')")
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="folder of extra lm-eval task YAML files")
+    p.add_argument("--lm-eval-limit", type=positive(int), default=None, help="first N documents of each task")
     p.add_argument("--out", required=True, help="results folder (an existing one is resumed)")
     p.set_defaults(run=run_compare)
 
@@ -417,7 +422,8 @@ def run_compare(args) -> None:
                    heal_steps=args.heal_steps or 0, data_dir=args.data_dir,
                    eval_tokens=args.eval_tokens, eval_docs=args.eval_docs, calib_tokens=args.calib_tokens,
                    allocation=args.allocation, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                   speed=args.speed)
+                   speed=args.speed, lm_eval=parse_list(args.lm_eval, str, "--lm-eval") if args.lm_eval else None,
+                   lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
     print(open(os.path.join(args.out, "results.md")).read())
     print(f"{len(rows)} results in {args.out}/results.{{csv,json,md}}, plots in {args.out}/*.png")
 

@@ -163,10 +163,11 @@ def heal(student, teacher, batches: list[dict], config: HealConfig, checkpoint_d
             optimizer.load_state_dict(state["optimizer"])
             start_step, history = state["step"], state["history"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast)
-    started = time.perf_counter()
+    elapsed = history[-1]["seconds"] if history else 0.0  # training time only: callbacks and checkpoints excluded
     bar = tqdm(total=config.steps, initial=start_step, unit="step", desc="heal", disable=not progress)
     tokens_run = 0
     for step in range(start_step, config.steps):
+        started = time.perf_counter()
         batch = batch_for_step(batches, step, config.seed)
         input_ids = torch.as_tensor(batch["input_ids"]).to(device)
         mask = torch.as_tensor(batch.get("attention_mask", torch.ones_like(input_ids))).to(device)
@@ -182,12 +183,13 @@ def heal(student, teacher, batches: list[dict], config: HealConfig, checkpoint_d
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        elapsed = time.perf_counter() - started
-        record.update(step=step + 1, tokens=int(mask.sum()), seconds=round(elapsed, 2))
+        elapsed += time.perf_counter() - started
+        record.update(step=step + 1, tokens=int(mask.sum()), seconds=round(elapsed, 3))
         history.append(record)
         bar.update()
         tokens_run += record["tokens"]
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_run / max(elapsed, 1e-9):.0f}")
+        run_seconds = elapsed - (history[start_step - 1]["seconds"] if start_step else 0.0)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_run / max(run_seconds, 1e-9):.0f}")
         if on_step is not None:
             on_step(step + 1, record)
         if directory is not None and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
