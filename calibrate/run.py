@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from calibrate import distributed
 from calibrate.errors import GluPruneError
 from calibrate.glu import decoder, glu_layers, model_type
 from calibrate.hooks import StopForward, recording
@@ -32,6 +33,7 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
 
     Only the decoder body runs, and it stops after the last recorded layer. ``max_tokens`` stops
     after the batch that reaches it. Padding (attention mask 0) never enters the statistics.
+    Under torch.distributed each rank takes every N-th batch and the statistics are all-reduced.
     """
     selected = glu_layers(model, layers)
     if second_moment:
@@ -41,9 +43,13 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
     device = next(model.parameters()).device
     body = decoder(model)
     seen = 0
-    bar = tqdm(unit="tok", unit_scale=True, desc="calibrate", disable=not progress, total=max_tokens)
+    ranks = distributed.world_size()
+    if max_tokens is not None and ranks > 1:
+        max_tokens = -(-max_tokens // ranks)
+    bar = tqdm(unit="tok", unit_scale=True, desc="calibrate", disable=not progress or not distributed.is_main(),
+               total=max_tokens)
     with recording(model, [g.index for g in selected], second_moment) as recorders, torch.inference_mode():
-        for batch in batches:
+        for batch in distributed.shard(batches):
             input_ids, mask = batch_tensors(batch, device)
             recorders.set_mask(mask)
             try:
@@ -57,6 +63,8 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
                 break
         layer_stats = recorders.stats()
     bar.close()
+    distributed.all_reduce_stats(layer_stats)
+    seen = distributed.all_reduce_count(seen)
     if seen == 0:
         raise GluPruneError("the calibration batches hold no tokens: check the corpus")
     stats = ActivationStats(layer_stats, dict(meta or {}))

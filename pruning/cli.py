@@ -140,15 +140,22 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args) -> None:
+    from calibrate import distributed
     from calibrate.glu import parse_layers
     from calibrate.models import load_model
 
     refuse_existing(args.out, args.force)
     corpus_from_args(args, "calibration")  # bad corpus arguments fail before the model loads
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    distributed.init_from_env(args.device)
+    device = distributed.device_for_rank(args.device)
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
     stats = calibrate_from_args(args, model, tokenizer, layers=parse_layers(args.layers))
-    stats.save(args.out)
-    print(f"wrote {args.out}: {stats.meta.get('tokens', '?')} tokens, {len(stats.layers)} layers")
+    if distributed.world_size() > 1:
+        stats.meta["processes"] = str(distributed.world_size())
+    if distributed.is_main():
+        stats.save(args.out)
+        print(f"wrote {args.out}: {stats.meta.get('tokens', '?')} tokens, {len(stats.layers)} layers"
+              + (f", {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
 
 
 @command("stats", "summarise a statistics file")
