@@ -162,17 +162,29 @@ def load_tokenizer(model: str):
 
 
 def load_model(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
-               with_tokenizer: bool = True):
-    """Load (model, tokenizer) in eval mode; ``model`` is a hub id, directory, ``.gguf`` or alias."""
+               with_tokenizer: bool = True, device_map: str | None = None):
+    """Load (model, tokenizer) in eval mode; ``model`` is a hub id, directory, ``.gguf`` or alias.
+
+    ``device_map`` (e.g. ``auto``) spreads the layers over the available GPUs through accelerate
+    instead of placing the whole model on ``device``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model_source(model)
-    torch_device, torch_dtype = pick_device(device), pick_dtype(dtype)
+    torch_dtype = pick_dtype(dtype)
+    torch_device = pick_device(device) if device_map is None else None
+    pruned = Path(source, "pruning.json").is_file()
+    if device_map is not None and pruned:
+        if not json.loads(Path(source, "pruning.json").read_text()).get("uniform", True):
+            raise GluPruneError("--device-map cannot load a model with per-layer sizes: drop --device-map")
+        pruned = False  # a uniform pruned model is a stock checkpoint
     try:
-        if Path(source, "pruning.json").is_file():
+        if pruned:
             from pruning.save import load_pruned
 
             net = load_pruned(source, dtype=torch_dtype, device=torch_device)
+        elif device_map is not None:
+            net = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
         else:
             net = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(torch_device)
         tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None

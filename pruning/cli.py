@@ -27,6 +27,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="hub id, local model directory, .gguf file, or alias (default: smollm2-135m)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, float64")
+    p.add_argument("--device-map", default=None,
+                   help="spread the model over several GPUs with accelerate (e.g. auto) instead of --device")
 
 
 def add_corpus_options(p: argparse.ArgumentParser, part: str, required: bool = True) -> None:
@@ -78,7 +80,7 @@ def run_eval(args) -> None:
     from calibrate.perplexity import perplexity
 
     corpus = corpus_from_args(args, "evaluation")
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     result = perplexity(model, tokenizer, corpus, seq_len=args.seq_len, max_tokens=args.max_tokens,
                         max_docs=args.max_docs, batch_size=args.batch_size, progress=not args.json)
     if args.json:
@@ -148,7 +150,7 @@ def run_calibrate(args) -> None:
     corpus_from_args(args, "calibration")  # bad corpus arguments fail before the model loads
     distributed.init_from_env(args.device)
     device = distributed.device_for_rank(args.device)
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, device_map=args.device_map)
     stats = calibrate_from_args(args, model, tokenizer, layers=parse_layers(args.layers))
     if distributed.world_size() > 1:
         stats.meta["processes"] = str(distributed.world_size())
@@ -221,7 +223,7 @@ def run_prune(args) -> None:
         raise GluPruneError(f"{what} needs calibration statistics: pass --stats FILE or --corpus NAME")
     if args.sequential and (args.corpus is None or args.stats is not None or args.allocation != "uniform"):
         raise GluPruneError("--sequential calibrates as it prunes: pass --corpus (not --stats) and uniform allocation")
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     check_bias_support(model, args.reconstruct)
     glu_layers(model, layers)
     if args.sequential:
@@ -325,7 +327,7 @@ def run_heal(args) -> None:
     sources = {corpus.name: args.corpus, **{c.name: c.source for c in specs}} if specs else {}
     eval_parts = {name: load_corpus(source, part="evaluation", data_dir=args.data_dir, text_field=args.text_field,
                                     name=name) for name, source in sources.items()}
-    student, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    student, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     teacher, _ = load_model(args.teacher, device=args.device, dtype=args.dtype)
     batches = training_batches(tokenizer, corpus, seq_len=args.seq_len, batch_size=args.batch_size)
     tokens_per_step = max(1, sum(int(b["attention_mask"].sum()) for b in batches) // len(batches))

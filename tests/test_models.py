@@ -64,3 +64,18 @@ def test_unsupported_family_names_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
     with pytest.raises(GluPruneError, match="supported families: .*llama"):
         glu_layers(gpt2)
+
+
+def test_device_map_loads_through_accelerate(tmp_path):
+    from tiny import tiny_model, tiny_tokenizer
+
+    from calibrate.models import load_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    mapped, _ = load_model(str(tmp_path / "m"), device_map="auto")
+    plain, _ = load_model(str(tmp_path / "m"), device="cpu")
+    assert next(mapped.parameters()).device.type == "cpu"  # no GPU here: auto places everything on the CPU
+    ids = torch.randint(3, 100, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(mapped(ids).logits, plain(ids).logits)
