@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from calibrate.errors import GluPruneError
 from calibrate.glu import check_layers, decoder, decoder_layers, glu_layers
 from calibrate.hooks import StopForward, recording
+from calibrate.offload import ResidentLoader
 from calibrate.run import batch_tensors, finish_stats
 from calibrate.stats import LayerStats, check_memory, human_bytes, second_moment_bytes
 
@@ -38,13 +39,14 @@ class _Caught(Exception):
     """Ends a capture forward once the last decoder layer has been reached."""
 
 
-def capture_inputs(model, batches: Iterable[dict], max_tokens: int | None = None) -> list[LayerBatch]:
+def capture_inputs(model, batches: Iterable[dict], max_tokens: int | None = None,
+                   device: torch.device | None = None) -> list[LayerBatch]:
     """Run only the embeddings and mask construction of each batch, keeping what every decoder
     layer would receive (its hidden-state input for layer 0, and each layer's keyword arguments:
     attention masks, positions, rotary embeddings, which may differ per layer type)."""
     layers = decoder_layers(model)
     body = decoder(model)
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     caught: dict = {}
 
     def catcher(index: int):
@@ -118,12 +120,15 @@ AfterLayer = Callable[[int, LayerStats, "LayerStats | None"], None]
 def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iterable[dict] | None = None,
                         layers: list[int] | None = None, second_moment: bool = False,
                         max_tokens: int | None = None, after_layer: AfterLayer | None = None,
-                        progress: bool = True, meta: dict | None = None):
+                        progress: bool = True, meta: dict | None = None, loader=None,
+                        device: torch.device | None = None):
     """Statistics of the selected layers, computed one decoder layer at a time.
 
     Without ``after_layer`` the result equals :func:`calibrate.run.calibrate`. With it,
     ``after_layer(index, stats, holdout_stats)`` runs as soon as a layer's statistics are complete
     and before that layer feeds the next one, so it may prune the layer (sequential pruning).
+    With a ``loader`` (:mod:`calibrate.offload`) only the embeddings, then one decoder layer at a
+    time, are in memory; ``device`` is where they run.
     """
     from calibrate.stats import ActivationStats
 
@@ -133,25 +138,31 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
         needed = second_moment_bytes([max(g.intermediate_size for g in glu_layers(model, selected))])
         print(f"second moment: {human_bytes(needed)} per layer (one layer at a time)", file=sys.stderr)
         check_memory(needed)
-    fit = capture_inputs(model, batches, max_tokens)
-    groups = [fit] + ([capture_inputs(model, holdout_batches)] if holdout_batches is not None else [])
+    loader = loader or ResidentLoader()
+    body = decoder(model)
+    with loader.loaded(body.get_input_embeddings()):
+        fit = capture_inputs(model, batches, max_tokens, device)
+        groups = [fit] + ([capture_inputs(model, holdout_batches, device=device)] if holdout_batches is not None
+                          else [])
+    layers_of = decoder_layers(model)
     stats, holdout = {}, {}
     bar = tqdm(total=selected[-1] + 1, unit="layer", desc="calibrate (layer by layer)", disable=not progress)
     for index in range(selected[-1] + 1):
-        if index in selected:
-            results = record_layer(model, index, groups, second_moment, advance=after_layer is None)
-            stats[index] = results[0]
-            if len(results) > 1:
-                holdout[index] = results[1]
-            if after_layer is not None:
-                after_layer(index, stats[index], holdout.get(index))
+        with loader.loaded(layers_of[index]):
+            if index in selected:
+                results = record_layer(model, index, groups, second_moment, advance=after_layer is None)
+                stats[index] = results[0]
+                if len(results) > 1:
+                    holdout[index] = results[1]
+                if after_layer is not None:
+                    after_layer(index, stats[index], holdout.get(index))
+                    advance_layer(model, index, groups)
+            else:
                 advance_layer(model, index, groups)
-        else:
-            advance_layer(model, index, groups)
         bar.update()
     bar.close()
     result = ActivationStats(stats, dict(meta or {}), holdout or None)
-    finish_stats(model, result, sum(b.tokens for b in fit), selected, second_moment)
+    finish_stats(model, result, sum(b.tokens for b in fit), selected, second_moment, loader)
     if holdout:
         result.meta["holdout_tokens"] = str(next(iter(holdout.values())).count)
     result.meta["schedule"] = "sequential" if after_layer is not None else "layerwise"

@@ -72,14 +72,15 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
     return stats
 
 
-def finish_stats(model, stats: ActivationStats, tokens: int, layers: list[int], second_moment: bool) -> None:
+def finish_stats(model, stats: ActivationStats, tokens: int, layers: list[int], second_moment: bool,
+                 loader=None) -> None:
     """Check ``stats`` for NaN/inf and record what they were computed on in ``stats.meta``."""
     stats.check_finite()
     stats.meta.update({
         "tokens": str(tokens), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "model_type": model_type(model), "num_layers": str(len(glu_layers(model))),
         "sizes": ",".join(str(g.intermediate_size) for g in glu_layers(model, layers)),
-        "fingerprint": fingerprint(model), "second_moment": str(second_moment).lower(),
+        "fingerprint": fingerprint(model, loader), "second_moment": str(second_moment).lower(),
     })
     stats.meta.setdefault("model", getattr(model, "glu_prune_name", model.config.name_or_path))
 

@@ -87,18 +87,22 @@ def library_version() -> str:
         return "dev"
 
 
-def fingerprint(model) -> str:
-    """A short hash of the GLU weights' shapes and a fixed strided sample of their values."""
+def fingerprint(model, loader=None) -> str:
+    """A short hash of the GLU weights' shapes and a fixed strided sample of their values
+    (``loader``: fill each offloaded MLP from the checkpoint while it is read)."""
     from calibrate.glu import glu_layers
+    from calibrate.offload import ResidentLoader
 
     digest = hashlib.sha256()
+    loader = loader or ResidentLoader()
     with torch.no_grad():
         for layer in glu_layers(model):
-            for w in (layer.gate_weight(), layer.up_weight(), layer.down_weight()):
-                flat = w.detach().reshape(-1)
-                sample = flat[:: max(1, flat.numel() // 1024)].double().cpu()
-                digest.update(str(tuple(w.shape)).encode())
-                digest.update(sample.numpy().tobytes())
+            with loader.loaded(layer.mlp):
+                for w in (layer.gate_weight(), layer.up_weight(), layer.down_weight()):
+                    flat = w.detach().reshape(-1)
+                    sample = flat[:: max(1, flat.numel() // 1024)].double().cpu()
+                    digest.update(str(tuple(w.shape)).encode())
+                    digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -102,11 +102,13 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
                    help="also keep sum x xᵀ per layer, and a held-out eighth of the batches (for --reconstruct)")
 
 
-def calibrate_from_args(args, model, tokenizer, layers=None):
-    """Calibrate ``model`` on ``--corpus`` with the calibration options of ``args``."""
+def calibrate_from_args(args, model, tokenizer, layers=None, loader=None, device=None):
+    """Calibrate ``model`` on ``--corpus`` with the calibration options of ``args`` (layer by layer
+    from the checkpoint when a ``loader`` is given)."""
     from calibrate.batches import make_batches
     from calibrate.glu import glu_layers
-    from calibrate.run import calibrate, calibrate_with_holdout
+    from calibrate.layerwise import calibrate_layerwise
+    from calibrate.run import calibrate, calibrate_with_holdout, split_holdout
 
     glu_layers(model, layers)  # an unsupported family or bad --layers fails before any work
     corpus = corpus_from_args(args, "calibration")
@@ -114,9 +116,28 @@ def calibrate_from_args(args, model, tokenizer, layers=None):
                            batch_size=args.batch_size, packing=args.packing)
     meta = {"model": args.model, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
             "seq_len": str(args.seq_len)}
+    if loader is not None:
+        fit, held = split_holdout(batches) if args.second_moment else (batches, None)
+        return calibrate_layerwise(model, fit, holdout_batches=held, layers=layers, second_moment=args.second_moment,
+                                   meta=meta, loader=loader, device=device)
     if args.second_moment:
         return calibrate_with_holdout(model, batches, layers=layers, second_moment=True, meta=meta)
     return calibrate(model, batches, layers=layers, meta=meta)
+
+
+def wants_offload(args) -> bool:
+    """``--offload``, or a local checkpoint larger than 80% of the available memory (said on stderr)."""
+    from calibrate.offload import checkpoint_bytes
+    from calibrate.stats import available_memory, human_bytes
+
+    if args.offload:
+        return True
+    size, free = checkpoint_bytes(args.model), available_memory()
+    if size and free and size > 0.8 * free and args.device_map is None:
+        print(f"note: the model ({human_bytes(size)}) would not fit in {human_bytes(free)} of memory: "
+              f"calibrating layer by layer (--offload)", file=sys.stderr)
+        return True
+    return False
 
 
 def refuse_existing(path: str, force: bool) -> None:
@@ -136,6 +157,9 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     add_corpus_options(p, part="calibration")
     add_calibration_options(p)
     p.add_argument("--layers", default=None, help="only these layers, e.g. 0-3,10")
+    p.add_argument("--offload", action="store_true",
+                   help="hold one decoder layer in memory at a time, read from the checkpoint (automatic when "
+                        "the model would not fit)")
     p.add_argument("--out", required=True, help="statistics file (.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.set_defaults(run=run_calibrate)
@@ -150,8 +174,18 @@ def run_calibrate(args) -> None:
     corpus_from_args(args, "calibration")  # bad corpus arguments fail before the model loads
     distributed.init_from_env(args.device)
     device = distributed.device_for_rank(args.device)
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, device_map=args.device_map)
-    stats = calibrate_from_args(args, model, tokenizer, layers=parse_layers(args.layers))
+    if wants_offload(args):
+        if distributed.world_size() > 1 or args.device_map is not None:
+            raise GluPruneError("--offload runs in one process on one device: drop torchrun or --device-map")
+        from calibrate.models import pick_device, pick_dtype
+        from calibrate.offload import offload_model
+
+        model, loader, tokenizer = offload_model(args.model, pick_device(device), pick_dtype(args.dtype))
+        stats = calibrate_from_args(args, model, tokenizer, layers=parse_layers(args.layers), loader=loader,
+                                    device=pick_device(device))
+    else:
+        model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, device_map=args.device_map)
+        stats = calibrate_from_args(args, model, tokenizer, layers=parse_layers(args.layers))
     if distributed.world_size() > 1:
         stats.meta["processes"] = str(distributed.world_size())
     if distributed.is_main():

@@ -67,3 +67,47 @@ def test_capture_stops_at_max_tokens_and_unhooks_on_error():
     with pytest.raises(IndexError):  # token id beyond the vocabulary
         capture_inputs(model, [{"input_ids": torch.full((1, 4), 10_000)}])
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])
+def test_offloaded_calibration_equals_in_memory(family, tmp_path):
+    """Only the embeddings, then one layer at a time, are filled from the checkpoint: same statistics."""
+    from calibrate.models import load_model
+    from calibrate.offload import offload_model
+
+    model = tiny_model(family, dtype=torch.float64)
+    model.save_pretrained(tmp_path / "m")
+    from tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    batches = padded_batches()
+    reloaded, _ = load_model(str(tmp_path / "m"), device="cpu", dtype="float64")
+    resident = calibrate(reloaded, batches, progress=False, second_moment=True)
+    empty, loader, _ = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float64)
+    assert all(p.device.type == "meta" for p in empty.parameters())
+    offloaded = calibrate_layerwise(empty, batches, second_moment=True, progress=False, loader=loader,
+                                    device=torch.device("cpu"))
+    assert_same_stats(resident, offloaded)
+    assert offloaded.meta["fingerprint"] == resident.meta["fingerprint"]
+    assert all(p.device.type == "meta" for p in empty.parameters())  # everything emptied again
+
+
+def test_cli_calibrate_offload_equals_in_memory(tmp_path):
+    from tiny import tiny_tokenizer
+
+    from calibrate.stats import ActivationStats
+    from pruning.cli import main
+
+    tiny_model("qwen3").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "c.txt").write_text("\n\n".join(f"offloaded document {i} " * 6 for i in range(40)))
+    common = (f"calibrate --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --dtype float64 "
+              "--second-moment").split()
+    assert main(common + ["--out", str(tmp_path / "a.st")]) in (0, None)
+    assert main(common + ["--offload", "--out", str(tmp_path / "b.st")]) in (0, None)
+    a, b = ActivationStats.load(tmp_path / "a.st"), ActivationStats.load(tmp_path / "b.st")
+    assert_same_stats(a, b)
+    assert a.meta["fingerprint"] == b.meta["fingerprint"]
+    for i in a.layers:
+        torch.testing.assert_close(a.layers[i].second_moment, b.layers[i].second_moment)
+        torch.testing.assert_close(a.holdout[i].sq_sum, b.holdout[i].sq_sum)

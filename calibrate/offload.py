@@ -1,0 +1,126 @@
+"""Models larger than memory: an empty (meta-device) model whose modules are filled from the
+safetensors checkpoint on demand and emptied again after use, one decoder layer at a time."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calibrate.errors import GluPruneError
+
+
+class CheckpointWeights:
+    """The tensors of a safetensors checkpoint (one file, or shards with an index), read by name."""
+
+    def __init__(self, directory: str | Path):
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        single = self.directory / "model.safetensors"
+        if index.is_file():
+            self.file_of = dict(json.loads(index.read_text())["weight_map"])
+        elif single.is_file():
+            with safe_open(single, "pt") as f:
+                self.file_of = {name: single.name for name in f.keys()}
+        else:
+            raise GluPruneError(f"{self.directory} has no model.safetensors: --offload needs a safetensors checkpoint")
+        self._open: dict[str, object] = {}
+        self._safe_open = safe_open
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def files(self) -> dict[str, list[str]]:
+        """Tensor names per shard file, in checkpoint order."""
+        shards: dict[str, list[str]] = {}
+        for name, file in self.file_of.items():
+            shards.setdefault(file, []).append(name)
+        return shards
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.file_of:
+            raise GluPruneError(f"the checkpoint in {self.directory} has no tensor '{name}': --offload needs a "
+                                f"checkpoint saved by transformers")
+        file = self.file_of[name]
+        if file not in self._open:
+            self._open[file] = self._safe_open(self.directory / file, "pt")
+        return self._open[file].get_tensor(name)
+
+
+def empty_model(source: str, dtype: torch.dtype):
+    """The model of ``source``'s config with every parameter on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+class LayerLoader:
+    """Fills a module's parameters from the checkpoint for the time of a ``with`` block."""
+
+    def __init__(self, model: nn.Module, weights: CheckpointWeights, device: torch.device, dtype: torch.dtype):
+        self.model, self.weights, self.device, self.dtype = model, weights, device, dtype
+        self.names = {module: name for name, module in model.named_modules()}
+
+    @contextmanager
+    def loaded(self, module: nn.Module) -> Iterator[nn.Module]:
+        from accelerate.utils import set_module_tensor_to_device
+
+        prefix = self.names[module]
+        params = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
+        try:
+            for name in params:
+                set_module_tensor_to_device(self.model, name, self.device,
+                                            value=self.weights.get(name).to(self.dtype))
+            yield module
+        finally:
+            module.to("meta")
+
+
+class ResidentLoader:
+    """The in-memory case: every module is already loaded."""
+
+    @contextmanager
+    def loaded(self, module: nn.Module) -> Iterator[nn.Module]:
+        yield module
+
+
+def offload_model(model_name: str, device: torch.device, dtype: torch.dtype):
+    """(empty model, loader, tokenizer) for ``model_name`` (a directory, .gguf or alias; hub ids must be
+    downloaded first)."""
+    from transformers import AutoTokenizer
+
+    from calibrate.models import model_source
+
+    source = model_source(model_name)
+    if not Path(source).is_dir():
+        raise GluPruneError(f"--offload reads a local checkpoint: download '{model_name}' first "
+                            f"(huggingface-cli download {model_name} --local-dir DIR) and pass DIR")
+    if Path(source, "pruning.json").is_file():
+        manifest = json.loads(Path(source, "pruning.json").read_text())
+        if not manifest.get("uniform", True):
+            raise GluPruneError("--offload cannot read a model with per-layer sizes: drop --offload")
+    model = empty_model(source, dtype)
+    model.glu_prune_name = model_name
+    return model, LayerLoader(model, CheckpointWeights(source), device, dtype), AutoTokenizer.from_pretrained(source)
+
+
+def checkpoint_bytes(model_name: str) -> int | None:
+    """Size of a local checkpoint's weights on disk (None for a hub id)."""
+    from calibrate.models import resolve
+
+    kind, path = resolve(model_name)
+    if kind == "gguf":
+        return Path(path).stat().st_size * 4  # quantised on disk; float32 once converted, roughly
+    if kind != "dir":
+        return None
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
