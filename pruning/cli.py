@@ -226,6 +226,9 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS))
     p.add_argument("--reconstruct", default="none", choices=list(RECONSTRUCTIONS),
                    help="compensate removed neurons from the statistics (lstsq needs --second-moment)")
+    p.add_argument("--offload", action="store_true",
+                   help="never build the whole model: calibrate layer by layer and rewrite the checkpoint shard by "
+                        "shard (automatic when the model would not fit)")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate on --corpus and prune one layer at a time, each layer measured on the model "
                         "whose earlier layers are already pruned (uniform allocation)")
@@ -257,6 +260,8 @@ def run_prune(args) -> None:
         raise GluPruneError(f"{what} needs calibration statistics: pass --stats FILE or --corpus NAME")
     if args.sequential and (args.corpus is None or args.stats is not None or args.allocation != "uniform"):
         raise GluPruneError("--sequential calibrates as it prunes: pass --corpus (not --stats) and uniform allocation")
+    if wants_offload(args):
+        return run_streamed(args, layers)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     check_bias_support(model, args.reconstruct)
     glu_layers(model, layers)
@@ -276,6 +281,38 @@ def run_prune(args) -> None:
           intermediate_size=args.intermediate_size, multiple_of=args.multiple_of, allocation=args.allocation,
           layers=layers, seed=args.seed, reconstruct_with=args.reconstruct)
     save_and_report(args, model, tokenizer, f"select + cut + save took {time.perf_counter() - start:.2f} s")
+
+
+def run_streamed(args, layers) -> None:
+    import time
+
+    from calibrate.models import pick_device, pick_dtype
+    from calibrate.offload import offload_model
+    from calibrate.stats import ActivationStats
+    from pruning.plan import Target
+    from pruning.reconstruct import NEEDS_SECOND_MOMENT
+    from pruning.scores import needs_stats
+    from pruning.stream import prune_checkpoint
+
+    if args.sequential or args.device_map is not None:
+        raise GluPruneError("--offload prunes one-shot on one device: drop --sequential and --device-map")
+    device = pick_device(args.device)
+    model, loader, tokenizer = offload_model(args.model, device, pick_dtype(args.dtype))
+    stats = None
+    if args.stats is not None:
+        stats = ActivationStats.load(args.stats)
+    elif args.corpus is not None and (needs_stats(args.method) or args.reconstruct != "none"):
+        args.second_moment = args.second_moment or args.reconstruct in NEEDS_SECOND_MOMENT
+        stats = calibrate_from_args(args, model, tokenizer, layers=layers, loader=loader, device=device)
+    start = time.perf_counter()
+    target = Target(ratio=args.ratio, expansion_ratio=args.expansion_ratio, intermediate_size=args.intermediate_size,
+                    multiple_of=args.multiple_of)
+    record = prune_checkpoint(model, loader, tokenizer, args.out, stats, args.method, target,
+                              allocation=args.allocation, layers=layers, seed=args.seed,
+                              reconstruct_with=args.reconstruct, force=args.force)
+    sizes = record["intermediate_sizes"]
+    print(f"wrote {args.out}: {args.method}, intermediate sizes {min(sizes)}..{max(sizes)}, streamed shard by "
+          f"shard; select + cut + save took {time.perf_counter() - start:.2f} s")
 
 
 def run_sequential(args, model, tokenizer, layers) -> None:

@@ -52,13 +52,14 @@ def make_plan(model, scores: dict[int, torch.Tensor], target: Target, allocation
     raise GluPruneError(f"--allocation '{allocation}' is not one of {', '.join(ALLOCATIONS)}")
 
 
-def check_stats(model, method: str, stats: ActivationStats | None, reconstruct: str = "none") -> None:
+def check_stats(model, method: str, stats: ActivationStats | None, reconstruct: str = "none", loader=None) -> None:
     check_reconstruction(reconstruct)
     if (needs_stats(method) or reconstruct != "none") and stats is None:
         what = f"method '{method}'" if needs_stats(method) else f"--reconstruct {reconstruct}"
         raise GluPruneError(f"{what} needs calibration statistics: pass --stats FILE or --corpus NAME")
     check_bias_support(model, reconstruct)
-    if stats is not None and stats.meta.get("fingerprint") not in (None, fingerprint(model)):
+    expected = stats.meta.get("fingerprint") if stats is not None else None
+    if expected is not None and expected != fingerprint(model, loader):
         raise GluPruneError("the statistics were computed on another model: recalibrate on this model")
 
 

@@ -1,0 +1,131 @@
+"""Pruning a checkpoint without building the model: scores one layer at a time, then the
+safetensors shards are read and written one by one with the GLU tensors sliced.
+
+Peak memory is about one shard (plus one layer while scoring). The output is the same as
+:func:`pruning.pipeline.prune` followed by :func:`pruning.save.save_pruned`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from calibrate.errors import GluPruneError
+from calibrate.glu import glu_layers
+from calibrate.offload import LayerLoader
+from calibrate.stats import ActivationStats, library_version
+from pruning.pipeline import check_stats, make_plan, manifest
+from pruning.plan import Target
+from pruning.reconstruct import reconstruct_layer
+from pruning.save import MANIFEST, model_card, replace_dir
+from pruning.scores import score_neurons
+from pruning.surgery import apply_plan
+
+STREAMABLE_RECONSTRUCTIONS = ("none", "lstsq")
+
+
+def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: dict[int, torch.Tensor]) -> dict[str, callable]:
+    """For every checkpoint tensor that pruning changes, the function that changes it."""
+    names = {module: name for name, module in model.named_modules()}
+    rules = {}
+    for layer in glu_layers(model, sorted(plan)):
+        keep, layout, prefix = plan[layer.index], layer.layout, names[layer.mlp]
+        if layout.fused_gate_up:
+            rows = torch.cat([keep, keep + layer.intermediate_size])
+            rules[f"{prefix}.{layout.fused_gate_up}.weight"] = lambda t, r=rows: t.index_select(0, r)
+            rules[f"{prefix}.{layout.fused_gate_up}.bias"] = lambda t, r=rows: t.index_select(0, r)
+        else:
+            for part in (layout.gate, layout.up):
+                for kind in ("weight", "bias"):
+                    rules[f"{prefix}.{part}.{kind}"] = lambda t, k=keep: t.index_select(0, k)
+        if layer.index in refits:
+            rules[f"{prefix}.{layout.down}.weight"] = lambda t, w=refits[layer.index]: w.to(t.dtype)
+        else:
+            rules[f"{prefix}.{layout.down}.weight"] = lambda t, k=keep: t.index_select(1, k)
+    return rules
+
+
+def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path, stats: ActivationStats | None,
+                     method: str, target: Target, allocation: str = "uniform", layers: list[int] | None = None,
+                     seed: int = 0, reconstruct_with: str = "none", force: bool = False,
+                     progress: bool = True) -> dict:
+    """Prune the checkpoint behind ``loader`` into ``out_dir`` (written atomically); ``model`` is
+    the empty (meta) model of :func:`calibrate.offload.offload_model`. Returns the manifest."""
+    start = time.perf_counter()
+    out = Path(out_dir)
+    if reconstruct_with not in STREAMABLE_RECONSTRUCTIONS:
+        raise GluPruneError(f"--offload supports --reconstruct {' or '.join(STREAMABLE_RECONSTRUCTIONS)}, "
+                            f"not {reconstruct_with}: drop --offload or choose one of those")
+    if out.exists() and not force:
+        raise GluPruneError(f"{out} already exists: pass --force to overwrite it")
+    check_stats(model, method, stats, reconstruct_with, loader)
+    scores, refits = {}, {}
+    selected = glu_layers(model, layers)
+    for layer in tqdm(selected, desc="score", unit="layer", disable=not progress):
+        with loader.loaded(layer.mlp):
+            layer_stats = stats.layers.get(layer.index) if stats is not None else None
+            scores[layer.index] = score_neurons(method, layer.gate_weight().detach().cpu(),
+                                                layer.up_weight().detach().cpu(), layer.down_weight().detach().cpu(),
+                                                stats=layer_stats, seed=seed, layer=layer.index)
+    plan = make_plan(model, scores, target, allocation)
+    chosen = {}
+    if reconstruct_with != "none":
+        for layer in selected:
+            with loader.loaded(layer.mlp):
+                holdout = stats.holdout.get(layer.index) if stats.holdout else None
+                weight, _, info = reconstruct_layer(reconstruct_with, layer.down_weight().detach().cpu(),
+                                                    plan[layer.index], stats.layers[layer.index], holdout)
+            refits[layer.index], chosen[str(layer.index)] = weight, info
+    rules = sliced_tensors(model, plan, refits)
+    sizes_before = [g.intermediate_size for g in glu_layers(model)]
+    apply_plan(model, plan)  # on the meta model: new shapes and the config's sizes, no memory
+    record = manifest(model, method, target, allocation, reconstruct_with, chosen, plan, sizes_before, stats, seed,
+                      start, schedule="one-shot (streamed)")
+    sizes = record["intermediate_sizes"]
+    record.update(uniform=len(set(sizes)) == 1, library_version=library_version())
+    write_checkpoint(loader, rules, model.config, tokenizer, out, record, progress)
+    return record
+
+
+def write_checkpoint(loader: LayerLoader, rules: dict, config, tokenizer, out: Path, record: dict,
+                     progress: bool) -> None:
+    """Every shard read, changed by ``rules`` and written into a temporary folder renamed to ``out``."""
+    weights = loader.weights
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise GluPruneError(f"cannot write in {out.parent} ({exc.strerror}): choose another --out") from None
+    try:
+        weight_map, total = {}, 0
+        for file, names in tqdm(weights.files().items(), desc="write shards", unit="shard", disable=not progress):
+            tensors = {}
+            for name in names:
+                tensor = weights.get(name)
+                tensors[name] = (rules[name](tensor) if name in rules else tensor).contiguous()
+                total += tensors[name].numel() * tensors[name].element_size()
+                weight_map[name] = file
+            save_file(tensors, tmp / file, metadata={"format": "pt"})
+            del tensors
+        if len(set(weight_map.values())) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        config.save_pretrained(tmp)
+        for extra in ("generation_config.json",):
+            if (weights.directory / extra).is_file():
+                shutil.copy(weights.directory / extra, tmp / extra)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(record, indent=1))
+        (tmp / "README.md").write_text(model_card(record))
+        replace_dir(tmp, out)
+    except OSError as exc:
+        raise GluPruneError(f"could not save to {out} ({exc.strerror or exc}); nothing was written") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

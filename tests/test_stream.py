@@ -1,0 +1,76 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_model, tiny_tokenizer
+
+from calibrate.errors import GluPruneError
+from calibrate.offload import offload_model
+from calibrate.run import calibrate_with_holdout
+from calibrate.stats import ActivationStats
+from pruning import prune
+from pruning.plan import Target
+from pruning.save import load_pruned, save_pruned
+from pruning.stream import prune_checkpoint
+
+
+def checkpoint(tmp_path, family):
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 120, (4, 16), generator=g)} for _ in range(4)]
+    return model, calibrate_with_holdout(model, batches, second_moment=True, progress=False)
+
+
+def tensors(folder):
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    return state
+
+
+@pytest.mark.parametrize("family,allocation,reconstruct_with", [
+    ("llama", "uniform", "none"), ("phi3", "uniform", "lstsq"), ("qwen2", "global", "none")])
+def test_streamed_pruning_writes_what_the_in_memory_path_saves(tmp_path, family, allocation, reconstruct_with):
+    model, stats = checkpoint(tmp_path, family)
+    prune(model, stats=stats, method="hybrid", ratio=0.4, allocation=allocation, reconstruct_with=reconstruct_with)
+    save_pruned(model, tiny_tokenizer(), tmp_path / "memory", model.glu_prune_manifest)
+    empty, loader, tokenizer = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float32)
+    record = prune_checkpoint(empty, loader, tokenizer, tmp_path / "streamed", stats, "hybrid", Target(ratio=0.4),
+                              allocation=allocation, reconstruct_with=reconstruct_with, progress=False)
+    assert record["intermediate_sizes"] == model.glu_prune_manifest["intermediate_sizes"]
+    assert record["kept_indices"] == model.glu_prune_manifest["kept_indices"]
+    memory, streamed = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert memory.keys() == streamed.keys()
+    for name in memory:
+        torch.testing.assert_close(memory[name], streamed[name], rtol=0, atol=0)
+    ids = torch.randint(3, 120, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "streamed")(ids).logits, model(ids).logits)
+
+
+def test_streamed_pruning_refuses_foreign_statistics_and_bias(tmp_path):
+    _, stats = checkpoint(tmp_path, "llama")
+    other = ActivationStats(stats.layers, {**stats.meta, "fingerprint": "0" * 16})
+    empty, loader, tokenizer = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float32)
+    with pytest.raises(GluPruneError, match="another model"):
+        prune_checkpoint(empty, loader, tokenizer, tmp_path / "o", other, "hybrid", Target(ratio=0.4))
+    with pytest.raises(GluPruneError, match="--offload supports"):
+        prune_checkpoint(empty, loader, tokenizer, tmp_path / "o", stats, "hybrid", Target(ratio=0.4),
+                         reconstruct_with="bias")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_prune_offload_equals_in_memory(tmp_path):
+    from pruning.cli import main
+
+    checkpoint(tmp_path, "llama")
+    (tmp_path / "c.txt").write_text("\n\n".join(f"streamed document {i} " * 6 for i in range(40)))
+    common = (f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --dtype float64 "
+              "--method hybrid --ratio 0.25 --reconstruct lstsq").split()
+    assert main(common + ["--out", str(tmp_path / "a")]) in (0, None)
+    assert main(common + ["--offload", "--out", str(tmp_path / "b")]) in (0, None)
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name].double(), b[name].double(), rtol=1e-6, atol=1e-7)
