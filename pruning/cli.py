@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 from calibrate.errors import GluPruneError
 
@@ -147,8 +148,11 @@ def refuse_existing(path: str, force: bool) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise GluPruneError(f"folder {parent} does not exist: create it or choose another --out")
-    if not os.access(parent, os.W_OK):
-        raise GluPruneError(f"folder {parent} is not writable: choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError:
+        raise GluPruneError(f"folder {parent} is not writable: choose another --out") from None
 
 
 @command("calibrate", "record activation statistics of every GLU MLP over a corpus")
@@ -535,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"glu-prune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("glu-prune: interrupted; nothing partial was written", file=sys.stderr)
+        print("\nglu-prune: interrupted; nothing partial was written", file=sys.stderr)  # after any progress bar
         return 130
     except Exception as exc:  # any other failure still gets one line; --debug shows the traceback
         first = str(exc).splitlines()[0] if str(exc) else ""

@@ -51,9 +51,16 @@ CASES = [
      "prune --model {d}/qwen2 --method ppm --ratio 0.2 --reconstruct bias --corpus {d}/c.txt --out {d}/p"),
     ("--sequential with a statistics file",
      "prune --model {d}/llama --stats {d}/llama.st --method hybrid --ratio 0.2 --sequential --out {d}/p"),
+    ("NaN or inf activations (float16 overflow)",
+     "calibrate --model {d}/overflow --corpus {d}/c.txt --dtype float16 --out {d}/s.st"),
+    ("not enough memory for the second-moment matrices",
+     "calibrate --model {d}/wide --corpus {d}/c.txt --second-moment --out {d}/s.st"),
     ("--device cuda without a GPU", "eval --model {d}/llama --corpus {d}/c.txt --device cuda"),
     ("output exists, no --force", "prune --model {d}/llama --method ppm --ratio 0.2 --out {d}/existing"),
     ("output folder missing", "prune --model {d}/llama --method ppm --ratio 0.2 --out {d}/no/such/dir"),
+    ("output folder not writable", "prune --model {d}/llama --method ppm --ratio 0.2 --out /proc/glu-prune-out"),
+    ("statistics output folder not writable",
+     "calibrate --model {d}/llama --corpus {d}/c.txt --out /proc/glu-prune.safetensors"),
     ("statistics output exists, no --force", "calibrate --model {d}/llama --corpus {d}/c.txt --out {d}/llama.st"),
 ]
 
@@ -70,6 +77,17 @@ def make_fixtures(d: Path) -> None:
     tokenizer.save_pretrained(d / "llama")
     tiny_model("qwen2").save_pretrained(d / "qwen2")
     tokenizer.save_pretrained(d / "qwen2")
+    overflow = tiny_model("llama")
+    with torch.no_grad():
+        for p in overflow.model.layers.parameters():
+            p.mul_(300.0)  # activations beyond float16's 65504
+    overflow.save_pretrained(d / "overflow")
+    tokenizer.save_pretrained(d / "overflow")
+    # 3 layers of 200000² float64 second moments = 960 GB: more than any machine running the tests has
+    wide = tiny_model("llama", intermediate_size=200_000, hidden_size=8, num_attention_heads=2, num_key_value_heads=2,
+                      dtype=torch.bfloat16)
+    wide.save_pretrained(d / "wide")
+    tokenizer.save_pretrained(d / "wide")
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128)).save_pretrained(d / "gpt2")
     tokenizer.save_pretrained(d / "gpt2")
     (d / "not-a-model").mkdir(exist_ok=True)

@@ -18,7 +18,8 @@ def test_bad_input_gives_one_line_error(fixtures, what, args):
     before = sorted(p.name for p in fixtures.iterdir())
     code, err = run_case(args, fixtures)
     assert code != 0
-    lines = [line for line in err.splitlines() if not line.startswith("usage:")]
+    progress = ("usage:", "note:", "calibrate:", "second moment:")  # what came before the failure
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line and not line.startswith(progress)]
     assert len(lines) == 1, err
     assert "Traceback" not in err and re.match(r"glu-prune( \w+)?: error: ", lines[0]), lines[0]
     after = sorted(p.name for p in fixtures.iterdir())
@@ -32,3 +33,44 @@ def test_debug_shows_the_traceback(fixtures):
 
     with pytest.raises(GluPruneError):
         main(["--debug", "eval", "--model", str(fixtures / "missing"), "--corpus", str(fixtures / "c.txt")])
+
+
+def test_ctrl_c_delivered_to_the_cli_process(tmp_path):
+    """SIGINT while calibrating: exit 130, one line, no statistics file, no temporary file."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tiny import tiny_model, tiny_tokenizer
+
+    slow = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=4)  # a few seconds per thousand tokens: still calibrating at the signal
+    tiny_model("llama", **slow).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "big.txt").write_text("\n\n".join(f"a long document {i} " * 40 for i in range(300)))
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-c", "import sys; from pruning.cli import main; sys.exit(main(sys.argv[1:]))",
+               "calibrate", "--model", str(tmp_path / "m"), "--corpus", str(tmp_path / "big.txt"), "--part", "all",
+               "--max-tokens", "5000000", "--seq-len", "128", "--out", str(out / "s.safetensors")]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    err = bytearray()
+    def read() -> None:
+        for chunk in iter(lambda: proc.stderr.read(1), b""):
+            err.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while b"calibrate:" not in err and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert b"calibrate:" in err, err.decode()[-500:]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    reader.join(timeout=10)
+    lines = [line for line in err.decode().replace("\r", "\n").splitlines() if line.startswith("glu-prune")]
+    assert lines == ["glu-prune: interrupted; nothing partial was written"]
+    assert "Traceback" not in err.decode()
+    assert list(out.iterdir()) == []
