@@ -26,6 +26,23 @@ def tokenize_long(tokenizer, text: str) -> list[int]:
         hf_logging.set_verbosity(verbosity)
 
 
+PREFIX_MARGIN = 256  # tokens beyond the budget, so that the cut never changes the tokens kept
+
+
+def tokenize_prefix(tokenizer, text: str, max_tokens: int | None) -> list[int]:
+    """The first ``max_tokens`` token ids of ``text`` (all of them when None), tokenising only a
+    growing prefix of the text: a large corpus with a small budget costs little time and memory.
+    Tokenisers split text locally, so tokens well before the cut equal those of the whole text."""
+    if max_tokens is None:
+        return tokenize_long(tokenizer, text)
+    chars = 8 * (max_tokens + PREFIX_MARGIN)
+    while True:
+        ids = tokenize_long(tokenizer, text[:chars])
+        if chars >= len(text) or len(ids) >= max_tokens + PREFIX_MARGIN:
+            return ids[:max_tokens]
+        chars *= 2
+
+
 def with_bos(tokenizer, ids: list[int]) -> list[int]:
     """Prepend BOS (EOS when there is no BOS) unless the sequence already starts with it."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -50,9 +67,7 @@ def pad_id(tokenizer) -> int:
 
 def packed_rows(tokenizer, corpus: Corpus, seq_len: int, max_tokens: int | None) -> list[list[int]]:
     """The corpus joined by its separator, tokenised once, cut into full rows of ``seq_len``."""
-    ids = tokenize_long(tokenizer, SEPARATORS[corpus.kind].join(message_texts(corpus)))
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    ids = tokenize_prefix(tokenizer, SEPARATORS[corpus.kind].join(message_texts(corpus)), max_tokens)
     if len(ids) < seq_len:
         raise GluPruneError(
             f"corpus '{corpus.name}' has {len(ids)} tokens, fewer than one sequence of {seq_len}: "

@@ -30,7 +30,6 @@ class CheckpointWeights:
                 self.file_of = {name: single.name for name in f.keys()}
         else:
             raise GluPruneError(f"{self.directory} has no model.safetensors: --offload needs a safetensors checkpoint")
-        self._open: dict[str, object] = {}
         self._safe_open = safe_open
 
     def __contains__(self, name: str) -> bool:
@@ -47,10 +46,9 @@ class CheckpointWeights:
         if name not in self.file_of:
             raise GluPruneError(f"the checkpoint in {self.directory} has no tensor '{name}': --offload needs a "
                                 f"checkpoint saved by transformers")
-        file = self.file_of[name]
-        if file not in self._open:
-            self._open[file] = self._safe_open(self.directory / file, "pt")
-        return self._open[file].get_tensor(name)
+        # opened per read: a handle kept open would keep every page it touched mapped into memory
+        with self._safe_open(self.directory / self.file_of[name], "pt") as f:
+            return f.get_tensor(name)
 
 
 def empty_model(source: str, dtype: torch.dtype):
@@ -94,6 +92,18 @@ class ResidentLoader:
         yield module
 
 
+def keep_large_allocations_mapped(threshold: int = 1 << 20) -> None:
+    """Ask glibc to serve allocations above ``threshold`` with mmap, so that each layer's weights go
+    back to the system when the layer is emptied; by default glibc raises that threshold after the
+    first large free and the freed layers stay in the heap. Ignored where there is no glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def offload_model(model_name: str, device: torch.device, dtype: torch.dtype):
     """(empty model, loader, tokenizer) for ``model_name`` (a directory, .gguf or alias; hub ids must be
     downloaded first)."""
@@ -109,6 +119,7 @@ def offload_model(model_name: str, device: torch.device, dtype: torch.dtype):
         manifest = json.loads(Path(source, "pruning.json").read_text())
         if not manifest.get("uniform", True):
             raise GluPruneError("--offload cannot read a model with per-layer sizes: drop --offload")
+    keep_large_allocations_mapped()
     model = empty_model(source, dtype)
     model.glu_prune_name = model_name
     return model, LayerLoader(model, CheckpointWeights(source), device, dtype), AutoTokenizer.from_pretrained(source)

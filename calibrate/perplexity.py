@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from calibrate.batches import collate, message_texts, pad_id, tokenize_long, with_bos
+from calibrate.batches import collate, message_texts, pad_id, tokenize_prefix, with_bos
 from calibrate.errors import GluPruneError
 
 if TYPE_CHECKING:
@@ -36,9 +36,7 @@ def document_windows(tokenizer, texts: list[str], seq_len: int, max_tokens: int 
 
     The last, shorter window is kept when it has at least 2 tokens.
     """
-    ids = tokenize_long(tokenizer, "\n\n".join(texts))
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    ids = tokenize_prefix(tokenizer, "\n\n".join(texts), max_tokens)
     windows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
     return [w for w in windows if len(w) >= 2]
 

@@ -29,6 +29,7 @@ from pruning.scores import score_neurons
 from pruning.surgery import apply_plan
 
 STREAMABLE_RECONSTRUCTIONS = ("none", "lstsq")
+MAX_SHARD_BYTES = 128 * 1024 * 1024
 
 
 def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: dict[int, torch.Tensor]) -> dict[str, callable]:
@@ -94,28 +95,48 @@ def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path,
     return record
 
 
+def write_shard(folder: Path, number: int, tensors: dict[str, torch.Tensor]) -> tuple[str, list[str], int]:
+    name = f"shard-{number:05d}.safetensors"
+    save_file(tensors, folder / name, metadata={"format": "pt"})
+    return name, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def finish_shards(folder: Path, shards: list[tuple[str, list[str], int]]) -> None:
+    """Name the shards as transformers does and write the index when there is more than one."""
+    if len(shards) == 1:
+        (folder / shards[0][0]).rename(folder / "model.safetensors")
+        return
+    weight_map = {}
+    for k, (name, tensors, _) in enumerate(shards):
+        final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        (folder / name).rename(folder / final)
+        weight_map.update({t: final for t in tensors})
+    index = {"metadata": {"total_size": sum(s[2] for s in shards)}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
 def write_checkpoint(loader: LayerLoader, rules: dict, config, tokenizer, out: Path, record: dict,
-                     progress: bool) -> None:
-    """Every shard read, changed by ``rules`` and written into a temporary folder renamed to ``out``."""
+                     progress: bool, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Every tensor read, changed by ``rules`` and written into shards of about ``max_shard_bytes``
+    in a temporary folder renamed to ``out``: memory holds one output shard at most."""
     weights = loader.weights
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
         raise GluPruneError(f"cannot write in {out.parent} ({exc.strerror}): choose another --out") from None
     try:
-        weight_map, total = {}, 0
-        for file, names in tqdm(weights.files().items(), desc="write shards", unit="shard", disable=not progress):
-            tensors = {}
-            for name in names:
-                tensor = weights.get(name)
-                tensors[name] = (rules[name](tensor) if name in rules else tensor).contiguous()
-                total += tensors[name].numel() * tensors[name].element_size()
-                weight_map[name] = file
-            save_file(tensors, tmp / file, metadata={"format": "pt"})
-            del tensors
-        if len(set(weight_map.values())) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        names = [name for file_names in weights.files().values() for name in file_names]
+        shards, pending, size = [], {}, 0
+        for name in tqdm(names, desc="rewrite", unit="tensor", disable=not progress):
+            tensor = weights.get(name)
+            pending[name] = (rules[name](tensor) if name in rules else tensor).contiguous()
+            size += pending[name].numel() * pending[name].element_size()
+            if size >= max_shard_bytes:
+                shards.append(write_shard(tmp, len(shards), pending))
+                pending, size = {}, 0
+        if pending or not shards:
+            shards.append(write_shard(tmp, len(shards), pending))
+        finish_shards(tmp, shards)
         config.save_pretrained(tmp)
         for extra in ("generation_config.json",):
             if (weights.directory / extra).is_file():

@@ -58,3 +58,16 @@ def test_cli_eval_json(capsys, data_dir):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"perplexity", "tokens", "seconds", "tokens_per_second", "model", "corpus"} <= out.keys()
     assert out["tokens"] == 1024 - 4 and out["corpus"] == "wikitext2"
+
+
+@pytest.mark.parametrize("name,part", [("wikitext2", "calibration"), ("wikitext2", "evaluation"),
+                                       ("sms_spam", "calibration")])
+def test_prefix_tokenisation_equals_the_whole_text(smollm2, data_dir, name, part):
+    from calibrate.batches import SEPARATORS, message_texts, tokenize_long, tokenize_prefix
+
+    _, tokenizer = smollm2
+    corpus = load_corpus(name, part=part, data_dir=data_dir)
+    text = SEPARATORS[corpus.kind].join(message_texts(corpus))
+    whole = tokenize_long(tokenizer, text)
+    for budget in (100, 8192, 65536):
+        assert tokenize_prefix(tokenizer, text, budget) == whole[:budget]

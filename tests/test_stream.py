@@ -74,3 +74,28 @@ def test_cli_prune_offload_equals_in_memory(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name].double(), b[name].double(), rtol=1e-6, atol=1e-7)
+
+
+def test_small_output_shards_with_an_index(tmp_path):
+    import json
+
+    from pruning import stream
+
+    model, stats = checkpoint(tmp_path, "llama")
+    empty, loader, tokenizer = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float32)
+    original = stream.write_checkpoint
+
+    def tiny_shards(*args, **kwargs):
+        return original(*args, **kwargs, max_shard_bytes=20_000)
+
+    stream.write_checkpoint = tiny_shards
+    try:
+        prune_checkpoint(empty, loader, tokenizer, tmp_path / "s", stats, "hybrid", Target(ratio=0.4), progress=False)
+    finally:
+        stream.write_checkpoint = original
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    prune(model, stats=stats, method="hybrid", ratio=0.4)
+    ids = torch.randint(3, 120, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "s")(ids).logits, model(ids).logits)
