@@ -228,8 +228,9 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     target.add_argument("--intermediate-size", type=int, help="kept neurons per layer")
     p.add_argument("--multiple-of", type=int, default=1, help="round kept counts down to a multiple of N")
     p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS))
-    p.add_argument("--reconstruct", default="none", choices=list(RECONSTRUCTIONS),
-                   help="compensate removed neurons from the statistics (lstsq needs --second-moment)")
+    p.add_argument("--reconstruct", default="auto", choices=["auto", *RECONSTRUCTIONS],
+                   help="compensate removed neurons from the statistics (default auto: lstsq when second "
+                        "moments are available or affordable, else none; lstsq needs --second-moment)")
     p.add_argument("--offload", action="store_true",
                    help="never build the whole model: calibrate layer by layer and rewrite the checkpoint shard by "
                         "shard (automatic when the model would not fit)")
@@ -258,6 +259,8 @@ def run_prune(args) -> None:
     Target(ratio=args.ratio, expansion_ratio=args.expansion_ratio, intermediate_size=args.intermediate_size,
            multiple_of=args.multiple_of)  # a bad target fails before anything loads
     layers = parse_layers(args.layers)
+    if args.reconstruct == "auto":
+        args.reconstruct = default_reconstruct(args)
     wants_stats = needs_stats(args.method) or args.reconstruct != "none"
     if wants_stats and args.stats is None and args.corpus is None:
         what = f"method '{args.method}'" if needs_stats(args.method) else f"--reconstruct {args.reconstruct}"
@@ -285,6 +288,34 @@ def run_prune(args) -> None:
           intermediate_size=args.intermediate_size, multiple_of=args.multiple_of, allocation=args.allocation,
           layers=layers, seed=args.seed, reconstruct_with=args.reconstruct)
     save_and_report(args, model, tokenizer, f"select + cut + save took {time.perf_counter() - start:.2f} s")
+
+
+def default_reconstruct(args) -> str:
+    """``--reconstruct auto``: ``lstsq``, the best measured (README), whenever second moments are in
+    the statistics file or the calibration can afford them; ``none`` otherwise. Said on stderr."""
+    from calibrate.offload import checkpoint_bytes
+    from calibrate.stats import available_memory
+
+    if args.stats is not None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(args.stats, "pt") as f:
+                has_second = (f.metadata() or {}).get("second_moment") == "true"
+        except Exception:
+            has_second = False  # ActivationStats.load gives the proper error later
+        choice, why = ("lstsq", "the statistics hold second moments") if has_second else \
+            ("none", "the statistics have no second moments (calibrate with --second-moment for lstsq)")
+    elif args.corpus is not None:
+        size, free = checkpoint_bytes(args.model), available_memory()
+        # float64 second moments: about 2/3 · intermediate/hidden times the float32 MLP weights
+        affordable = args.offload or args.sequential or not (size and free and 4 * size > free)
+        choice, why = ("lstsq", "calibrating with second moments") if affordable else \
+            ("none", "second moments of every layer would not fit in memory (try --offload)")
+    else:
+        choice, why = "none", "no calibration data"
+    print(f"note: --reconstruct {choice} ({why}); pass --reconstruct to choose", file=sys.stderr)
+    return choice
 
 
 def run_streamed(args, layers) -> None:
