@@ -99,3 +99,36 @@ def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit
         raise GluPruneError("every ridge left the refit singular: use more calibration tokens")
     error, alpha, new, bias = min(candidates, key=lambda c: c[0])
     return new, bias, {"ridge": alpha, "holdout_error": error}
+
+
+def obs_removal_order(weight: torch.Tensor, second: torch.Tensor, damping: float = 1e-2,
+                      block: int = 32) -> torch.Tensor:
+    """Optimal-brain-surgeon order of neuron removal for ``y = W x`` (W: hidden × intermediate).
+
+    Greedily removes the ``block`` neurons whose removal, with the other columns refitted, adds the
+    least ``E||W x - W' x_K||²`` (each alone: ``||W[:, j]||² / H⁻¹[j, j]`` for ``H = S + λI``), then
+    updates ``W`` and ``H⁻¹`` for the whole block at once by a Schur complement (SlimGPT/ZipLM-style
+    column pruning). Returns each neuron's removal step: higher means removed later, i.e. more
+    important (usable as a score).
+    """
+    size = second.shape[0]
+    h = second.double() + damping * second.diagonal().mean().clamp_min(1e-12) * torch.eye(size, dtype=torch.float64)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    w = weight.double().clone()
+    index = torch.arange(size)  # original neuron of each remaining column
+    order = torch.empty(size, dtype=torch.float64)
+    step = 0
+    while index.numel():
+        errors = w.square().sum(0) / hinv.diagonal()
+        chosen = errors.argsort()[: min(block, index.numel())]
+        order[index[chosen]] = torch.arange(step, step + chosen.numel(), dtype=torch.float64)
+        step += chosen.numel()
+        rest = torch.ones(index.numel(), dtype=torch.bool)
+        rest[chosen] = False
+        if not rest.any():
+            break
+        solve = torch.linalg.solve(hinv[chosen][:, chosen], hinv[chosen][:, rest])  # (B, rest)
+        w = w[:, rest] - w[:, chosen] @ solve
+        hinv = hinv[rest][:, rest] - hinv[rest][:, chosen] @ solve
+        index = index[rest]
+    return order

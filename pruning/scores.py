@@ -4,6 +4,9 @@ Neuron j is row j of ``gate`` and ``up`` (intermediate × hidden) and column j o
 (hidden × intermediate). Static scores use weights only; data-driven ones also use the layer's
 calibration statistics (:class:`calibrate.stats.LayerStats`).
 
+``obs`` ranks neurons by the order in which optimal brain surgeon removes them from the down
+projection (it needs the second moment, and pairs with ``--reconstruct lstsq``).
+
 ``hybrid`` is optipfair 0.4.2's data-driven formula (``compute_neuron_pair_importance_maw_hybrid``):
 ``(ppm(gate)/max + ppm(up)/max + ppm(down col)/max) * ||x||``, with ppm = max + |min|. optipfair
 takes ``||x||`` as the sum over batches of per-batch L2 norms, padding included, which depends on
@@ -68,9 +71,19 @@ def hybrid(gate, up, down, stats, seed, layer):
     return structural * stats.l2
 
 
+def obs(gate, up, down, stats, seed, layer):
+    """Removal order by optimal brain surgeon on the down projection (see pruning.reconstruct)."""
+    from pruning.reconstruct import obs_removal_order
+
+    if stats.second_moment is None:
+        raise GluPruneError("method 'obs' needs second-moment statistics: calibrate with --second-moment")
+    return obs_removal_order(down, stats.second_moment / max(stats.count, 1))
+
+
 Score = Callable[..., torch.Tensor]
 STATIC: dict[str, Score] = {"maw": maw, "ppm": ppm, "l1": l1, "l2": l2, "vow": vow, "random": random}
-DATA_DRIVEN: dict[str, Score] = {"activation": activation, "wanda": wanda, "flap": flap, "hybrid": hybrid}
+DATA_DRIVEN: dict[str, Score] = {"activation": activation, "wanda": wanda, "flap": flap, "hybrid": hybrid, "obs": obs}
+SECOND_MOMENT_METHODS = ("obs",)
 METHODS: dict[str, Score] = {**STATIC, **DATA_DRIVEN}
 STATIC_METHODS, DATA_METHODS = tuple(STATIC), tuple(DATA_DRIVEN)
 

@@ -78,3 +78,26 @@ def test_bias_reconstruction_needs_a_family_that_reloads_biases():
         prune(model, stats=stats, method="wanda", ratio=0.5, reconstruct_with="bias")
     with pytest.raises(GluPruneError, match="not one of"):
         prune(model, stats=stats, method="wanda", ratio=0.5, reconstruct_with="magic")
+
+
+def test_obs_removes_first_the_neuron_whose_loss_a_refit_best_absorbs():
+    from pruning.reconstruct import lstsq_refit, obs_removal_order
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    second = x.T @ x / 500
+    weight = torch.randn(5, 12, generator=g, dtype=torch.float64)
+
+    def error_without(j):
+        keep = torch.tensor([k for k in range(12) if k != j])
+        new = weight.clone()
+        new[:, keep] -= lstsq_refit(weight, second, keep, 1e-12)
+        new[:, j] = weight[:, j]
+        return float(torch.einsum("hi,ij,hj->", new, second, new))
+
+    order = obs_removal_order(weight, second, damping=1e-12, block=1)
+    assert sorted(order.tolist()) == list(range(12))
+    first = int(order.argmin())
+    assert first == min(range(12), key=error_without)
+    blocked = obs_removal_order(weight, second, damping=1e-12, block=4)
+    assert sorted(blocked.tolist()) == list(range(12))

@@ -69,3 +69,23 @@ def test_scores_are_permutation_equivariant(seed, neurons, method):
     base = score_neurons(method, gate, up, down, stats=stats_of(x))
     permuted = score_neurons(method, gate[perm], up[perm], down[:, perm], stats=stats_of(x[:, perm]))
     torch.testing.assert_close(permuted, base[perm])
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), neurons=st.integers(2, 40))
+def test_obs_is_permutation_equivariant_and_needs_the_second_moment(seed, neurons):
+    g = torch.Generator().manual_seed(seed)
+    gate, up = torch.randn(neurons, 5, generator=g), torch.randn(neurons, 5, generator=g)
+    down, x = torch.randn(5, neurons, generator=g), torch.randn(50, neurons, generator=g, dtype=torch.float64)
+    perm = torch.randperm(neurons, generator=g)
+
+    def with_second(x):
+        s = stats_of(x)
+        s.second_moment = x.T @ x
+        return s
+
+    base = score_neurons("obs", gate, up, down, stats=with_second(x))
+    permuted = score_neurons("obs", gate[perm], up[perm], down[:, perm], stats=with_second(x[:, perm]))
+    torch.testing.assert_close(permuted, base[perm])
+    with pytest.raises(GluPruneError, match="second-moment"):
+        score_neurons("obs", gate, up, down, stats=stats_of(x))
