@@ -21,8 +21,8 @@ from calibrate.run import calibrate, calibrate_with_holdout, split_holdout
 from calibrate.stats import ActivationStats
 from pruning.heal import HealConfig, heal, training_batches
 from pruning.pipeline import prune, prune_sequential
-from pruning.reconstruct import NEEDS_SECOND_MOMENT
-from pruning.scores import SECOND_MOMENT_METHODS, needs_stats
+from pruning.reconstruct import needs_second_moment
+from pruning.scores import needs_stats
 
 DEFAULT_METHODS = ["ppm", "hybrid", "wanda"]
 SPEED = "(speed)"
@@ -176,8 +176,7 @@ def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods:
     from benchmarks.report import write_reports
 
     specs = grid_models(methods, ratios, [c.name for c in corpora], reconstruct, schedules, heal_steps)
-    second_moment = any(r in NEEDS_SECOND_MOMENT for r in reconstruct) or any(m in SECOND_MOMENT_METHODS
-                                                                               for m in methods)
+    second_moment = any(needs_second_moment(m, r) for m in methods for r in reconstruct)
     grid = Grid(model, corpora, out_dir, second_moment=second_moment, **options)
     rows, extras = grid.run(specs)
     return write_reports(rows, Path(out_dir), extras.get(SPEED, []), extras.get(LM_EVAL, []))

@@ -252,8 +252,8 @@ def run_prune(args) -> None:
     from calibrate.stats import ActivationStats
     from pruning.pipeline import check_bias_support, prune
     from pruning.plan import Target
-    from pruning.reconstruct import NEEDS_SECOND_MOMENT
-    from pruning.scores import SECOND_MOMENT_METHODS, needs_stats
+    from pruning.reconstruct import NEEDS_SECOND_MOMENT, needs_second_moment
+    from pruning.scores import needs_stats
 
     refuse_existing(args.out, args.force)
     Target(ratio=args.ratio, expansion_ratio=args.expansion_ratio, intermediate_size=args.intermediate_size,
@@ -281,8 +281,7 @@ def run_prune(args) -> None:
             raise GluPruneError(f"--reconstruct {args.reconstruct} needs second-moment statistics, which {args.stats} "
                                 f"lacks: recalibrate with --second-moment")
     elif args.corpus is not None and wants_stats:
-        args.second_moment = args.second_moment or args.reconstruct in NEEDS_SECOND_MOMENT \
-            or args.method in SECOND_MOMENT_METHODS
+        args.second_moment = args.second_moment or needs_second_moment(args.method, args.reconstruct)
         stats = calibrate_from_args(args, model, tokenizer)
     start = time.perf_counter()
     prune(model, stats=stats, method=args.method, ratio=args.ratio, expansion_ratio=args.expansion_ratio,
@@ -326,8 +325,8 @@ def run_streamed(args, layers) -> None:
     from calibrate.offload import offload_model
     from calibrate.stats import ActivationStats
     from pruning.plan import Target
-    from pruning.reconstruct import NEEDS_SECOND_MOMENT
-    from pruning.scores import SECOND_MOMENT_METHODS, needs_stats
+    from pruning.reconstruct import needs_second_moment
+    from pruning.scores import needs_stats
     from pruning.stream import prune_checkpoint
 
     if args.sequential or args.device_map is not None:
@@ -338,8 +337,7 @@ def run_streamed(args, layers) -> None:
     if args.stats is not None:
         stats = ActivationStats.load(args.stats)
     elif args.corpus is not None and (needs_stats(args.method) or args.reconstruct != "none"):
-        args.second_moment = args.second_moment or args.reconstruct in NEEDS_SECOND_MOMENT \
-            or args.method in SECOND_MOMENT_METHODS
+        args.second_moment = args.second_moment or needs_second_moment(args.method, args.reconstruct)
         stats = calibrate_from_args(args, model, tokenizer, layers=layers, loader=loader, device=device)
     start = time.perf_counter()
     target = Target(ratio=args.ratio, expansion_ratio=args.expansion_ratio, intermediate_size=args.intermediate_size,

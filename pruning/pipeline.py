@@ -12,7 +12,7 @@ from calibrate.glu import glu_layers
 from calibrate.stats import ActivationStats, LayerStats, fingerprint
 from pruning.plan import Target, kept_count, plan_global, plan_uniform
 from pruning.reconstruct import NEEDS_BIAS, check_reconstruction, reconstruct_layer
-from pruning.scores import SECOND_MOMENT_METHODS, needs_stats, score_neurons
+from pruning.scores import needs_stats, score_neurons
 from pruning.surgery import apply_plan
 
 DEFAULT_METHOD = "hybrid"
@@ -146,7 +146,7 @@ def prune_sequential(model, batches: list[dict], holdout_batches: list[dict] | N
     ridge on ``holdout_batches``; without them it uses a fixed ridge.
     """
     from calibrate.layerwise import calibrate_layerwise
-    from pruning.reconstruct import NEEDS_SECOND_MOMENT
+    from pruning.reconstruct import needs_second_moment
 
     start = time.perf_counter()
     target = Target(ratio=ratio, expansion_ratio=expansion_ratio, intermediate_size=intermediate_size,
@@ -172,8 +172,7 @@ def prune_sequential(model, batches: list[dict], holdout_batches: list[dict] | N
         install(model, {index: (weight, bias)})
 
     stats = calibrate_layerwise(model, batches, holdout_batches=holdout_batches, layers=layers,
-                                second_moment=reconstruct_with in NEEDS_SECOND_MOMENT
-                                or method in SECOND_MOMENT_METHODS, max_tokens=max_tokens,
+                                second_moment=needs_second_moment(method, reconstruct_with), max_tokens=max_tokens,
                                 after_layer=cut, progress=progress, meta=meta)
     model.glu_prune_manifest = manifest(model, method, target, "uniform", reconstruct_with, chosen, plan,
                                         sizes_before, stats, seed, start, schedule="sequential")

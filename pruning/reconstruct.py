@@ -25,6 +25,13 @@ NEEDS_BIAS = ("bias", "lstsq-centred")
 RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
+def needs_second_moment(method: str, reconstruct: str) -> bool:
+    """Whether selecting with ``method`` and refitting with ``reconstruct`` use second moments."""
+    from pruning.scores import SECOND_MOMENT_METHODS
+
+    return reconstruct in NEEDS_SECOND_MOMENT or method in SECOND_MOMENT_METHODS
+
+
 def check_reconstruction(method: str) -> None:
     if method not in RECONSTRUCTIONS:
         raise GluPruneError(f"--reconstruct '{method}' is not one of {', '.join(RECONSTRUCTIONS)}")
