@@ -19,10 +19,10 @@ from calibrate.models import load_model
 from calibrate.perplexity import protocol_perplexity
 from calibrate.run import calibrate, calibrate_with_holdout, split_holdout
 from calibrate.stats import ActivationStats
+from pruning.allocation import DEFAULT_SPREAD
 from pruning.heal import HealConfig, heal, training_batches
 from pruning.pipeline import prune, prune_sequential
 from pruning.reconstruct import needs_second_moment
-from pruning.scores import needs_stats
 
 DEFAULT_METHODS = ["ppm", "hybrid", "wanda"]
 SPEED = "(speed)"
@@ -37,13 +37,13 @@ class Grid:
     """One comparison run over a results folder; every finished cell is kept and skipped next time."""
 
     def __init__(self, model: str, corpora: list[CorpusSpec], out_dir: Path, data_dir=None, eval_tokens=8192,
-                 eval_docs=400, seq_len=512, calib_tokens=8192, calib_seq_len=128, allocation="uniform",
+                 eval_docs=400, seq_len=512, calib_tokens=8192, calib_seq_len=128, spread=DEFAULT_SPREAD,
                  batch_size=4, device=None, dtype="float32", speed=False, second_moment=False, heal_seq_len=256,
                  lm_eval: list[str] | None = None, lm_eval_include: str | None = None, lm_eval_limit: int | None = None,
                  progress=True):
         self.model_name, self.corpora, self.out = model, corpora, Path(out_dir)
         self.data_dir, self.eval_tokens, self.eval_docs, self.seq_len = data_dir, eval_tokens, eval_docs, seq_len
-        self.calib_tokens, self.calib_seq_len, self.allocation = calib_tokens, calib_seq_len, allocation
+        self.calib_tokens, self.calib_seq_len, self.spread = calib_tokens, calib_seq_len, spread
         self.batch_size, self.progress, self.second_moment = batch_size, progress, second_moment
         self.heal_seq_len = heal_seq_len
         self.out.mkdir(parents=True, exist_ok=True)
@@ -105,10 +105,12 @@ class Grid:
             model = prune_sequential(copy.deepcopy(self.base), fit, held, method=spec.method, ratio=spec.ratio,
                                      reconstruct_with=spec.reconstruct, progress=False)
         else:
-            stats = self.statistics(spec.calibration) if needs_stats(spec.method) or spec.reconstruct != "none" \
-                else None
+            stats = self.statistics(spec.calibration) if spec.calibration else None
+            held = split_holdout(self.calibration_batches(spec.calibration))[1] \
+                if spec.allocation == "sensitivity" else None
             model = prune(copy.deepcopy(self.base), stats=stats, method=spec.method, ratio=spec.ratio,
-                          allocation=self.allocation, reconstruct_with=spec.reconstruct)
+                          allocation=spec.allocation, reconstruct_with=spec.reconstruct, spread=self.spread,
+                          sensitivity_batches=held)
         if spec.heal_steps:
             part = self.calibration_part(spec.calibration)
             batches = training_batches(self.tokenizer, part, seq_len=self.heal_seq_len, batch_size=4)
@@ -152,7 +154,7 @@ class Grid:
                     "model": spec.key, "method": spec.method or "base", "ratio": spec.ratio or 0.0,
                     "calibration_corpus": spec.calibration or "", "reconstruct": spec.reconstruct,
                     "schedule": spec.schedule, "heal_steps": spec.heal_steps,
-                    "allocation": self.allocation if spec.method else "", "eval_corpus": corpus,
+                    "allocation": spec.allocation if spec.method else "", "eval_corpus": corpus,
                     "perplexity": result.perplexity, "tokens": result.tokens,
                     "parameters": parameter_count(model), "prune_seconds": round(prune_seconds, 3),
                     "eval_seconds": round(result.seconds, 2),
@@ -166,16 +168,16 @@ class Grid:
 
 def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods: list[str], out_dir,
             reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",), heal_steps: int = 0,
-            **options) -> list[dict]:
+            allocations: list[str] = ("uniform",), **options) -> list[dict]:
     """Run (or resume) the grid and write results.{json,csv,md} and plots into ``out_dir``.
 
-    Each method is pruned once per entry of ``reconstruct`` and of ``schedules`` (one-shot,
-    sequential); a refit makes every corpus calibrate with the second moment. ``heal_steps`` adds
+    Each method is pruned once per entry of ``reconstruct``, of ``schedules`` (one-shot,
+    sequential) and of ``allocations``; a refit makes every corpus calibrate with the second moment. ``heal_steps`` adds
     each pruned model healed (distilled from the base) on its calibration corpus.
     """
     from benchmarks.report import write_reports
 
-    specs = grid_models(methods, ratios, [c.name for c in corpora], reconstruct, schedules, heal_steps)
+    specs = grid_models(methods, ratios, [c.name for c in corpora], reconstruct, schedules, heal_steps, allocations)
     second_moment = any(needs_second_moment(m, r) for m in methods for r in reconstruct)
     grid = Grid(model, corpora, out_dir, second_moment=second_moment, **options)
     rows, extras = grid.run(specs)

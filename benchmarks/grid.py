@@ -27,6 +27,7 @@ class ModelSpec:
     reconstruct: str = "none"
     schedule: str = "one-shot"
     heal_steps: int = 0
+    allocation: str = "uniform"
 
     @property
     def key(self) -> str:
@@ -37,6 +38,8 @@ class ModelSpec:
             parts.append(self.reconstruct)
         if self.schedule != "one-shot":
             parts.append(self.schedule)
+        if self.allocation != "uniform":
+            parts.append(self.allocation)
         if self.heal_steps:
             parts.append(f"heal{self.heal_steps}")
         return "-".join(parts)
@@ -70,27 +73,38 @@ def parse_list(text: str, kind, flag: str) -> list:
 
 
 SCHEDULES = ("one-shot", "sequential")
+DATA_ALLOCATIONS = ("owl", "sensitivity")
 
 
 def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
                 reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",),
-                heal_steps: int = 0) -> list[ModelSpec]:
-    """The base, then per ratio: static methods once, data-driven ones (and any reconstruction or
-    sequential schedule) once per calibration corpus; with ``heal_steps`` each pruned model also
-    healed on each corpus it was calibrated on (static ones: on every corpus)."""
+                heal_steps: int = 0, allocations: list[str] = ("uniform",)) -> list[ModelSpec]:
+    """The base, then per ratio: static methods once, data-driven ones (and any reconstruction,
+    sequential schedule or data-driven allocation) once per calibration corpus, for every schedule,
+    reconstruction and allocation (sequential pruning: uniform only); with ``heal_steps`` each pruned
+    model also healed on each corpus it was calibrated on (static ones: on every corpus)."""
+    from pruning.pipeline import ALLOCATIONS
+
     bad = [s for s in schedules if s not in SCHEDULES]
     if bad:
         raise GluPruneError(f"unknown schedule '{bad[0]}': choose from {', '.join(SCHEDULES)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise GluPruneError(f"unknown method '{unknown[0]}': choose from {', '.join(METHODS)}")
+    odd = [a for a in allocations if a not in ALLOCATIONS]
+    if odd:
+        raise GluPruneError(f"unknown allocation '{odd[0]}': choose from {', '.join(ALLOCATIONS)}")
     models = [ModelSpec()]
     for ratio in ratios:
         for method in methods:
             for schedule in schedules:
                 for rec in reconstruct:
-                    data = needs_stats(method) or rec != "none" or schedule != "one-shot"
-                    models += [ModelSpec(method, ratio, c, rec, schedule) for c in (corpora if data else [None])]
+                    for allocation in allocations if schedule == "one-shot" else ["uniform"]:
+                        data = needs_stats(method) or rec != "none" or schedule != "one-shot" or \
+                            allocation in DATA_ALLOCATIONS
+                        models += [ModelSpec(method, ratio, c, rec, schedule, allocation=allocation)
+                                   for c in (corpora if data else [None])]
+    models = list(dict.fromkeys(models))
     if heal_steps:
         models += [replace(m, calibration=c, heal_steps=heal_steps) for m in models if m.method
                    for c in ([m.calibration] if m.calibration else corpora)]

@@ -30,11 +30,12 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def variant(row: dict) -> str:
-    """Method with its reconstruction, schedule and healing, e.g. 'hybrid +lstsq sequential healed 100'."""
+    """Method with its reconstruction, schedule, allocation and healing, e.g. 'hybrid +lstsq owl healed 100'."""
     rec = f" +{row['reconstruct']}" if row.get("reconstruct", "none") != "none" else ""
     schedule = f" {row['schedule']}" if row.get("schedule", "one-shot") != "one-shot" else ""
+    allocation = f" {row['allocation']}" if row.get("allocation", "uniform") not in ("uniform", "") else ""
     healed = f" healed {row['heal_steps']}" if row.get("heal_steps") else ""
-    return f"{row['method']}{rec}{schedule}{healed}"
+    return f"{row['method']}{rec}{schedule}{allocation}{healed}"
 
 
 def label(row: dict) -> str:

@@ -103,20 +103,27 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
                    help="also keep sum x xᵀ per layer, and a held-out eighth of the batches (for --reconstruct)")
 
 
+def calibration_batches(args, tokenizer) -> tuple[list[dict], dict]:
+    """The batches of ``--corpus``'s calibration part under the calibration options, and their metadata."""
+    from calibrate.batches import make_batches
+
+    corpus = corpus_from_args(args, "calibration")
+    batches = list(make_batches(tokenizer, corpus, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                batch_size=args.batch_size, packing=args.packing))
+    meta = {"model": args.model, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
+            "seq_len": str(args.seq_len)}
+    return batches, meta
+
+
 def calibrate_from_args(args, model, tokenizer, layers=None, loader=None, device=None):
     """Calibrate ``model`` on ``--corpus`` with the calibration options of ``args`` (layer by layer
     from the checkpoint when a ``loader`` is given)."""
-    from calibrate.batches import make_batches
     from calibrate.glu import glu_layers
     from calibrate.layerwise import calibrate_layerwise
     from calibrate.run import calibrate, calibrate_with_holdout, split_holdout
 
     glu_layers(model, layers)  # an unsupported family or bad --layers fails before any work
-    corpus = corpus_from_args(args, "calibration")
-    batches = make_batches(tokenizer, corpus, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                           batch_size=args.batch_size, packing=args.packing)
-    meta = {"model": args.model, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
-            "seq_len": str(args.seq_len)}
+    batches, meta = calibration_batches(args, tokenizer)
     if loader is not None:
         fit, held = split_holdout(batches) if args.second_moment else (batches, None)
         return calibrate_layerwise(model, fit, holdout_batches=held, layers=layers, second_moment=args.second_moment,
@@ -227,7 +234,11 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     target.add_argument("--expansion-ratio", type=float, help="kept intermediate size / hidden size")
     target.add_argument("--intermediate-size", type=int, help="kept neurons per layer")
     p.add_argument("--multiple-of", type=int, default=1, help="round kept counts down to a multiple of N")
-    p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS))
+    p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS),
+                   help="uniform (same size everywhere), global (standardised scores ranked across layers), owl "
+                        "(more kept where the down projection has more activation outliers) or sensitivity (more "
+                        "kept where pruning that layer alone costs more perplexity on calibration data)")
+    add_spread_option(p)
     p.add_argument("--reconstruct", default="auto", choices=["auto", *RECONSTRUCTIONS],
                    help="compensate removed neurons from the statistics (default auto: lstsq when second "
                         "moments are available or affordable, else none; lstsq needs --second-moment)")
@@ -244,12 +255,21 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run_prune)
 
 
+def add_spread_option(p: argparse.ArgumentParser) -> None:
+    from pruning.allocation import DEFAULT_SPREAD
+
+    p.add_argument("--allocation-spread", type=float, default=DEFAULT_SPREAD,
+                   help=f"owl/sensitivity: the layers' kept fractions average the target and span at most twice "
+                        f"this (default {DEFAULT_SPREAD}, OWL's lambda)")
+
+
 def run_prune(args) -> None:
     import time
 
     from calibrate.glu import glu_layers, parse_layers
     from calibrate.models import load_model
     from calibrate.stats import ActivationStats
+    from pruning.allocation import check_spread
     from pruning.pipeline import check_bias_support, prune
     from pruning.plan import Target
     from pruning.reconstruct import NEEDS_SECOND_MOMENT, needs_second_moment
@@ -258,6 +278,7 @@ def run_prune(args) -> None:
     refuse_existing(args.out, args.force)
     Target(ratio=args.ratio, expansion_ratio=args.expansion_ratio, intermediate_size=args.intermediate_size,
            multiple_of=args.multiple_of)  # a bad target fails before anything loads
+    check_spread(args.allocation_spread)
     layers = parse_layers(args.layers)
     if args.reconstruct == "auto":
         args.reconstruct = default_reconstruct(args)
@@ -267,6 +288,9 @@ def run_prune(args) -> None:
         raise GluPruneError(f"{what} needs calibration statistics: pass --stats FILE or --corpus NAME")
     if args.sequential and (args.corpus is None or args.stats is not None or args.allocation != "uniform"):
         raise GluPruneError("--sequential calibrates as it prunes: pass --corpus (not --stats) and uniform allocation")
+    if args.allocation == "sensitivity" and args.corpus is None:
+        raise GluPruneError("--allocation sensitivity measures each layer's perplexity cost on calibration data: "
+                            "pass --corpus NAME")
     if wants_offload(args):
         return run_streamed(args, layers)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
@@ -283,10 +307,16 @@ def run_prune(args) -> None:
     elif args.corpus is not None and wants_stats:
         args.second_moment = args.second_moment or needs_second_moment(args.method, args.reconstruct)
         stats = calibrate_from_args(args, model, tokenizer)
+    held = None
+    if args.allocation == "sensitivity":
+        from calibrate.run import split_holdout
+
+        held = split_holdout(calibration_batches(args, tokenizer)[0])[1]
     start = time.perf_counter()
     prune(model, stats=stats, method=args.method, ratio=args.ratio, expansion_ratio=args.expansion_ratio,
           intermediate_size=args.intermediate_size, multiple_of=args.multiple_of, allocation=args.allocation,
-          layers=layers, seed=args.seed, reconstruct_with=args.reconstruct)
+          layers=layers, seed=args.seed, reconstruct_with=args.reconstruct, spread=args.allocation_spread,
+          sensitivity_batches=held, progress=True)
     save_and_report(args, model, tokenizer, f"select + cut + save took {time.perf_counter() - start:.2f} s")
 
 
@@ -331,6 +361,8 @@ def run_streamed(args, layers) -> None:
 
     if args.sequential or args.device_map is not None:
         raise GluPruneError("--offload prunes one-shot on one device: drop --sequential and --device-map")
+    if args.allocation == "sensitivity":
+        raise GluPruneError("--allocation sensitivity runs the whole model: drop --offload or use --allocation owl")
     device = pick_device(args.device)
     model, loader, tokenizer = offload_model(args.model, device, pick_dtype(args.dtype))
     stats = None
@@ -344,7 +376,7 @@ def run_streamed(args, layers) -> None:
                     multiple_of=args.multiple_of)
     record = prune_checkpoint(model, loader, tokenizer, args.out, stats, args.method, target,
                               allocation=args.allocation, layers=layers, seed=args.seed,
-                              reconstruct_with=args.reconstruct, force=args.force)
+                              reconstruct_with=args.reconstruct, force=args.force, spread=args.allocation_spread)
     sizes = record["intermediate_sizes"]
     print(f"wrote {args.out}: {args.method}, intermediate sizes {min(sizes)}..{max(sizes)}, streamed shard by "
           f"shard; select + cut + save took {time.perf_counter() - start:.2f} s")
@@ -353,18 +385,13 @@ def run_streamed(args, layers) -> None:
 def run_sequential(args, model, tokenizer, layers) -> None:
     import time
 
-    from calibrate.batches import make_batches
     from calibrate.run import split_holdout
     from pruning.pipeline import prune_sequential
     from pruning.reconstruct import NEEDS_SECOND_MOMENT
 
     start = time.perf_counter()
-    corpus = corpus_from_args(args, "calibration")
-    batches = list(make_batches(tokenizer, corpus, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                batch_size=args.batch_size, packing=args.packing))
+    batches, meta = calibration_batches(args, tokenizer)
     fit, held = split_holdout(batches) if args.reconstruct in NEEDS_SECOND_MOMENT else (batches, None)
-    meta = {"model": args.model, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
-            "seq_len": str(args.seq_len)}
     prune_sequential(model, fit, held, method=args.method, ratio=args.ratio, expansion_ratio=args.expansion_ratio,
                      intermediate_size=args.intermediate_size, multiple_of=args.multiple_of, layers=layers,
                      seed=args.seed, reconstruct_with=args.reconstruct, meta=meta)
@@ -498,7 +525,9 @@ def add_compare(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: built-in names and NAME=PATH custom corpora")
     p.add_argument("--ratios", default="0.2,0.4", help="fractions of neurons removed (default 0.2,0.4)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: ppm,hybrid,wanda)")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--allocation", default="uniform",
+                   help="comma-separated allocations, each a row per method: uniform, global, owl, sensitivity")
+    add_spread_option(p)
     p.add_argument("--reconstruct", default="none",
                    help="comma-separated reconstructions, each a row per method (e.g. none,bias,lstsq)")
     p.add_argument("--schedule", default="one-shot",
@@ -536,7 +565,8 @@ def run_compare(args) -> None:
     rows = compare(args.model, corpora, ratios, methods, args.out, reconstruct=reconstruct, schedules=schedules,
                    heal_steps=args.heal_steps or 0, data_dir=args.data_dir,
                    eval_tokens=args.eval_tokens, eval_docs=args.eval_docs, calib_tokens=args.calib_tokens,
-                   allocation=args.allocation, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                   allocations=parse_list(args.allocation, str, "--allocation"), spread=args.allocation_spread,
+                   batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                    speed=args.speed, lm_eval=parse_list(args.lm_eval, str, "--lm-eval") if args.lm_eval else None,
                    lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
     print(open(os.path.join(args.out, "results.md")).read())

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import torch
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
+from calibrate.perplexity import sequence_nll
+from calibrate.run import batch_tensors
 from calibrate.stats import ActivationStats, LayerStats, fingerprint
-from pruning.plan import Target, kept_count, plan_global, plan_uniform
+from pruning.allocation import DEFAULT_SPREAD, counts_from_fractions, outlier_fraction, spread_fractions
+from pruning.plan import Target, kept_count, plan_global, plan_uniform, top_k
 from pruning.reconstruct import NEEDS_BIAS, check_reconstruction, reconstruct_layer
 from pruning.scores import needs_stats, score_neurons
 from pruning.surgery import apply_plan
 
 DEFAULT_METHOD = "hybrid"
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "owl", "sensitivity")
 
 
 def layer_scores(model, method: str, stats: ActivationStats | None, layers: list[int] | None,
@@ -36,8 +40,13 @@ def layer_scores(model, method: str, stats: ActivationStats | None, layers: list
 
 
 def make_plan(model, scores: dict[int, torch.Tensor], target: Target, allocation: str,
+              importance: dict[int, float] | None = None, spread: float = DEFAULT_SPREAD,
               min_keep_fraction: float = 0.05) -> dict[int, torch.Tensor]:
-    """Kept neuron indices per layer for ``target`` under ``allocation``."""
+    """Kept neuron indices per layer for ``target`` under ``allocation``.
+
+    ``owl`` and ``sensitivity`` need one ``importance`` value per layer (see :func:`layer_importance`):
+    kept fractions spread by at most ``2·spread`` around the target, more kept where more important.
+    """
     hidden = model.config.hidden_size
     sizes = {i: s.numel() for i, s in scores.items()}
     if allocation == "uniform":
@@ -45,11 +54,81 @@ def make_plan(model, scores: dict[int, torch.Tensor], target: Target, allocation
         if len(set(sizes.values())) > 1:
             raise GluPruneError("uniform allocation needs equal layer sizes: use --allocation global")
         return plan_uniform(scores, kept_count(size, hidden, target))
+    if allocation not in ALLOCATIONS:
+        raise GluPruneError(f"--allocation '{allocation}' is not one of {', '.join(ALLOCATIONS)}")
+    total = sum(kept_count(size, hidden, target) for size in sizes.values())
+    min_keep = max(target.multiple_of, int(min_keep_fraction * min(sizes.values())))
     if allocation == "global":
-        total = sum(kept_count(size, hidden, target) for size in sizes.values())
-        min_keep = max(target.multiple_of, int(min_keep_fraction * min(sizes.values())))
         return plan_global(scores, total, min_keep, multiple_of=target.multiple_of)
-    raise GluPruneError(f"--allocation '{allocation}' is not one of {', '.join(ALLOCATIONS)}")
+    if importance is None:
+        raise GluPruneError(f"--allocation {allocation} needs per-layer importance")
+    fractions = spread_fractions(importance, total / sum(sizes.values()), spread)
+    counts = counts_from_fractions(fractions, sizes, total, min_keep, target.multiple_of)
+    return {i: top_k(s, counts[i]) for i, s in scores.items()}
+
+
+def layer_importance(model, allocation: str, scores: dict[int, torch.Tensor], target: Target,
+                     stats: ActivationStats | None, reconstruct_with: str = "none",
+                     batches: list[dict] | None = None, progress: bool = False) -> dict[int, float] | None:
+    """Per-layer importance for ``owl`` (outlier fraction of the down projection's Wanda elements) and
+    ``sensitivity`` (loss increase on ``batches`` when that layer alone is pruned and refitted)."""
+    if allocation == "owl":
+        if stats is None:
+            raise GluPruneError("--allocation owl weighs activations: pass --stats FILE or --corpus NAME")
+        return {layer.index: outlier_fraction(layer.down_weight().detach().cpu(), stats.layers[layer.index].l2)
+                for layer in glu_layers(model, sorted(scores))}
+    if allocation == "sensitivity":
+        if not batches:
+            raise GluPruneError("--allocation sensitivity measures each layer's perplexity cost: pass --corpus NAME")
+        keep = {i: kept_count(s.numel(), model.config.hidden_size, target) for i, s in scores.items()}
+        return layer_sensitivity(model, scores, keep, stats, reconstruct_with, batches, progress)
+    return None
+
+
+def mean_nll(model, batches: list[dict]) -> float:
+    """Token-weighted mean negative log-likelihood of ``model`` on tokenised ``batches``."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            input_ids, mask = batch_tensors(batch, device)
+            nll, n = sequence_nll(model, {"input_ids": input_ids, "attention_mask": mask})
+            total, count = total + nll, count + n
+    return total / max(count, 1)
+
+
+def layer_sensitivity(model, scores: dict[int, torch.Tensor], keep: dict[int, int], stats: ActivationStats | None,
+                      reconstruct_with: str, batches: list[dict], progress: bool = False) -> dict[int, float]:
+    """Increase of mean NLL on ``batches`` when only layer l keeps its ``keep[l]`` best-scored neurons
+    (refitted by ``reconstruct_with``); the model is left unchanged."""
+    from tqdm.auto import tqdm
+
+    base = mean_nll(model, batches)
+    increase = {}
+    for layer in tqdm(glu_layers(model, sorted(scores)), desc="layer sensitivity", unit="layer", disable=not progress):
+        kept = top_k(scores[layer.index], keep[layer.index])
+        weight = layer.down_weight().detach().cpu()
+        layer_stats = stats.layers.get(layer.index) if stats is not None else None
+        holdout = stats.holdout.get(layer.index) if stats is not None and stats.holdout else None
+        refit, bias, _ = reconstruct_layer(reconstruct_with, weight, kept, layer_stats, holdout)
+        masked = torch.zeros(weight.shape, dtype=torch.float64)
+        masked[:, kept] = refit
+        down = layer.down
+        masked = masked.to(down.weight.dtype).to(down.weight.device)
+        full_bias = down.bias if bias is None else (bias.to(masked) + (down.bias if down.bias is not None else 0))
+        with substituted(down, masked, full_bias):
+            increase[layer.index] = mean_nll(model, batches) - base
+    return increase
+
+
+@contextmanager
+def substituted(linear: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Within the block, ``linear`` computes ``x @ weight.T + bias`` instead; the module is not changed."""
+    handle = linear.register_forward_hook(lambda _module, args, _out: torch.nn.functional.linear(args[0], weight, bias))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def check_stats(model, method: str, stats: ActivationStats | None, reconstruct: str = "none", loader=None) -> None:
@@ -113,23 +192,29 @@ def install(model, updates: dict[int, tuple[torch.Tensor, torch.Tensor | None]])
 def prune(model, stats: ActivationStats | None = None, method: str = DEFAULT_METHOD, ratio: float | None = None,
           expansion_ratio: float | None = None, intermediate_size: int | None = None, multiple_of: int = 1,
           allocation: str = "uniform", layers: list[int] | None = None, seed: int = 0,
-          reconstruct_with: str = "none"):
+          reconstruct_with: str = "none", spread: float = DEFAULT_SPREAD,
+          sensitivity_batches: list[dict] | None = None, progress: bool = False):
     """Prune ``model`` in place and return it, with ``model.glu_prune_manifest`` describing the cut.
 
-    ``reconstruct_with`` compensates the removed neurons (see :mod:`pruning.reconstruct`).
+    ``reconstruct_with`` compensates the removed neurons (see :mod:`pruning.reconstruct`);
+    ``allocation`` ``owl`` and ``sensitivity`` spread kept fractions by up to ``2·spread`` around the
+    target, ``sensitivity`` measuring each layer's loss on ``sensitivity_batches`` (calibration data).
     """
     start = time.perf_counter()
     target = Target(ratio=ratio, expansion_ratio=expansion_ratio, intermediate_size=intermediate_size,
                     multiple_of=multiple_of)
     check_stats(model, method, stats, reconstruct_with)
     scores = layer_scores(model, method, stats, layers, seed)
-    plan = make_plan(model, scores, target, allocation)
+    importance = layer_importance(model, allocation, scores, target, stats, reconstruct_with, sensitivity_batches,
+                                  progress)
+    plan = make_plan(model, scores, target, allocation, importance, spread)
     sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
     refit = reconstruct(model, plan, stats, reconstruct_with)
     apply_plan(model, plan)
     install(model, refit.get("updates", {}))
     model.glu_prune_manifest = manifest(model, method, target, allocation, reconstruct_with, refit.get("chosen", {}),
-                                        plan, sizes_before, stats, seed, start, schedule="one-shot")
+                                        plan, sizes_before, stats, seed, start, schedule="one-shot",
+                                        importance=importance, spread=spread)
     return model
 
 
@@ -181,9 +266,10 @@ def prune_sequential(model, batches: list[dict], holdout_batches: list[dict] | N
 
 def manifest(model, method: str, target: Target, allocation: str, reconstruct_with: str, chosen: dict,
              plan: dict[int, torch.Tensor], sizes_before: list[int], stats: ActivationStats | None, seed: int,
-             start: float, schedule: str) -> dict:
+             start: float, schedule: str, importance: dict[int, float] | None = None,
+             spread: float | None = None) -> dict:
     """What was done to ``model``: saved as pruning.json beside the pruned weights."""
-    return {
+    record = {
         "base_model": getattr(model, "glu_prune_name", model.config.name_or_path),
         "method": method,
         "target": {k: v for k, v in asdict(target).items() if v is not None},
@@ -199,3 +285,6 @@ def manifest(model, method: str, target: Target, allocation: str, reconstruct_wi
         "seed": seed,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    if importance is not None:
+        record.update(allocation_spread=spread, layer_importance={str(i): v for i, v in importance.items()})
+    return record

@@ -21,6 +21,7 @@ from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
 from calibrate.offload import LayerLoader
 from calibrate.stats import ActivationStats, library_version
+from pruning.allocation import DEFAULT_SPREAD, outlier_fraction
 from pruning.pipeline import check_stats, make_plan, manifest
 from pruning.plan import Target
 from pruning.reconstruct import reconstruct_layer
@@ -56,7 +57,7 @@ def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: dict[int, torch
 def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path, stats: ActivationStats | None,
                      method: str, target: Target, allocation: str = "uniform", layers: list[int] | None = None,
                      seed: int = 0, reconstruct_with: str = "none", force: bool = False,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, spread: float = DEFAULT_SPREAD) -> dict:
     """Prune the checkpoint behind ``loader`` into ``out_dir`` (written atomically); ``model`` is
     the empty (meta) model of :func:`calibrate.offload.offload_model`. Returns the manifest."""
     start = time.perf_counter()
@@ -66,8 +67,12 @@ def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path,
                             f"not {reconstruct_with}: drop --offload or choose one of those")
     if out.exists() and not force:
         raise GluPruneError(f"{out} already exists: pass --force to overwrite it")
+    if allocation == "sensitivity":
+        raise GluPruneError("--allocation sensitivity runs the whole model: drop --offload or use --allocation owl")
     check_stats(model, method, stats, reconstruct_with, loader)
-    scores, refits = {}, {}
+    if allocation == "owl" and stats is None:
+        raise GluPruneError("--allocation owl weighs activations: pass --stats FILE or --corpus NAME")
+    scores, refits, importance = {}, {}, {}
     selected = glu_layers(model, layers)
     for layer in tqdm(selected, desc="score", unit="layer", disable=not progress):
         with loader.loaded(layer.mlp):
@@ -75,7 +80,9 @@ def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path,
             scores[layer.index] = score_neurons(method, layer.gate_weight().detach().cpu(),
                                                 layer.up_weight().detach().cpu(), layer.down_weight().detach().cpu(),
                                                 stats=layer_stats, seed=seed, layer=layer.index)
-    plan = make_plan(model, scores, target, allocation)
+            if allocation == "owl":
+                importance[layer.index] = outlier_fraction(layer.down_weight().detach().cpu(), layer_stats.l2)
+    plan = make_plan(model, scores, target, allocation, importance or None, spread)
     chosen = {}
     if reconstruct_with != "none":
         for layer in selected:
@@ -88,7 +95,7 @@ def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path,
     sizes_before = [g.intermediate_size for g in glu_layers(model)]
     apply_plan(model, plan)  # on the meta model: new shapes and the config's sizes, no memory
     record = manifest(model, method, target, allocation, reconstruct_with, chosen, plan, sizes_before, stats, seed,
-                      start, schedule="one-shot (streamed)")
+                      start, schedule="one-shot (streamed)", importance=importance or None, spread=spread)
     sizes = record["intermediate_sizes"]
     record.update(uniform=len(set(sizes)) == 1, library_version=library_version())
     write_checkpoint(loader, rules, model.config, tokenizer, out, record, progress)

@@ -51,6 +51,11 @@ CASES = [
      "prune --model {d}/qwen2 --method ppm --ratio 0.2 --reconstruct bias --corpus {d}/c.txt --out {d}/p"),
     ("--sequential with a statistics file",
      "prune --model {d}/llama --stats {d}/llama.st --method hybrid --ratio 0.2 --sequential --out {d}/p"),
+    ("sensitivity allocation without calibration text",
+     "prune --model {d}/llama --stats {d}/llama.st --method hybrid --ratio 0.2 --allocation sensitivity --out {d}/p"),
+    ("--allocation-spread outside [0, 0.5]",
+     "prune --model {d}/llama --stats {d}/llama.st --method hybrid --ratio 0.2 --allocation owl "
+     "--allocation-spread 0.7 --out {d}/p"),
     ("NaN or inf activations (float16 overflow)",
      "calibrate --model {d}/overflow --corpus {d}/c.txt --dtype float16 --out {d}/s.st"),
     ("not enough memory for the second-moment matrices",

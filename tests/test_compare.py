@@ -94,6 +94,26 @@ def test_compare_with_reconstruction_and_sequential_schedule(setup, tmp_path):
         grid_models(["hybrid"], [0.2], ["a"], schedules=["later"])
 
 
+def test_compare_rows_per_allocation(setup, tmp_path):
+    specs = grid_models(["ppm", "hybrid"], [0.5], ["a", "b"], allocations=["uniform", "global", "owl"],
+                        schedules=["one-shot", "sequential"])
+    assert [s.key for s in specs] == [
+        "base", "ppm-0.5-static", "ppm-0.5-static-global", "ppm-0.5-a-owl", "ppm-0.5-b-owl",
+        "ppm-0.5-a-sequential", "ppm-0.5-b-sequential", "hybrid-0.5-a", "hybrid-0.5-b", "hybrid-0.5-a-global",
+        "hybrid-0.5-b-global", "hybrid-0.5-a-owl", "hybrid-0.5-b-owl", "hybrid-0.5-a-sequential",
+        "hybrid-0.5-b-sequential"]
+    with pytest.raises(GluPruneError, match="unknown allocation"):
+        grid_models(["hybrid"], [0.2], ["a"], allocations=["even"])
+    model, corpora = setup
+    rows = compare(model, corpora[:1], [0.25], ["hybrid"], tmp_path / "alloc", reconstruct=["lstsq"],
+                   allocations=["uniform", "sensitivity"], **OPTIONS)
+    by_model = {r["model"]: r for r in rows}
+    sensitivity = by_model["hybrid-0.25-law-lstsq-sensitivity"]
+    assert sensitivity["allocation"] == "sensitivity"
+    assert sensitivity["perplexity"] != by_model["hybrid-0.25-law-lstsq"]["perplexity"]
+    assert "hybrid +lstsq sensitivity (law)" in (tmp_path / "alloc" / "results.md").read_text()
+
+
 def test_compare_adds_healed_rows(setup, tmp_path):
     model, corpora = setup
     specs = grid_models(["ppm", "hybrid"], [0.5], ["law", "food"], heal_steps=3)

@@ -30,7 +30,7 @@ def tensors(folder):
 
 
 @pytest.mark.parametrize("family,allocation,reconstruct_with", [
-    ("llama", "uniform", "none"), ("phi3", "uniform", "lstsq"), ("qwen2", "global", "none")])
+    ("llama", "uniform", "none"), ("phi3", "uniform", "lstsq"), ("qwen2", "global", "none"), ("llama", "owl", "lstsq")])
 def test_streamed_pruning_writes_what_the_in_memory_path_saves(tmp_path, family, allocation, reconstruct_with):
     model, stats = checkpoint(tmp_path, family)
     prune(model, stats=stats, method="hybrid", ratio=0.4, allocation=allocation, reconstruct_with=reconstruct_with)

@@ -1,0 +1,100 @@
+import copy
+
+import pytest
+import torch
+from test_pipeline import stats_for
+from tiny import INTERMEDIATE, tiny_model
+
+from calibrate.errors import GluPruneError
+from calibrate.glu import glu_layers
+from calibrate.run import calibrate_with_holdout
+from pruning import prune
+from pruning.allocation import counts_from_fractions, outlier_fraction, spread_fractions
+from pruning.pipeline import layer_scores, layer_sensitivity, mean_nll
+
+
+def test_spread_fractions_follow_importance_average_the_target_and_span_twice_the_spread():
+    fractions = spread_fractions({0: 0.1, 1: 0.5, 2: 0.2, 3: 0.3}, keep_fraction=0.6, spread=0.05)
+    assert sum(fractions.values()) / 4 == pytest.approx(0.6)
+    assert max(fractions.values()) - min(fractions.values()) == pytest.approx(0.1)
+    assert sorted(fractions, key=fractions.get) == [0, 2, 3, 1]
+    assert spread_fractions({0: 2.0, 1: 2.0}, 0.7, 0.08) == {0: pytest.approx(0.7), 1: pytest.approx(0.7)}
+    with pytest.raises(GluPruneError, match="not finite"):
+        spread_fractions({0: float("nan"), 1: 1.0}, 0.5, 0.1)
+
+
+def test_counts_from_fractions_hit_the_total_in_multiples_within_bounds():
+    sizes = {0: 100, 1: 100, 2: 100}
+    counts = counts_from_fractions({0: 0.5, 1: 0.71, 2: 0.9}, sizes, total_keep=211, min_keep=10, multiple_of=8)
+    assert sum(counts.values()) == 208 and all(c % 8 == 0 and 16 <= c <= 96 for c in counts.values())
+    assert counts[0] < counts[1] < counts[2]
+    assert counts_from_fractions({0: 0.0, 1: 1.0}, {0: 10, 1: 10}, 12, min_keep=4) == {0: 4, 1: 8}
+    with pytest.raises(GluPruneError, match="minimum"):
+        counts_from_fractions({0: 0.5, 1: 0.5}, {0: 10, 1: 10}, 6, min_keep=4)
+
+
+def test_outlier_fraction_counts_elements_above_m_times_the_mean():
+    weight = torch.ones(2, 5)
+    weight[0, 0] = 100.0  # mean (100 + 9) / 10 = 10.9: only 100 is above 5 x 10.9
+    assert outlier_fraction(weight, torch.ones(5), multiplier=5.0) == pytest.approx(0.1)
+    assert outlier_fraction(torch.ones(2, 5), torch.ones(5)) == 0.0
+
+
+@pytest.mark.parametrize("allocation", ["owl", "sensitivity"])
+def test_owl_and_sensitivity_keep_the_uniform_total_and_record_their_importance(allocation):
+    model = tiny_model("llama")
+    batches = [{"input_ids": torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(2))}]
+    prune(model, stats=stats_for(model), method="hybrid", ratio=0.25, allocation=allocation, spread=0.2,
+          sensitivity_batches=batches)
+    manifest = model.glu_prune_manifest
+    sizes = manifest["intermediate_sizes"]
+    assert sum(sizes) == 3 * 48 and len(set(sizes)) > 1
+    importance = manifest["layer_importance"]
+    order = sorted(importance, key=importance.get)
+    assert sizes[int(order[0])] < sizes[int(order[-1])]  # the most important layer keeps more
+    assert manifest["allocation"] == allocation and manifest["allocation_spread"] == 0.2
+
+
+def test_sensitivity_is_the_loss_increase_of_pruning_that_layer_alone_and_leaves_the_model_unchanged():
+    model = tiny_model("llama", dtype=torch.float64)
+    ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(4))
+    batches = [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}]
+    stats = calibrate_with_holdout(model, batches, second_moment=True, holdout_fraction=0.5, progress=False)
+    scores = layer_scores(model, "hybrid", stats, None)
+    base = mean_nll(model, batches)
+    increase = layer_sensitivity(model, scores, {i: 40 for i in scores}, stats, "lstsq", batches)
+    assert mean_nll(model, batches) == base
+    for index in scores:
+        alone = prune(copy.deepcopy(model), stats=stats, method="hybrid", intermediate_size=40, layers=[index],
+                      reconstruct_with="lstsq")
+        assert [g.intermediate_size for g in glu_layers(alone)].count(INTERMEDIATE) == 2
+        assert increase[index] == pytest.approx(mean_nll(alone, batches) - base, rel=1e-9, abs=1e-12)
+
+
+def test_sensitivity_without_batches_and_owl_without_statistics_are_refused():
+    model = tiny_model("llama")
+    with pytest.raises(GluPruneError, match="--corpus"):
+        prune(model, stats=stats_for(model), method="hybrid", ratio=0.25, allocation="sensitivity")
+    with pytest.raises(GluPruneError, match="--stats"):
+        prune(model, method="ppm", ratio=0.25, allocation="owl")
+
+
+def test_cli_sensitivity_allocation_saves_a_model_that_reloads_with_its_sizes(tmp_path):
+    import json
+
+    from tiny import tiny_tokenizer
+
+    from pruning.cli import main
+    from pruning.save import load_pruned
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "c.txt").write_text("\n\n".join(f"allocation document {i} " * 6 for i in range(40)))
+    code = main(f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --method hybrid "
+                f"--ratio 0.25 --allocation sensitivity --allocation-spread 0.2 --out {tmp_path}/p".split())
+    assert code in (0, None)
+    manifest = json.loads((tmp_path / "p" / "pruning.json").read_text())
+    assert manifest["allocation"] == "sensitivity" and manifest["reconstruct"] == "lstsq"
+    assert sum(manifest["intermediate_sizes"]) == 3 * 48 and len(set(manifest["intermediate_sizes"])) > 1
+    reloaded = load_pruned(tmp_path / "p")
+    assert [g.intermediate_size for g in glu_layers(reloaded)] == manifest["intermediate_sizes"]
