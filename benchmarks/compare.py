@@ -100,10 +100,11 @@ class Grid:
         if spec.method is None:
             return self.base, 0.0
         start = time.perf_counter()
-        if spec.schedule == "sequential":
+        if spec.schedule.startswith("sequential"):
             fit, held = split_holdout(self.calibration_batches(spec.calibration))
             model = prune_sequential(copy.deepcopy(self.base), fit, held, method=spec.method, ratio=spec.ratio,
-                                     reconstruct_with=spec.reconstruct, progress=False)
+                                     reconstruct_with=spec.reconstruct, progress=False,
+                                     refit_target="dense" if spec.schedule == "sequential-dense" else "pruned")
         else:
             stats = self.statistics(spec.calibration) if spec.calibration else None
             held = split_holdout(self.calibration_batches(spec.calibration))[1] \
@@ -172,8 +173,9 @@ def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods:
     """Run (or resume) the grid and write results.{json,csv,md} and plots into ``out_dir``.
 
     Each method is pruned once per entry of ``reconstruct``, of ``schedules`` (one-shot,
-    sequential) and of ``allocations``; a refit makes every corpus calibrate with the second moment. ``heal_steps`` adds
-    each pruned model healed (distilled from the base) on its calibration corpus.
+    sequential, sequential-dense) and of ``allocations``; a refit makes every corpus calibrate with
+    the second moment. ``heal_steps`` adds each pruned model healed (distilled from the base) on its
+    calibration corpus.
     """
     from benchmarks.report import write_reports
 

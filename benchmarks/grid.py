@@ -72,7 +72,7 @@ def parse_list(text: str, kind, flag: str) -> list:
     return values
 
 
-SCHEDULES = ("one-shot", "sequential")
+SCHEDULES = ("one-shot", "sequential", "sequential-dense")
 DATA_ALLOCATIONS = ("owl", "sensitivity")
 
 
@@ -81,8 +81,9 @@ def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
                 heal_steps: int = 0, allocations: list[str] = ("uniform",)) -> list[ModelSpec]:
     """The base, then per ratio: static methods once, data-driven ones (and any reconstruction,
     sequential schedule or data-driven allocation) once per calibration corpus, for every schedule,
-    reconstruction and allocation (sequential pruning: uniform only); with ``heal_steps`` each pruned
-    model also healed on each corpus it was calibrated on (static ones: on every corpus)."""
+    reconstruction and allocation (sequential: uniform only; sequential-dense: lstsq only); with
+    ``heal_steps`` each pruned model also healed on each corpus it was calibrated on (static ones:
+    on every corpus)."""
     from pruning.pipeline import ALLOCATIONS
 
     bad = [s for s in schedules if s not in SCHEDULES]
@@ -99,6 +100,8 @@ def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
         for method in methods:
             for schedule in schedules:
                 for rec in reconstruct:
+                    if schedule == "sequential-dense" and rec != "lstsq":
+                        continue  # a refit toward the dense outputs is a least-squares refit
                     for allocation in allocations if schedule == "one-shot" else ["uniform"]:
                         data = needs_stats(method) or rec != "none" or schedule != "one-shot" or \
                             allocation in DATA_ALLOCATIONS

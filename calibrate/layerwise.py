@@ -19,7 +19,7 @@ from calibrate.glu import check_layers, decoder, decoder_layers, glu_layers
 from calibrate.hooks import StopForward, recording
 from calibrate.offload import ResidentLoader
 from calibrate.run import batch_tensors, finish_stats
-from calibrate.stats import LayerStats, check_memory, human_bytes, second_moment_bytes
+from calibrate.stats import LayerStats, PairedStats, check_memory, human_bytes, second_moment_bytes
 
 
 @dataclass
@@ -114,19 +114,51 @@ def advance_layer(model, index: int, groups: list[list[LayerBatch]]) -> None:
                 b.hidden = out[0] if isinstance(out, tuple) else out
 
 
-AfterLayer = Callable[[int, LayerStats, "LayerStats | None"], None]
+def record_pairs(model, index: int, groups: list[list[LayerBatch]],
+                 dense_groups: list[list[LayerBatch]]) -> list[PairedStats]:
+    """For each group, layer ``index``'s down_proj inputs on the model's stream (x) paired with
+    those on the dense stream (d); the dense stream advances through the layer, still unpruned."""
+    layer, glu = decoder_layers(model)[index], glu_layers(model, [index])[0]
+    seen = {}
+    handle = glu.down.register_forward_pre_hook(lambda _module, args: seen.__setitem__("x", args[0]))
+
+    def rows(mask: torch.Tensor) -> torch.Tensor:
+        x = seen["x"]
+        return x.reshape(-1, x.shape[-1])[mask.reshape(-1).to(x.device).bool()]
+
+    results = []
+    try:
+        with torch.inference_mode():
+            for group, dense_group in zip(groups, dense_groups):
+                pairs = PairedStats.zeros(glu.intermediate_size)
+                for b, d in zip(group, dense_group):
+                    layer(b.hidden, **b.layer_kwargs[index])
+                    x = rows(b.mask)
+                    out = layer(d.hidden, **d.layer_kwargs[index])
+                    pairs.add(x, rows(d.mask))
+                    d.hidden = out[0] if isinstance(out, tuple) else out
+                results.append(pairs)
+    finally:
+        handle.remove()
+    return results
+
+
+AfterLayer = Callable[[int, LayerStats, "LayerStats | None", "list[PairedStats] | None"], None]
 
 
 def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iterable[dict] | None = None,
                         layers: list[int] | None = None, second_moment: bool = False,
                         max_tokens: int | None = None, after_layer: AfterLayer | None = None,
                         progress: bool = True, meta: dict | None = None, loader=None,
-                        device: torch.device | None = None):
+                        device: torch.device | None = None, dense_pairs: bool = False):
     """Statistics of the selected layers, computed one decoder layer at a time.
 
     Without ``after_layer`` the result equals :func:`calibrate.run.calibrate`. With it,
-    ``after_layer(index, stats, holdout_stats)`` runs as soon as a layer's statistics are complete
-    and before that layer feeds the next one, so it may prune the layer (sequential pruning).
+    ``after_layer(index, stats, holdout_stats, pairs)`` runs as soon as a layer's statistics are
+    complete and before that layer feeds the next one, so it may prune the layer (sequential
+    pruning). With ``dense_pairs`` a second stream runs the same batches through the layers as they
+    were before any change, and ``pairs`` holds :class:`PairedStats` (fit, then held-out) pairing the
+    two streams' down_proj inputs; otherwise ``pairs`` is None.
     With a ``loader`` (:mod:`calibrate.offload`) only the embeddings, then one decoder layer at a
     time, are in memory; ``device`` is where they run.
     """
@@ -144,6 +176,10 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
         fit = capture_inputs(model, batches, max_tokens, device)
         groups = [fit] + ([capture_inputs(model, holdout_batches, device=device)] if holdout_batches is not None
                           else [])
+    if dense_pairs and after_layer is None:
+        raise GluPruneError("dense pairs are for sequential pruning: pass after_layer")
+    dense_groups = [[LayerBatch(b.hidden.clone(), b.mask, b.layer_kwargs) for b in g] for g in groups] \
+        if dense_pairs else []
     layers_of = decoder_layers(model)
     stats, holdout = {}, {}
     bar = tqdm(total=selected[-1] + 1, unit="layer", desc="calibrate (layer by layer)", disable=not progress)
@@ -155,10 +191,11 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
                 if len(results) > 1:
                     holdout[index] = results[1]
                 if after_layer is not None:
-                    after_layer(index, stats[index], holdout.get(index))
+                    pairs = record_pairs(model, index, groups, dense_groups) if dense_pairs else None
+                    after_layer(index, stats[index], holdout.get(index), pairs)
                     advance_layer(model, index, groups)
             else:
-                advance_layer(model, index, groups)
+                advance_layer(model, index, groups + dense_groups)
         bar.update()
     bar.close()
     result = ActivationStats(stats, dict(meta or {}), holdout or None)

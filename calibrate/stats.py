@@ -78,6 +78,33 @@ class LayerStats:
                           self.sq_sum + other.sq_sum, torch.maximum(self.max_abs, other.max_abs), sm)
 
 
+@dataclass
+class PairedStats:
+    """Sums pairing one layer's down_proj input on the pruned model (x) with the dense model's (d) on
+    the same tokens: ``cross = sum x dᵀ`` and ``dense_second = sum d dᵀ``, float64, for refits
+    toward the dense model's outputs."""
+
+    count: int
+    cross: torch.Tensor
+    dense_second: torch.Tensor
+
+    @classmethod
+    def zeros(cls, size: int) -> PairedStats:
+        return cls(0, torch.zeros(size, size, dtype=torch.float64), torch.zeros(size, size, dtype=torch.float64))
+
+    def add(self, x: torch.Tensor, d: torch.Tensor, block: int = 4096) -> None:
+        """Add the paired rows of ``x`` and ``d`` (tokens × intermediate)."""
+        self.count += x.shape[0]
+        for xb, db in zip(x.double().split(block), d.double().split(block)):
+            self.cross += (xb.T @ db).cpu()
+            self.dense_second += (db.T @ db).cpu()
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E[x dᵀ], E[d dᵀ])."""
+        n = max(self.count, 1)
+        return self.cross / n, self.dense_second / n
+
+
 def library_version() -> str:
     try:
         from importlib.metadata import version

@@ -248,6 +248,9 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="calibrate on --corpus and prune one layer at a time, each layer measured on the model "
                         "whose earlier layers are already pruned (uniform allocation)")
+    p.add_argument("--refit-target", default="pruned", choices=["pruned", "dense"],
+                   help="with --sequential and lstsq: refit each layer toward its own output on the pruned model's "
+                        "input (pruned, default) or toward the unpruned model's output on the same tokens (dense)")
     p.add_argument("--layers", default=None, help="prune only these layers, e.g. 0-3,10")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
     p.add_argument("--out", required=True, help="output model directory")
@@ -288,6 +291,9 @@ def run_prune(args) -> None:
         raise GluPruneError(f"{what} needs calibration statistics: pass --stats FILE or --corpus NAME")
     if args.sequential and (args.corpus is None or args.stats is not None or args.allocation != "uniform"):
         raise GluPruneError("--sequential calibrates as it prunes: pass --corpus (not --stats) and uniform allocation")
+    if args.refit_target == "dense" and not args.sequential:
+        raise GluPruneError("--refit-target dense pairs the pruned and unpruned models layer by layer: "
+                            "add --sequential")
     if args.allocation == "sensitivity" and args.corpus is None:
         raise GluPruneError("--allocation sensitivity measures each layer's perplexity cost on calibration data: "
                             "pass --corpus NAME")
@@ -394,7 +400,7 @@ def run_sequential(args, model, tokenizer, layers) -> None:
     fit, held = split_holdout(batches) if args.reconstruct in NEEDS_SECOND_MOMENT else (batches, None)
     prune_sequential(model, fit, held, method=args.method, ratio=args.ratio, expansion_ratio=args.expansion_ratio,
                      intermediate_size=args.intermediate_size, multiple_of=args.multiple_of, layers=layers,
-                     seed=args.seed, reconstruct_with=args.reconstruct, meta=meta)
+                     seed=args.seed, reconstruct_with=args.reconstruct, meta=meta, refit_target=args.refit_target)
     save_and_report(args, model, tokenizer, f"calibrate + prune + save took {time.perf_counter() - start:.2f} s")
 
 
@@ -531,8 +537,9 @@ def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reconstruct", default="none",
                    help="comma-separated reconstructions, each a row per method (e.g. none,bias,lstsq)")
     p.add_argument("--schedule", default="one-shot",
-                   help="comma-separated: one-shot (dense statistics) and/or sequential (layer by layer, "
-                        "each layer calibrated on the model with earlier layers already pruned)")
+                   help="comma-separated: one-shot (dense statistics), sequential (layer by layer, each layer "
+                        "calibrated on the model with earlier layers already pruned) and/or sequential-dense "
+                        "(the same, each refit toward the unpruned model's outputs)")
     p.add_argument("--heal-steps", type=positive(int), default=None,
                    help="also heal every pruned model for N steps on its calibration corpus (distilled from the base)")
     p.add_argument("--eval-tokens", type=positive(int), default=8192, help="tokens per document corpus")

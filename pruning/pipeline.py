@@ -21,6 +21,7 @@ from pruning.surgery import apply_plan
 
 DEFAULT_METHOD = "hybrid"
 ALLOCATIONS = ("uniform", "global", "owl", "sensitivity")
+REFIT_TARGETS = ("pruned", "dense")
 
 
 def layer_scores(model, method: str, stats: ActivationStats | None, layers: list[int] | None,
@@ -223,12 +224,14 @@ def prune_sequential(model, batches: list[dict], holdout_batches: list[dict] | N
                      expansion_ratio: float | None = None, intermediate_size: int | None = None,
                      multiple_of: int = 1, layers: list[int] | None = None, seed: int = 0,
                      reconstruct_with: str = "none", max_tokens: int | None = None, progress: bool = True,
-                     meta: dict | None = None):
+                     meta: dict | None = None, refit_target: str = "pruned"):
     """Calibrate and prune one layer at a time: each layer's statistics are taken on the model whose
     earlier layers are already pruned (and refitted), so errors do not compound unseen.
 
     Uniform allocation only (a layer is cut before later layers are measured). A refit chooses its
-    ridge on ``holdout_batches``; without them it uses a fixed ridge.
+    ridge on ``holdout_batches``; without them it uses a fixed ridge. ``refit_target`` ``dense``
+    (with ``lstsq``) refits each layer toward the unpruned model's output on the same tokens rather
+    than toward the layer's own output on the pruned model's input.
     """
     from calibrate.layerwise import calibrate_layerwise
     from pruning.reconstruct import needs_second_moment
@@ -238,6 +241,11 @@ def prune_sequential(model, batches: list[dict], holdout_batches: list[dict] | N
                     multiple_of=multiple_of)
     check_reconstruction(reconstruct_with)
     check_bias_support(model, reconstruct_with)
+    if refit_target not in REFIT_TARGETS:
+        raise GluPruneError(f"--refit-target '{refit_target}' is not one of {', '.join(REFIT_TARGETS)}")
+    if refit_target == "dense" and reconstruct_with != "lstsq":
+        raise GluPruneError(f"--refit-target dense refits by least squares: use --reconstruct lstsq, not "
+                            f"{reconstruct_with}")
     selected = glu_layers(model, layers)
     if len({g.intermediate_size for g in selected}) > 1:
         raise GluPruneError("sequential pruning needs equal layer sizes (uniform allocation)")
@@ -245,22 +253,23 @@ def prune_sequential(model, batches: list[dict], holdout_batches: list[dict] | N
     sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
     plan, chosen = {}, {}
 
-    def cut(index: int, layer_stats: LayerStats, holdout: LayerStats | None) -> None:
+    def cut(index: int, layer_stats: LayerStats, holdout: LayerStats | None, pairs) -> None:
         layer = glu_layers(model, [index])[0]
         scores = score_neurons(method, layer.gate_weight().detach().cpu(), layer.up_weight().detach().cpu(),
                                layer.down_weight().detach().cpu(), stats=layer_stats, seed=seed, layer=index)
         plan[index] = plan_uniform({index: scores}, keep_count)[index]
         weight, bias, info = reconstruct_layer(reconstruct_with, layer.down_weight().detach().cpu(), plan[index],
-                                               layer_stats, holdout)
+                                               layer_stats, holdout, pairs)
         chosen[str(index)] = info
         apply_plan(model, {index: plan[index]})
         install(model, {index: (weight, bias)})
 
     stats = calibrate_layerwise(model, batches, holdout_batches=holdout_batches, layers=layers,
                                 second_moment=needs_second_moment(method, reconstruct_with), max_tokens=max_tokens,
-                                after_layer=cut, progress=progress, meta=meta)
+                                after_layer=cut, progress=progress, meta=meta, dense_pairs=refit_target == "dense")
     model.glu_prune_manifest = manifest(model, method, target, "uniform", reconstruct_with, chosen, plan,
                                         sizes_before, stats, seed, start, schedule="sequential")
+    model.glu_prune_manifest["refit_target"] = refit_target
     return model
 
 

@@ -6,6 +6,9 @@ For a down projection ``y = W x`` (W: hidden × intermediate) that keeps the neu
 - ``lstsq``: refit ``W'`` (hidden × |K|) minimising ``E||W x - W' x_K||²`` from the uncentred second
   moment ``S = E[x xᵀ]``: ``W' = W S[:, K] (S[K, K] + λI)⁻¹``, solved in float64 by Cholesky.
 - ``lstsq-centred``: the same on the covariance, plus the bias ``W mean - W' mean_K``.
+- ``lstsq`` toward the dense outputs (sequential pruning): ``x`` comes from the partly pruned model
+  and the target is ``W d``, ``d`` the dense model's input on the same tokens:
+  ``W' = W E[d x_Kᵀ] (S[K, K] + λI)⁻¹``.
 
 The ridge ``λ = α · mean(diag S[K, K])`` takes the α from ``RIDGE_GRID`` that leaves the least
 error on held-out statistics. Pure functions on tensors; :func:`reconstruct_layer` returns the new
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from calibrate.errors import GluPruneError
-from calibrate.stats import LayerStats
+from calibrate.stats import LayerStats, PairedStats
 
 RECONSTRUCTIONS = ("none", "bias", "lstsq", "lstsq-centred")
 NEEDS_SECOND_MOMENT = ("lstsq", "lstsq-centred")
@@ -58,23 +61,35 @@ def moments(stats: LayerStats, centred: bool) -> tuple[torch.Tensor, torch.Tenso
     return (second - torch.outer(mean, mean) if centred else second), mean
 
 
-def lstsq_refit(weight: torch.Tensor, second: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``W S[:, K] (S[K, K] + λI)⁻¹`` with ``λ = alpha · mean diag S[K, K]``, by Cholesky in float64."""
+def lstsq_refit(weight: torch.Tensor, second: torch.Tensor, keep: torch.Tensor, alpha: float,
+                cross: torch.Tensor | None = None) -> torch.Tensor:
+    """``W S[:, K] (S[K, K] + λI)⁻¹`` with ``λ = alpha · mean diag S[K, K]``, by Cholesky in float64.
+
+    With ``cross = E[x dᵀ]`` the target is the dense output ``W d`` instead of ``W x``:
+    ``W E[d x_Kᵀ] (S[K, K] + λI)⁻¹``.
+    """
     w = weight.double()
     s_kk = second[keep][:, keep]
     ridge = alpha * s_kk.diagonal().mean().clamp_min(1e-12)
     factor, info = torch.linalg.cholesky_ex(s_kk + ridge * torch.eye(len(keep), dtype=torch.float64))
     if info != 0:
         raise GluPruneError(f"the refit is singular at ridge {alpha:g}: use more calibration tokens")
-    rhs = (w @ second[:, keep]).T  # (K, hidden)
-    return torch.cholesky_solve(rhs, factor).T
+    target = second[:, keep] if cross is None else cross[keep].T  # E[x x_Kᵀ] or E[d x_Kᵀ]
+    return torch.cholesky_solve((w @ target).T, factor).T
 
 
 def refit_error(weight: torch.Tensor, new_weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
-                holdout: LayerStats) -> float:
-    """``E||W x - W' x_K - b||²`` over the held-out statistics."""
+                holdout: LayerStats, pairs: PairedStats | None = None) -> float:
+    """``E||W x - W' x_K - b||²`` over the held-out statistics (``W d`` in place of ``W x`` with ``pairs``)."""
     second, mean = moments(holdout, centred=False)
-    diff = weight.double().clone()
+    w = weight.double()
+    if pairs is not None:
+        cross, dense_second = pairs.means()
+        s_kk = second[keep][:, keep]
+        return float(torch.einsum("hi,ij,hj->", w, dense_second, w)
+                     - 2 * torch.einsum("hi,ki,hk->", w, cross[keep], new_weight)
+                     + torch.einsum("hk,kl,hl->", new_weight, s_kk, new_weight))
+    diff = w.clone()
     diff[:, keep] -= new_weight
     error = torch.einsum("hi,ij,hj->", diff, second, diff)
     if bias is not None:
@@ -83,9 +98,16 @@ def refit_error(weight: torch.Tensor, new_weight: torch.Tensor, bias: torch.Tens
 
 
 def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats,
-                      holdout: LayerStats | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """New down weight (hidden × |K|) and bias (or None) of one layer, with what was chosen."""
+                      holdout: LayerStats | None = None,
+                      pairs: list[PairedStats] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """New down weight (hidden × |K|) and bias (or None) of one layer, with what was chosen.
+
+    ``pairs`` (fit, then held-out; see :class:`calibrate.stats.PairedStats`) make ``lstsq`` fit the
+    dense model's outputs instead of the layer's own.
+    """
     check_reconstruction(method)
+    if pairs is not None and method != "lstsq":
+        raise GluPruneError(f"a refit toward the dense outputs needs --reconstruct lstsq, not {method}")
     w = weight.double()
     if method == "none":
         return w[:, keep], None, {}
@@ -94,13 +116,15 @@ def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit
     centred = method == "lstsq-centred"
     second, mean = moments(fit, centred)
     candidates = []
+    cross = pairs[0].means()[0] if pairs else None
+    held_pairs = pairs[1] if pairs and len(pairs) > 1 else None
     for alpha in RIDGE_GRID if holdout is not None else (1e-2,):
         try:
-            new = lstsq_refit(w, second, keep, alpha)
+            new = lstsq_refit(w, second, keep, alpha, cross)
         except GluPruneError:
             continue
         bias = w @ mean - new @ mean[keep] if centred else None
-        error = refit_error(w, new, bias, keep, holdout) if holdout is not None else 0.0
+        error = refit_error(w, new, bias, keep, holdout, held_pairs) if holdout is not None else 0.0
         candidates.append((error, alpha, new, bias))
     if not candidates:
         raise GluPruneError("every ridge left the refit singular: use more calibration tokens")

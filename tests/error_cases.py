@@ -51,6 +51,8 @@ CASES = [
      "prune --model {d}/qwen2 --method ppm --ratio 0.2 --reconstruct bias --corpus {d}/c.txt --out {d}/p"),
     ("--sequential with a statistics file",
      "prune --model {d}/llama --stats {d}/llama.st --method hybrid --ratio 0.2 --sequential --out {d}/p"),
+    ("--refit-target dense without --sequential",
+     "prune --model {d}/llama --corpus {d}/c.txt --method hybrid --ratio 0.2 --refit-target dense --out {d}/p"),
     ("sensitivity allocation without calibration text",
      "prune --model {d}/llama --stats {d}/llama.st --method hybrid --ratio 0.2 --allocation sensitivity --out {d}/p"),
     ("--allocation-spread outside [0, 0.5]",

@@ -102,6 +102,8 @@ def test_compare_rows_per_allocation(setup, tmp_path):
         "ppm-0.5-a-sequential", "ppm-0.5-b-sequential", "hybrid-0.5-a", "hybrid-0.5-b", "hybrid-0.5-a-global",
         "hybrid-0.5-b-global", "hybrid-0.5-a-owl", "hybrid-0.5-b-owl", "hybrid-0.5-a-sequential",
         "hybrid-0.5-b-sequential"]
+    dense = grid_models(["hybrid"], [0.5], ["a"], reconstruct=["none", "lstsq"], schedules=["sequential-dense"])
+    assert [s.key for s in dense] == ["base", "hybrid-0.5-a-lstsq-sequential-dense"]
     with pytest.raises(GluPruneError, match="unknown allocation"):
         grid_models(["hybrid"], [0.2], ["a"], allocations=["even"])
     model, corpora = setup

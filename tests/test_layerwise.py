@@ -3,6 +3,7 @@ import torch
 from test_calibration import assert_same_stats, hooks_left, random_batches
 from tiny import FAMILIES, tiny_model
 
+from calibrate.errors import GluPruneError
 from calibrate.glu import decoder_layers, glu_layers
 from calibrate.layerwise import calibrate_layerwise, capture_inputs
 from calibrate.run import calibrate
@@ -47,7 +48,7 @@ def test_after_layer_sees_the_changed_model():
     batches, _ = random_batches()
     seen = []
 
-    def zero_down(index, stats, holdout):
+    def zero_down(index, stats, holdout, pairs):
         seen.append(index)
         if index == 0:
             with torch.no_grad():
@@ -111,3 +112,40 @@ def test_cli_calibrate_offload_equals_in_memory(tmp_path):
     for i in a.layers:
         torch.testing.assert_close(a.layers[i].second_moment, b.layers[i].second_moment)
         torch.testing.assert_close(a.holdout[i].sq_sum, b.holdout[i].sq_sum)
+
+
+def test_dense_pairs_pair_the_pruned_and_the_dense_streams():
+    """With layer 0 zeroed after its statistics, layer 1's pairs are (zeroed model's input, dense model's input)."""
+    import copy
+
+    model = tiny_model("llama", dtype=torch.float64)
+    dense = copy.deepcopy(model)
+    batches, _ = random_batches()
+    pairs_seen = {}
+
+    def zero_down(index, stats, holdout, pairs):
+        pairs_seen[index] = pairs
+        if index == 0:
+            with torch.no_grad():
+                glu_layers(model, [0])[0].down.weight.zero_()
+
+    calibrate_layerwise(model, batches, after_layer=zero_down, dense_pairs=True, progress=False)
+
+    def inputs(m):
+        seen = []
+        handle = glu_layers(m, [1])[0].down.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        with torch.no_grad():
+            for b in batches:
+                m(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"))
+        handle.remove()
+        return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+
+    x, d = inputs(model), inputs(dense)
+    (fit,) = pairs_seen[1]
+    assert fit.count == x.shape[0]
+    torch.testing.assert_close(fit.cross, x.T @ d)
+    torch.testing.assert_close(fit.dense_second, d.T @ d)
+    (first,) = pairs_seen[0]
+    torch.testing.assert_close(first.cross, first.dense_second)  # nothing pruned before layer 0
+    with pytest.raises(GluPruneError, match="after_layer"):
+        calibrate_layerwise(model, batches, dense_pairs=True, progress=False)

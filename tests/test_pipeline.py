@@ -88,3 +88,22 @@ def test_cli_sequential_prune_saves_a_reloadable_model(tmp_path):
     assert manifest["schedule"] == "sequential" and manifest["intermediate_sizes"] == [48, 48, 48]
     assert set(manifest["reconstruct_choices"]["0"]) == {"ridge", "holdout_error"}
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.intermediate_size == 48
+
+
+def test_sequential_refit_toward_the_dense_outputs():
+    """Layer 0 sees the dense input either way; later layers are refitted toward the dense outputs."""
+    from pruning.pipeline import prune_sequential
+
+    ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(1))
+    batches, held = [{"input_ids": ids[:4]}, {"input_ids": ids[4:6]}], [{"input_ids": ids[6:]}]
+    own, dense = (prune_sequential(tiny_model("llama", dtype=torch.float64), batches, held, method="hybrid",
+                                   ratio=0.25, reconstruct_with="lstsq", progress=False, refit_target=target)
+                  for target in ("pruned", "dense"))
+    downs = [[g.down.weight for g in glu_layers(m)] for m in (own, dense)]
+    torch.testing.assert_close(downs[0][0], downs[1][0])
+    assert not torch.allclose(downs[0][2], downs[1][2])
+    assert dense.glu_prune_manifest["refit_target"] == "dense"
+    with pytest.raises(GluPruneError, match="--reconstruct lstsq"):
+        prune_sequential(tiny_model("llama"), batches, method="hybrid", ratio=0.25, refit_target="dense")
+    with pytest.raises(GluPruneError, match="--refit-target"):
+        prune_sequential(tiny_model("llama"), batches, method="hybrid", ratio=0.25, refit_target="teacher")

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from calibrate.errors import GluPruneError
 from calibrate.run import calibrate, calibrate_with_holdout
-from calibrate.stats import LayerStats
+from calibrate.stats import LayerStats, PairedStats
 from pruning import prune, save_pruned
 from pruning.reconstruct import bias_compensation, lstsq_refit, reconstruct_layer, refit_error
 
@@ -44,6 +44,33 @@ def test_refit_error_matches_the_direct_computation_and_ridge_comes_from_the_hol
     assert info["ridge"] in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     plain, _, _ = reconstruct_layer("none", weight, keep, fit)
     assert refit_error(weight, new, bias, keep, holdout) < refit_error(weight, plain, None, keep, holdout)
+
+
+def paired(x: torch.Tensor, d: torch.Tensor) -> PairedStats:
+    pairs = PairedStats.zeros(x.shape[1])
+    pairs.add(x, d, block=7)
+    return pairs
+
+
+def test_dense_target_refit_equals_torch_lstsq_and_its_error_the_direct_computation():
+    """Toward the dense outputs: min ||W d - W' x_K|| with x the pruned model's input, d the dense one's."""
+    g = torch.Generator().manual_seed(2)
+    d = torch.randn(300, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    x = d + 0.3 * torch.randn(300, 8, generator=g, dtype=torch.float64)  # upstream pruning perturbs the input
+    weight = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    keep = torch.tensor([1, 2, 5, 7])
+    pairs = paired(x[:200], d[:200])
+    ours = lstsq_refit(weight, x[:200].T @ x[:200] / 200, keep, alpha=0.0, cross=pairs.means()[0])
+    reference = torch.linalg.lstsq(x[:200, keep], d[:200] @ weight.T).solution.T
+    torch.testing.assert_close(ours, reference, rtol=1e-8, atol=1e-10)
+    fit, holdout, held_pairs = stats_of(x[:200]), stats_of(x[200:]), paired(x[200:], d[200:])
+    new, bias, info = reconstruct_layer("lstsq", weight, keep, fit, holdout, [pairs, held_pairs])
+    direct = ((d[200:] @ weight.T - x[200:, keep] @ new.T) ** 2).sum(1).mean()
+    assert bias is None and info["holdout_error"] == pytest.approx(float(direct), rel=1e-9)
+    own, _, _ = reconstruct_layer("lstsq", weight, keep, fit, holdout)
+    assert info["holdout_error"] < refit_error(weight, own, None, keep, holdout, held_pairs)
+    with pytest.raises(GluPruneError, match="lstsq"):
+        reconstruct_layer("lstsq-centred", weight, keep, fit, holdout, [pairs, held_pairs])
 
 
 def test_second_moment_is_required():
