@@ -10,7 +10,8 @@ from calibrate.glu import glu_layers
 from calibrate.run import calibrate_with_holdout
 from pruning import prune
 from pruning.allocation import counts_from_fractions, outlier_fraction, spread_fractions
-from pruning.pipeline import layer_scores, layer_sensitivity, mean_nll
+from pruning.importance import layer_sensitivity, mean_nll
+from pruning.pipeline import layer_scores
 
 
 def test_spread_fractions_follow_importance_average_the_target_and_span_twice_the_spread():
