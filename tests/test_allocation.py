@@ -83,14 +83,12 @@ def test_sensitivity_without_batches_and_owl_without_statistics_are_refused():
 def test_cli_sensitivity_allocation_saves_a_model_that_reloads_with_its_sizes(tmp_path):
     import json
 
-    from tiny import tiny_tokenizer
+    from tiny import tiny_workspace
 
     from pruning.cli import main
     from pruning.save import load_pruned
 
-    tiny_model("llama").save_pretrained(tmp_path / "m")
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
-    (tmp_path / "c.txt").write_text("\n\n".join(f"allocation document {i} " * 6 for i in range(40)))
+    tiny_workspace(tmp_path)
     code = main(f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --method hybrid "
                 f"--ratio 0.25 --allocation sensitivity --allocation-spread 0.2 --out {tmp_path}/p".split())
     assert code in (0, None)

@@ -94,14 +94,12 @@ def test_offloaded_calibration_equals_in_memory(family, tmp_path):
 
 
 def test_cli_calibrate_offload_equals_in_memory(tmp_path):
-    from tiny import tiny_tokenizer
+    from tiny import tiny_workspace
 
     from calibrate.stats import ActivationStats
     from pruning.cli import main
 
-    tiny_model("qwen3").save_pretrained(tmp_path / "m")
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
-    (tmp_path / "c.txt").write_text("\n\n".join(f"offloaded document {i} " * 6 for i in range(40)))
+    tiny_workspace(tmp_path, "qwen3")
     common = (f"calibrate --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --dtype float64 "
               "--second-moment").split()
     assert main(common + ["--out", str(tmp_path / "a.st")]) in (0, None)

@@ -73,14 +73,12 @@ def test_sequential_equals_layer_by_layer_one_shot(reconstruct_with):
 def test_cli_sequential_prune_saves_a_reloadable_model(tmp_path):
     import json
 
-    from tiny import tiny_tokenizer
+    from tiny import tiny_workspace
     from transformers import AutoModelForCausalLM
 
     from pruning.cli import main
 
-    tiny_model("llama").save_pretrained(tmp_path / "m")
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
-    (tmp_path / "c.txt").write_text("\n\n".join(f"sequential pruning document {i} " * 6 for i in range(40)))
+    tiny_workspace(tmp_path)
     code = main(f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --method hybrid "
                 f"--ratio 0.25 --sequential --reconstruct lstsq --batch-size 2 --out {tmp_path}/p".split())
     assert code in (0, None)

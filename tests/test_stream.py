@@ -1,7 +1,7 @@
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer, tiny_workspace
 
 from calibrate.errors import GluPruneError
 from calibrate.offload import offload_model
@@ -64,8 +64,7 @@ def test_streamed_pruning_refuses_foreign_statistics_and_bias(tmp_path):
 def test_cli_prune_offload_equals_in_memory(tmp_path):
     from pruning.cli import main
 
-    checkpoint(tmp_path, "llama")
-    (tmp_path / "c.txt").write_text("\n\n".join(f"streamed document {i} " * 6 for i in range(40)))
+    tiny_workspace(tmp_path)
     common = (f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --dtype float64 "
               "--method hybrid --ratio 0.25 --reconstruct lstsq").split()
     assert main(common + ["--out", str(tmp_path / "a")]) in (0, None)

@@ -50,3 +50,12 @@ def tiny_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_workspace(folder, family: str = "llama", words: str = "calibration document", **overrides):
+    """A saved tiny model with its tokenizer in ``folder/m`` and a 40-document corpus in ``folder/c.txt``."""
+    model = tiny_model(family, **overrides)
+    model.save_pretrained(folder / "m")
+    tiny_tokenizer().save_pretrained(folder / "m")
+    (folder / "c.txt").write_text("\n\n".join(f"{words} {i} " * 6 for i in range(40)))
+    return model
