@@ -263,7 +263,7 @@ def add_spread_option(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--allocation-spread", type=float, default=DEFAULT_SPREAD,
                    help=f"owl/sensitivity: the layers' kept fractions average the target and span at most twice "
-                        f"this (default {DEFAULT_SPREAD}, OWL's lambda)")
+                        f"this (default {DEFAULT_SPREAD}; OWL uses 0.08)")
 
 
 def run_prune(args) -> None:
