@@ -18,11 +18,23 @@ OPTIPFAIR_HYBRID_20_WIKI = 53.85  # PROTOCOL.md reference figure
 
 
 def assert_same(a, b, rel=1e-9):
+    """Equal to ``rel`` of each statistic's largest magnitude (float64 forwards of different batch
+    shapes round differently, around 1e-11 here)."""
     assert a.layers.keys() == b.layers.keys()
     for i in a.layers:
         assert a.layers[i].count == b.layers[i].count
         for f in ("sum", "abs_sum", "sq_sum", "max_abs"):
-            torch.testing.assert_close(getattr(a.layers[i], f), getattr(b.layers[i], f), rtol=rel, atol=0)
+            x, y = getattr(a.layers[i], f), getattr(b.layers[i], f)
+            torch.testing.assert_close(x, y, rtol=rel, atol=rel * float(x.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def smollm2_float64():
+    """CPU kernels of float32 forwards may round differently for different batch shapes (1e-4
+    relative on some machines), so batch independence is checked in float64."""
+    from calibrate.models import load_model
+
+    return load_model("smollm2-135m", dtype="float64", with_tokenizer=False)[0]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +49,8 @@ def reference_stats(smollm2, data_dir):
     return stats
 
 
-def test_statistics_do_not_depend_on_batch_size_and_are_additive(smollm2, data_dir):
-    model, tok = smollm2
+def test_statistics_do_not_depend_on_batch_size_and_are_additive(smollm2, smollm2_float64, data_dir):
+    model, tok = smollm2_float64, smollm2[1]
     corpus = load_corpus("wikitext2", part="calibration", data_dir=data_dir)
     one = calibrate(model, make_batches(tok, corpus, seq_len=64, max_tokens=1024, batch_size=1), progress=False)
     eight = make_batches(tok, corpus, seq_len=64, max_tokens=1024, batch_size=8)
@@ -48,17 +60,13 @@ def test_statistics_do_not_depend_on_batch_size_and_are_additive(smollm2, data_d
     assert_same(one, halves)
 
 
-def test_padded_message_batches_equal_one_by_one(smollm2, data_dir):
-    """Padding never enters the statistics. In float32 the masked attention kernels of a padded batch
-    round differently from unpadded ones (about 1e-5 relative), so exactness is checked in float64."""
-    from calibrate.models import load_model
-
-    model, tok = smollm2
+def test_padded_message_batches_equal_one_by_one(smollm2, smollm2_float64, data_dir):
+    """Padding never enters the statistics."""
+    model64, tok = smollm2_float64, smollm2[1]
     corpus = load_corpus("sms_spam", part="calibration", data_dir=data_dir)
     padded = make_batches(tok, corpus, seq_len=128, max_tokens=300, batch_size=8)
     assert any(not b["attention_mask"].all() for b in padded)
     single = make_batches(tok, corpus, seq_len=128, max_tokens=300, batch_size=1)
-    model64, _ = load_model("smollm2-135m", dtype="float64", with_tokenizer=False)
     assert_same(calibrate(model64, padded, progress=False), calibrate(model64, single, progress=False))
 
 
