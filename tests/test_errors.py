@@ -43,12 +43,11 @@ def test_ctrl_c_delivered_to_the_cli_process(tmp_path):
     import threading
     import time
 
-    from tiny import tiny_model, tiny_tokenizer
+    from tiny import save_tiny
 
     slow = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
                 num_key_value_heads=4)  # a few seconds per thousand tokens: still calibrating at the signal
-    tiny_model("llama", **slow).save_pretrained(tmp_path / "m")
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    save_tiny(tmp_path / "m", **slow)
     (tmp_path / "big.txt").write_text("\n\n".join(f"a long document {i} " * 40 for i in range(300)))
     out = tmp_path / "out"
     out.mkdir()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from test_calibration import assert_same_stats, hooks_left, random_batches
-from tiny import FAMILIES, tiny_model
+from tiny import FAMILIES, save_tiny, tiny_model
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import decoder_layers, glu_layers
@@ -76,11 +76,7 @@ def test_offloaded_calibration_equals_in_memory(family, tmp_path):
     from calibrate.models import load_model
     from calibrate.offload import offload_model
 
-    model = tiny_model(family, dtype=torch.float64)
-    model.save_pretrained(tmp_path / "m")
-    from tiny import tiny_tokenizer
-
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    save_tiny(tmp_path / "m", family, dtype=torch.float64)
     batches = padded_batches()
     reloaded, _ = load_model(str(tmp_path / "m"), device="cpu", dtype="float64")
     resident = calibrate(reloaded, batches, progress=False, second_moment=True)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
+from tiny import save_tiny, tiny_tokenizer
 
 from calibrate import models
 from calibrate.errors import GluPruneError
@@ -8,9 +8,7 @@ from calibrate.glu import glu_layers
 
 
 def test_local_directory_round_trip(tmp_path):
-    model = tiny_model("llama")
-    model.save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
+    model = save_tiny(tmp_path)
     loaded, tok = models.load_model(str(tmp_path), device="cpu")
     x = torch.tensor([[1, 5, 9, 7]])
     with torch.no_grad():
@@ -67,12 +65,9 @@ def test_unsupported_family_names_supported_ones():
 
 
 def test_device_map_loads_through_accelerate(tmp_path):
-    from tiny import tiny_model, tiny_tokenizer
-
     from calibrate.models import load_model
 
-    tiny_model("llama").save_pretrained(tmp_path / "m")
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    save_tiny(tmp_path / "m")
     mapped, _ = load_model(str(tmp_path / "m"), device_map="auto")
     plain, _ = load_model(str(tmp_path / "m"), device="cpu")
     assert next(mapped.parameters()).device.type == "cpu"  # no GPU here: auto places everything on the CPU

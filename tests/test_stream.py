@@ -1,7 +1,7 @@
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_model, tiny_tokenizer, tiny_workspace
+from tiny import save_tiny, tiny_tokenizer, tiny_workspace
 
 from calibrate.errors import GluPruneError
 from calibrate.offload import offload_model
@@ -14,9 +14,7 @@ from pruning.stream import prune_checkpoint
 
 
 def checkpoint(tmp_path, family):
-    model = tiny_model(family)
-    model.save_pretrained(tmp_path / "m")
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    model = save_tiny(tmp_path / "m", family)
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(3, 120, (4, 16), generator=g)} for _ in range(4)]
     return model, calibrate_with_holdout(model, batches, second_moment=True, progress=False)

@@ -52,10 +52,16 @@ def tiny_tokenizer():
                                    eos_token="<eos>", unk_token="<unk>")
 
 
-def tiny_workspace(folder, family: str = "llama", words: str = "calibration document", **overrides):
-    """A saved tiny model with its tokenizer in ``folder/m`` and a 40-document corpus in ``folder/c.txt``."""
+def save_tiny(folder, family: str = "llama", **overrides):
+    """A tiny model saved with its tokenizer in ``folder``; returns the model."""
     model = tiny_model(family, **overrides)
-    model.save_pretrained(folder / "m")
-    tiny_tokenizer().save_pretrained(folder / "m")
-    (folder / "c.txt").write_text("\n\n".join(f"{words} {i} " * 6 for i in range(40)))
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return model
+
+
+def tiny_workspace(folder, family: str = "llama", **overrides):
+    """A saved tiny model with its tokenizer in ``folder/m`` and a 40-document corpus in ``folder/c.txt``."""
+    model = save_tiny(folder / "m", family, **overrides)
+    (folder / "c.txt").write_text("\n\n".join(f"calibration document {i} " * 6 for i in range(40)))
     return model
