@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from pathlib import Path
@@ -11,18 +10,19 @@ from tqdm.auto import tqdm
 
 from benchmarks.grid import CorpusSpec, ModelSpec, grid_models
 from benchmarks.lm_eval_tasks import harness, lm_eval_scores
-from benchmarks.speed import measure_speed
-from benchmarks.store import ResultStore
+from benchmarks.speed import device_name, measure_speed
+from benchmarks.store import ResultStore, record_settings
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
-from calibrate.models import load_model
+from calibrate.models import load_model, pick_device, pick_dtype
 from calibrate.perplexity import protocol_perplexity
-from calibrate.run import calibrate, calibrate_with_holdout, split_holdout
+from calibrate.run import calibrate, split_holdout
 from calibrate.stats import ActivationStats
 from pruning.allocation import DEFAULT_SPREAD
-from pruning.heal import HealConfig, heal, training_batches
-from pruning.pipeline import prune, prune_sequential
-from pruning.reconstruct import needs_second_moment
+from pruning.heal import HealConfig
+from pruning.prune import prune, prune_sequential
+from pruning.registry import needs_second_moment
+from pruning.workflow import HOLDOUT, heal_with_corpus
 
 DEFAULT_METHODS = ["ppm", "hybrid", "wanda"]
 SPEED = "(speed)"
@@ -34,7 +34,10 @@ def parameter_count(model) -> int:
 
 
 class Grid:
-    """One comparison run over a results folder; every finished cell is kept and skipped next time."""
+    """One comparison run over a results folder; every finished cell is kept and skipped next time.
+
+    A folder holds the results of one set of :meth:`settings`: a run with other settings is refused.
+    """
 
     def __init__(self, model: str, corpora: list[CorpusSpec], out_dir: Path, data_dir=None, eval_tokens=8192,
                  eval_docs=400, seq_len=512, calib_tokens=8192, calib_seq_len=128, spread=DEFAULT_SPREAD,
@@ -45,14 +48,18 @@ class Grid:
         self.data_dir, self.eval_tokens, self.eval_docs, self.seq_len = data_dir, eval_tokens, eval_docs, seq_len
         self.calib_tokens, self.calib_seq_len, self.spread = calib_tokens, calib_seq_len, spread
         self.batch_size, self.progress, self.second_moment = batch_size, progress, second_moment
-        self.heal_seq_len = heal_seq_len
+        self.heal_seq_len, self.dtype = heal_seq_len, dtype
+        self.speed_device = device_name(pick_device(device)) if speed else None
+        self.lm_eval = {"tasks": lm_eval, "include": lm_eval_include, "limit": lm_eval_limit} if lm_eval else None
+        if lm_eval:
+            harness()  # a missing extra fails before any work
         self.out.mkdir(parents=True, exist_ok=True)
+        record_settings(self.out, self.settings())
         self.store = ResultStore(self.out)
         self.extras: dict[str, tuple[ResultStore, object]] = {}  # per-model measurements beside perplexity
         if speed:
             self.extras[SPEED] = (ResultStore(self.out, "speed.json"), measure_speed)
         if lm_eval:
-            harness()  # a missing extra fails before any work
             self.extras[LM_EVAL] = (ResultStore(self.out, "lm_eval.json"), lambda m: lm_eval_scores(
                 m, self.tokenizer, lm_eval, include_path=lm_eval_include, limit=lm_eval_limit))
         self.base, self.tokenizer = load_model(model, device=device, dtype=dtype)
@@ -60,6 +67,22 @@ class Grid:
                            for c in corpora}
         self.stats: dict[str, ActivationStats] = {}
         self.calibration_parts: dict = {}
+
+    def settings(self) -> dict:
+        """Every setting a cell's result depends on (batch size and device change only its rounding;
+        the device is kept for speed figures)."""
+        settings = {
+            "model": self.model_name, "dtype": str(pick_dtype(self.dtype)).removeprefix("torch."),
+            "corpora": {c.name: c.source for c in self.corpora}, "calib_tokens": self.calib_tokens,
+            "calib_seq_len": self.calib_seq_len, "second_moment": self.second_moment,
+            "eval_tokens": self.eval_tokens, "eval_docs": self.eval_docs, "seq_len": self.seq_len,
+            "allocation_spread": self.spread, "heal_seq_len": self.heal_seq_len,
+        }
+        if self.speed_device:
+            settings["speed_device"] = self.speed_device
+        if self.lm_eval:
+            settings["lm_eval"] = self.lm_eval
+        return settings
 
     def calibration_batches(self, corpus: str) -> list[dict]:
         """The calibration part of ``corpus`` as packed batches of calib_seq_len, up to calib_tokens."""
@@ -74,22 +97,22 @@ class Grid:
         return self.calibration_parts[corpus]
 
     def statistics(self, corpus: str) -> ActivationStats:
-        """Calibration statistics of ``corpus``, computed once and kept in DIR/stats/.
+        """Calibration statistics of ``corpus``, computed once and kept in DIR/stats/ under a name
+        that holds the calibration settings.
 
         With ``second_moment`` they also hold x xᵀ and a held-out eighth of the batches (for refits).
         """
         if corpus not in self.stats:
-            path = self.out / "stats" / f"{corpus}{'-second-moment' if self.second_moment else ''}.safetensors"
+            name = f"{corpus}-{self.calib_tokens}tokens-seq{self.calib_seq_len}"
+            path = self.out / "stats" / f"{name}{'-second-moment' if self.second_moment else ''}.safetensors"
             if path.is_file():
                 self.stats[corpus] = ActivationStats.load(path, model=self.base)
             else:
                 batches = self.calibration_batches(corpus)
                 meta = {"corpus": corpus, "source": self.calibration_part(corpus).source, "part": "calibration",
                         "seq_len": str(self.calib_seq_len), "model": self.model_name}
-                if self.second_moment:
-                    stats = calibrate_with_holdout(self.base, batches, second_moment=True, progress=False, meta=meta)
-                else:
-                    stats = calibrate(self.base, batches, progress=False, meta=meta)
+                stats = calibrate(self.base, batches, second_moment=self.second_moment,
+                                  holdout=HOLDOUT if self.second_moment else 0.0, progress=False, meta=meta)
                 path.parent.mkdir(exist_ok=True)
                 stats.save(path)
                 self.stats[corpus] = stats
@@ -100,22 +123,18 @@ class Grid:
         if spec.method is None:
             return self.base, 0.0
         start = time.perf_counter()
-        if spec.schedule.startswith("sequential"):
-            fit, held = split_holdout(self.calibration_batches(spec.calibration))
-            model = prune_sequential(copy.deepcopy(self.base), fit, held, method=spec.method, ratio=spec.ratio,
-                                     reconstruct_with=spec.reconstruct, progress=False,
-                                     refit_target="dense" if spec.schedule == "sequential-dense" else "pruned")
+        config = spec.config(self.spread)
+        if config.schedule == "sequential":
+            model = prune_sequential(self.base, self.calibration_batches(spec.calibration), config).model
         else:
             stats = self.statistics(spec.calibration) if spec.calibration else None
-            held = split_holdout(self.calibration_batches(spec.calibration))[1] \
-                if spec.allocation == "sensitivity" else None
-            model = prune(copy.deepcopy(self.base), stats=stats, method=spec.method, ratio=spec.ratio,
-                          allocation=spec.allocation, reconstruct_with=spec.reconstruct, spread=self.spread,
-                          sensitivity_batches=held)
+            text = split_holdout(self.calibration_batches(spec.calibration), HOLDOUT)[1] if config.needs_text \
+                else None
+            model = prune(self.base, stats, config, text_batches=text).model
         if spec.heal_steps:
             part = self.calibration_part(spec.calibration)
-            batches = training_batches(self.tokenizer, part, seq_len=self.heal_seq_len, batch_size=4)
-            model, _ = heal(model, self.base, batches, HealConfig(steps=spec.heal_steps), progress=False)
+            model, _ = heal_with_corpus(model, self.base, self.tokenizer, part, HealConfig(steps=spec.heal_steps),
+                                        teacher_name=self.model_name, seq_len=self.heal_seq_len, progress=False)
         return model, time.perf_counter() - start
 
     def evaluate(self, model, corpus: str):

@@ -6,7 +6,9 @@ from dataclasses import dataclass, replace
 
 from calibrate.corpora import BUILTIN
 from calibrate.errors import GluPruneError
-from pruning.scores import METHODS, needs_stats
+from pruning.allocation import DEFAULT_SPREAD
+from pruning.config import PruneConfig
+from pruning.registry import ALLOCATIONS, METHODS, choice
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,12 @@ class ModelSpec:
             parts.append(f"heal{self.heal_steps}")
         return "-".join(parts)
 
+    def config(self, spread: float) -> PruneConfig:
+        """The pruning configuration of this (pruned) model."""
+        return PruneConfig(ratio=self.ratio, method=self.method, allocation=self.allocation, allocation_spread=spread,
+                           reconstruct=self.reconstruct, schedule="one-shot" if self.schedule == "one-shot" else
+                           "sequential", refit_target="dense" if self.schedule == "sequential-dense" else "pruned")
+
 
 def parse_corpora(text: str) -> list[CorpusSpec]:
     """'wikitext2,sms_spam,legal=docs/legal.txt' -> corpus specs (names unique)."""
@@ -73,7 +81,7 @@ def parse_list(text: str, kind, flag: str) -> list:
 
 
 SCHEDULES = ("one-shot", "sequential", "sequential-dense")
-DATA_ALLOCATIONS = ("owl", "sensitivity")
+DATA_ALLOCATIONS = tuple(name for name, a in ALLOCATIONS.items() if a.needs_stats or a.needs_text)
 
 
 def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
@@ -84,17 +92,13 @@ def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
     reconstruction and allocation (sequential: uniform only; sequential-dense: lstsq only); with
     ``heal_steps`` each pruned model also healed on each corpus it was calibrated on (static ones:
     on every corpus)."""
-    from pruning.pipeline import ALLOCATIONS
-
     bad = [s for s in schedules if s not in SCHEDULES]
     if bad:
         raise GluPruneError(f"unknown schedule '{bad[0]}': choose from {', '.join(SCHEDULES)}")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise GluPruneError(f"unknown method '{unknown[0]}': choose from {', '.join(METHODS)}")
-    odd = [a for a in allocations if a not in ALLOCATIONS]
-    if odd:
-        raise GluPruneError(f"unknown allocation '{odd[0]}': choose from {', '.join(ALLOCATIONS)}")
+    for method in methods:
+        choice(METHODS, "method", method)
+    for allocation in allocations:
+        choice(ALLOCATIONS, "allocation", allocation)
     models = [ModelSpec()]
     for ratio in ratios:
         for method in methods:
@@ -103,11 +107,13 @@ def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
                     if schedule == "sequential-dense" and rec != "lstsq":
                         continue  # a refit toward the dense outputs is a least-squares refit
                     for allocation in allocations if schedule == "one-shot" else ["uniform"]:
-                        data = needs_stats(method) or rec != "none" or schedule != "one-shot" or \
+                        data = METHODS[method].data or rec != "none" or schedule != "one-shot" or \
                             allocation in DATA_ALLOCATIONS
                         models += [ModelSpec(method, ratio, c, rec, schedule, allocation=allocation)
                                    for c in (corpora if data else [None])]
     models = list(dict.fromkeys(models))
+    for model in models[1:]:
+        model.config(DEFAULT_SPREAD)  # every combination is valid before any work
     if heal_steps:
         models += [replace(m, calibration=c, heal_steps=heal_steps) for m in models if m.method
                    for c in ([m.calibration] if m.calibration else corpora)]

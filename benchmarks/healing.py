@@ -12,27 +12,25 @@ an interrupted benchmark resumes) and healing.png.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
 from benchmarks.grid import parse_corpora, parse_list
-from benchmarks.store import write_atomic
-from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
+from calibrate.files import write_text
 from calibrate.models import load_model
 from calibrate.perplexity import protocol_perplexity
-from calibrate.run import calibrate
+from pruning.config import PruneConfig
 from pruning.heal import HealConfig, heal, training_batches
-from pruning.pipeline import prune
+from pruning.workflow import CalibrationSettings, prune_with_corpus
 
 
 def heal_run(base, tokenizer, corpus: str, parts: dict, ratio: float, config: HealConfig, eval_every: int,
              data_dir=None, seq_len: int = 256) -> dict:
     """Prune ``base`` (hybrid, ``ratio``) on ``corpus``, heal it and record the curve."""
     calibration = load_corpus(corpus, part="calibration", data_dir=data_dir)
-    stats = calibrate(base, make_batches(tokenizer, calibration, seq_len=128, max_tokens=8192), progress=False)
-    student = prune(copy.deepcopy(base), stats=stats, method="hybrid", ratio=ratio)
+    student = prune_with_corpus(base, tokenizer, PruneConfig(ratio=ratio, method="hybrid"), corpus=calibration,
+                                settings=CalibrationSettings(seq_len=128, max_tokens=8192), progress=False).model
 
     def measure(model, names) -> dict[str, float]:
         model.eval()
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             gap = run["before"][corpus] - results["base"][corpus]
             run["gap_closed"] = (run["before"][corpus] - run["after"][corpus]) / gap if gap > 0 else None
             results["runs"].append(run)
-            write_atomic(results_path, json.dumps(results, indent=1))
+            write_text(results_path, json.dumps(results, indent=1))
             print(f"{corpus} {ratio:g}: {run['before'][corpus]:.2f} -> {run['after'][corpus]:.2f} "
                   f"(base {results['base'][corpus]:.2f}, gap closed {run['gap_closed']:.0%}) in "
                   f"{run['seconds']:.0f} s of healing; after, on every corpus: "

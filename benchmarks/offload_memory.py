@@ -27,8 +27,6 @@ def child(argv: list[str]) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from pruning.cli import main
-
     if argv == ["--floor"]:  # the libraries, the config (an empty model) and the tokenizer: what both paths need
         from calibrate.models import model_source
         from calibrate.offload import empty_model
@@ -37,9 +35,10 @@ def child(argv: list[str]) -> None:
         empty_model(source, torch.float32)
         transformers.AutoTokenizer.from_pretrained(source)
         code = 0
-    else:
-        code = main(argv)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    else:  # the command in a process of its own: its peak alone, without this one's imports
+        code = subprocess.run([sys.executable, "-m", "glu_prune_cli.main", *argv]).returncode
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(json.dumps({"code": code, "peak_bytes": peak, "seconds": time.perf_counter() - start}))
 
 

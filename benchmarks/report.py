@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from benchmarks.store import write_atomic
+from calibrate.files import write_text
 
 COLUMNS = ["model", "method", "ratio", "calibration_corpus", "reconstruct", "schedule", "heal_steps", "allocation",
            "eval_corpus", "perplexity", "tokens", "ratio_to_base", "parameters", "prune_seconds", "eval_seconds"]
@@ -198,11 +198,11 @@ def write_reports(rows: list[dict], out_dir: Path, speed: list[dict] = (), lm_ev
         extra.setdefault(r["model"], {}).update({f"lm_eval:{k}": v for k, v in r.items()
                                                  if k not in ("model", "eval_corpus")})
     rows = [{**r, **extra.get(r["model"], {})} for r in with_base_ratio(rows)]
-    write_atomic(out_dir / "results.json", json.dumps(rows, indent=1))
-    write_atomic(out_dir / "results.csv", to_csv(rows))
+    write_text(out_dir / "results.json", json.dumps(rows, indent=1))
+    write_text(out_dir / "results.csv", to_csv(rows))
     sections = [markdown_tables(rows)] + ([speed_table(speed)] if speed else []) + \
         ([lm_eval_table(lm_eval)] if lm_eval else [])
-    write_atomic(out_dir / "results.md", "\n".join(sections))
+    write_text(out_dir / "results.md", "\n".join(sections))
     if any(r["model"] == "base" for r in speed):
         plot_speed(speed, out_dir / "speed.png")
     plot_perplexity(rows, out_dir / "perplexity.png")

@@ -8,13 +8,26 @@ import time
 import torch
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs, after one warm-up."""
+def synchronize(device: torch.device) -> None:
+    """Wait until the work queued on ``device`` is done (CUDA runs it asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """``device`` as speed figures depend on it: the GPU's name on CUDA."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` on ``device`` over ``repeats`` runs, after one warm-up."""
     fn()
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -40,7 +53,7 @@ def measure_speed(model, batch: int = 8, prompt_len: int = 128, new_tokens: int 
                        else model.config.pad_token_id)
 
     with torch.inference_mode():
-        prefill_s, ttft_s, gen_s = timed(prefill, repeats), timed(first_token, repeats), timed(generate, repeats)
+        prefill_s, ttft_s, gen_s = (timed(fn, repeats, device) for fn in (prefill, first_token, generate))
     params = sum(p.numel() for p in model.parameters())
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return {

@@ -4,10 +4,10 @@ from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.errors import GluPruneError
 from calibrate.layerwise import calibrate_layerwise
-from calibrate.models import load_model
+from calibrate.models import load_model, load_pruned
 from calibrate.perplexity import perplexity
 from calibrate.run import calibrate
 from calibrate.stats import ActivationStats
 
 __all__ = ["ActivationStats", "GluPruneError", "calibrate", "calibrate_layerwise", "load_corpus", "load_model",
-           "make_batches", "perplexity"]
+           "load_pruned", "make_batches", "perplexity"]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from typing import TYPE_CHECKING
 
 import torch
 from transformers.utils import logging as hf_logging
 
-from calibrate.errors import GluPruneError
+from calibrate.errors import ConfigError, GluPruneError
 
 if TYPE_CHECKING:
     from calibrate.corpora import Corpus
 
+log = logging.getLogger("glu_prune")
 SEPARATORS = {"documents": "\n\n", "messages": "\n"}
 
 
@@ -110,9 +111,9 @@ def make_batches(tokenizer, corpus: Corpus, seq_len: int = 128, max_tokens: int 
     Asking for more tokens than the corpus has is not an error: a note goes to stderr.
     """
     if seq_len < 2:
-        raise GluPruneError(f"--seq-len {seq_len} is too short: use at least 2")
+        raise ConfigError("seq_len", seq_len, "is too short: use at least 2")
     if batch_size < 1:
-        raise GluPruneError(f"--batch-size {batch_size} must be at least 1")
+        raise ConfigError("batch_size", batch_size, "must be at least 1")
     packing = corpus.kind == "documents" if packing is None else packing
     build = packed_rows if packing else message_rows
     rows = build(tokenizer, corpus, seq_len, max_tokens)
@@ -120,8 +121,8 @@ def make_batches(tokenizer, corpus: Corpus, seq_len: int = 128, max_tokens: int 
         raise GluPruneError(f"corpus '{corpus.name}' gave no tokens: check that it has text")
     got = sum(len(r) for r in rows)
     if max_tokens is not None and got < max_tokens:
-        print(f"note: corpus '{corpus.name}' gives {got} tokens, fewer than the {max_tokens} asked; "
-              f"using all of them", file=sys.stderr)
+        log.warning("corpus '%s' gives %d tokens, fewer than the %d asked; using all of them", corpus.name, got,
+                    max_tokens)
     pad = pad_id(tokenizer)
     return [collate(rows[i : i + batch_size], pad) for i in range(0, len(rows), batch_size)]
 

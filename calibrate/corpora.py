@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from calibrate.errors import GluPruneError
+from calibrate.errors import ConfigError, GluPruneError
 
 PARTS = ("calibration", "evaluation", "all")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
@@ -137,7 +137,7 @@ def load_builtin(name: str, part: str | None, split: str | None, data_dir: Path 
         rows, source = builtin_rows(name, split, data_dir)
         return Corpus(name, spec.kind, rows, source, split)
     if part == "all":
-        raise GluPruneError(f"corpus '{name}' has fixed parts: use --part calibration or evaluation, or --split")
+        raise ConfigError("part", part, f"corpus '{name}' has fixed parts: use calibration or evaluation, or a split")
     raw_split, parity = spec.parts[part]
     rows, source = builtin_rows(name, raw_split, data_dir)
     if parity is not None:
@@ -175,9 +175,10 @@ def pick_field(rows: list[dict], text_field: str | None, where: str) -> list[str
     fields = list(rows[0]) if rows else []
     field = text_field or ("text" if "text" in fields else None)
     if field is None or field not in fields:
-        wanted = f"--text-field '{text_field}' is not" if text_field else "no 'text' field is"
-        raise GluPruneError(f"{wanted} in {where}: its fields are {', '.join(map(str, fields))}; "
-                            f"pass --text-field NAME")
+        problem = f"is not in {where}: its fields are {', '.join(map(str, fields))}"
+        raise ConfigError("text_field", text_field, problem + "; choose one") if text_field else \
+            GluPruneError(f"no 'text' field is in {where}: its fields are {', '.join(map(str, fields))}; name the "
+                          f"text field (--text-field NAME)")
     return [str(r[field]) if r[field] is not None else "" for r in rows]
 
 
@@ -228,7 +229,7 @@ def hub_dataset(source: str, split: str | None, text_field: str | None) -> list[
         raise GluPruneError(f"could not load hub dataset '{source}' ({type(exc).__name__}): check the name, "
                             f"or pass a local file") from exc
     if text_field not in data.column_names:
-        raise GluPruneError(f"--text-field '{text_field}' is not in {source}: its fields are "
+        raise ConfigError("text_field", text_field, f"is not in {source}: its fields are "
                             f"{', '.join(data.column_names)}")
     return list(data[text_field])
 
@@ -236,12 +237,16 @@ def hub_dataset(source: str, split: str | None, text_field: str | None) -> list[
 def load_corpus(name_or_path: str, part: str | None = None, split: str | None = None,
                 data_dir: str | Path | None = None, text_field: str | None = None, kind: str | None = None,
                 name: str | None = None) -> Corpus:
-    """Load a built-in corpus part or split, or a custom corpus (default part: evaluation)."""
+    """Load a built-in corpus part or split, or a custom corpus.
+
+    ``part`` is ``calibration`` (the default), ``evaluation`` or ``all`` (custom corpora); ``split``
+    names a raw split instead. Evaluate on the evaluation part, never on what you calibrated on.
+    """
     if part is not None and split is not None:
-        raise GluPruneError("give --part or --split, not both")
-    part = part or ("evaluation" if split is None else None)
+        raise ConfigError("part", part, "give a part or a split, not both")
+    part = part or ("calibration" if split is None else None)
     if part is not None and part not in PARTS:
-        raise GluPruneError(f"--part '{part}' is not one of {', '.join(PARTS)}")
+        raise ConfigError("part", part, f"choose one of {', '.join(PARTS)}")
     if kind is not None and kind not in ("documents", "messages"):
         raise GluPruneError(f"corpus kind '{kind}' is not 'documents' or 'messages'")
     if name_or_path in BUILTINS:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.errors import GluPruneError
+from calibrate.errors import ConfigError, GluPruneError
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,28 @@ class GLULayer:
         """Down matrix, shape (hidden, intermediate): neuron j is column j."""
         return self.down.weight
 
+    def linears(self) -> list[nn.Linear]:
+        """The layer's GLU linears: gate and up (or the fused gate_up), then down."""
+        parts = [self.fused] if self.fused is not None else [getattr(self.mlp, self.layout.gate),
+                                                             getattr(self.mlp, self.layout.up)]
+        return [*parts, self.down]
+
+    def resize_empty(self, size: int) -> None:
+        """Give the layer ``size`` neurons as empty (meta-device) linears, to be filled by a state dict."""
+        def empty(old: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
+            return nn.Linear(in_features, out_features, bias=old.bias is not None, device="meta",
+                             dtype=old.weight.dtype)
+
+        hidden = self.down.out_features
+        if self.fused is not None:
+            setattr(self.mlp, self.layout.fused_gate_up, empty(self.fused, 2 * size, hidden))
+        else:
+            for name in (self.layout.gate, self.layout.up):
+                setattr(self.mlp, name, empty(getattr(self.mlp, name), size, hidden))
+        setattr(self.mlp, self.layout.down, empty(self.down, hidden, size))
+        if hasattr(self.mlp, "intermediate_size"):
+            self.mlp.intermediate_size = size
+
 
 def supported_families() -> str:
     return ", ".join(sorted(ADAPTERS))
@@ -124,7 +146,7 @@ def check_layers(layers: list[int] | None, count: int) -> list[int]:
     if bad:
         raise GluPruneError(f"layer {bad[0]} is out of range: the model has layers 0..{count - 1}")
     if not layers:
-        raise GluPruneError("--layers is empty: name at least one layer, e.g. --layers 0-3")
+        raise ConfigError("layers", layers, "is empty: name at least one layer, e.g. 0-3")
     return sorted(set(layers))
 
 
@@ -142,5 +164,5 @@ def parse_layers(text: str | None) -> list[int] | None:
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise GluPruneError(f"--layers '{text}' is not a list of layers: use e.g. 0,2,5-7") from None
+        raise ConfigError("layers", text, "is not a list of layers: use e.g. 0,2,5-7") from None
     return out

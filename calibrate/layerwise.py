@@ -3,23 +3,30 @@ layer at a time over all batches, as SparseGPT and Wanda do.
 
 Between the statistics of layer ``l`` and the run that feeds layer ``l + 1``, a callback may
 change layer ``l`` (prune and refit it): later layers are then calibrated on the pruned model.
+
+Capture swaps stand-ins into the decoder's ``layers`` list (a pre-hook cannot skip a layer's work);
+they forward attribute reads to the real layers, whose ``forward`` (and accelerate's hook) stay untouched.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import check_layers, decoder, decoder_layers, glu_layers
-from calibrate.hooks import StopForward, recording
+from calibrate.hooks import TOKEN_BLOCK, HookOwner, recording
 from calibrate.offload import ResidentLoader
+from calibrate.resources import check_memory, human_bytes, second_moment_bytes
 from calibrate.run import batch_tensors, finish_stats
-from calibrate.stats import LayerStats, PairedStats, check_memory, human_bytes, second_moment_bytes
+from calibrate.stats import ActivationStats, LayerStats, PairedStats
+
+log = logging.getLogger("glu_prune")
 
 
 @dataclass
@@ -39,6 +46,27 @@ class _Caught(Exception):
     """Ends a capture forward once the last decoder layer has been reached."""
 
 
+class _Catcher(nn.Module):
+    """Stands in for one decoder layer during capture: keeps its call arguments and runs nothing."""
+
+    def __init__(self, layer: nn.Module, index: int, caught: dict, last: bool):
+        super().__init__()
+        self.index, self.caught, self.last = index, caught, last
+        self.__dict__["real"] = layer  # not registered: the real layer keeps its one place in the model
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["real"], name)  # per-layer attributes the decoder loop reads
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args:
+            raise GluPruneError("decoder layers called with positional arguments are not supported layer by layer")
+        self.caught.setdefault("hidden", hidden_states)
+        self.caught[self.index] = kwargs
+        if self.last:
+            raise _Caught
+        return hidden_states
+
+
 def capture_inputs(model, batches: Iterable[dict], max_tokens: int | None = None,
                    device: torch.device | None = None) -> list[LayerBatch]:
     """Run only the embeddings and mask construction of each batch, keeping what every decoder
@@ -48,99 +76,92 @@ def capture_inputs(model, batches: Iterable[dict], max_tokens: int | None = None
     body = decoder(model)
     device = device or next(model.parameters()).device
     caught: dict = {}
-
-    def catcher(index: int):
-        def forward(hidden_states, *args, **kwargs):
-            if args:
-                raise GluPruneError("decoder layers called with positional arguments are not supported layer by layer")
-            caught.setdefault("hidden", hidden_states)
-            caught[index] = kwargs
-            if index == len(layers) - 1:
-                raise _Caught
-            return hidden_states
-        return forward
-
     captured, seen = [], 0
-    try:
+    with HookOwner() as owned, torch.inference_mode():
         for i, layer in enumerate(layers):
-            layer.forward = catcher(i)
-        with torch.inference_mode():
-            for batch in batches:
-                input_ids, mask = batch_tensors(batch, device)
-                caught.clear()
-                try:
-                    body(input_ids=input_ids, attention_mask=mask, use_cache=False)
-                except _Caught:
-                    pass
-                captured.append(LayerBatch(caught["hidden"], mask, [caught[i] for i in range(len(layers))]))
-                seen += int(mask.sum())
-                if max_tokens is not None and seen >= max_tokens:
-                    break
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+            owned.replace(layers, i, _Catcher(layer, i, caught, last=i == len(layers) - 1))
+        for batch in batches:
+            input_ids, mask = batch_tensors(batch, device)
+            caught.clear()
+            try:
+                body(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            except _Caught:
+                pass
+            captured.append(LayerBatch(caught["hidden"], mask, [caught[i] for i in range(len(layers))]))
+            seen += int(mask.sum())
+            if max_tokens is not None and seen >= max_tokens:
+                break
     if seen == 0:
         raise GluPruneError("the calibration batches hold no tokens: check the corpus")
     return captured
 
 
-def record_layer(model, index: int, groups: list[list[LayerBatch]], second_moment: bool,
-                 advance: bool) -> list[LayerStats]:
-    """Statistics of layer ``index``'s down_proj input for each group of batches; with ``advance``
-    each batch's hidden state also becomes the layer's output (one pass instead of two)."""
-    layer = decoder_layers(model)[index]
-    results = []
-    with torch.inference_mode():
-        for group in groups:
-            with recording(model, [index], second_moment, stop_early=not advance) as recorders:
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])[mask.reshape(-1).to(x.device).bool()]
+
+
+class LayerRunner:
+    """Runs captured batch groups (fit, then held-out) through one decoder layer at a time; with
+    ``dense`` a copy of every group runs beside them through the layers as they were before any change.
+
+    Each pass owns the hooks it installs and removes them when it ends, by error and Ctrl-C too. A
+    layer always runs to its end, so that a device-moving hook's post-forward step is never skipped.
+    """
+
+    def __init__(self, model, groups: list[list[LayerBatch]], dense: bool = False):
+        self.model, self.groups, self.layers = model, groups, decoder_layers(model)
+        copies = groups if dense else []
+        self.dense = [[LayerBatch(b.hidden.clone(), b.mask, b.layer_kwargs) for b in g] for g in copies]
+
+    def _run(self, index: int, b: LayerBatch) -> torch.Tensor:
+        return _output(self.layers[index](b.hidden, **b.layer_kwargs[index]))
+
+    @torch.inference_mode()
+    def record(self, index: int, second_moment: bool, advance: bool) -> list[LayerStats]:
+        """Statistics of layer ``index``'s down_proj input for each group; with ``advance`` each
+        batch's hidden state also becomes the layer's output (one pass instead of two)."""
+        results = []
+        for group in self.groups:
+            with recording(self.model, [index], second_moment, stop_early=False) as recorders:
                 for b in group:
                     recorders.set_mask(b.mask)
-                    try:
-                        out = layer(b.hidden, **b.layer_kwargs[index])
-                    except StopForward:
-                        continue
-                    b.hidden = out[0] if isinstance(out, tuple) else out
+                    out = self._run(index, b)
+                    if advance:
+                        b.hidden = out
                 results.append(recorders.stats()[index])
-    return results
+        return results
 
-
-def advance_layer(model, index: int, groups: list[list[LayerBatch]]) -> None:
-    """Replace every batch's hidden state by layer ``index``'s output."""
-    layer = decoder_layers(model)[index]
-    with torch.inference_mode():
-        for group in groups:
+    @torch.inference_mode()
+    def advance(self, index: int, dense: bool = True) -> None:
+        """Replace every batch's hidden state (the dense copies' too, with ``dense``) by layer ``index``'s output."""
+        for group in self.groups + (self.dense if dense else []):
             for b in group:
-                out = layer(b.hidden, **b.layer_kwargs[index])
-                b.hidden = out[0] if isinstance(out, tuple) else out
+                b.hidden = self._run(index, b)
 
-
-def record_pairs(model, index: int, groups: list[list[LayerBatch]],
-                 dense_groups: list[list[LayerBatch]]) -> list[PairedStats]:
-    """For each group, layer ``index``'s down_proj inputs on the model's stream (x) paired with
-    those on the dense stream (d); the dense stream advances through the layer, still unpruned."""
-    layer, glu = decoder_layers(model)[index], glu_layers(model, [index])[0]
-    seen = {}
-    handle = glu.down.register_forward_pre_hook(lambda _module, args: seen.__setitem__("x", args[0]))
-
-    def rows(mask: torch.Tensor) -> torch.Tensor:
-        x = seen["x"]
-        return x.reshape(-1, x.shape[-1])[mask.reshape(-1).to(x.device).bool()]
-
-    results = []
-    try:
-        with torch.inference_mode():
-            for group, dense_group in zip(groups, dense_groups):
-                pairs = PairedStats.zeros(glu.intermediate_size)
+    @torch.inference_mode()
+    def pairs(self, index: int) -> list[PairedStats]:
+        """For each group, layer ``index``'s down_proj inputs on the model's stream (x) paired with
+        those on the dense stream (d); the dense stream advances through the layer, still unchanged."""
+        seen = {}
+        results = []
+        with HookOwner() as owned:
+            owned.pre_hook(glu_layers(self.model, [index])[0].down, lambda _m, args: seen.__setitem__("x", args[0]))
+            for group, dense_group in zip(self.groups, self.dense):
+                sums = None
                 for b, d in zip(group, dense_group):
-                    layer(b.hidden, **b.layer_kwargs[index])
-                    x = rows(b.mask)
-                    out = layer(d.hidden, **d.layer_kwargs[index])
-                    pairs.add(x, rows(d.mask))
-                    d.hidden = out[0] if isinstance(out, tuple) else out
-                results.append(pairs)
-    finally:
-        handle.remove()
-    return results
+                    self._run(index, b)
+                    x = _rows(seen["x"], b.mask)
+                    d.hidden = self._run(index, d)
+                    y = _rows(seen["x"], d.mask)
+                    if sums is None:
+                        sums = PairedStats.zeros(x.shape[1], x.device)
+                    sums.add(x, y, TOKEN_BLOCK)
+                results.append(sums.cpu())
+        return results
 
 
 AfterLayer = Callable[[int, LayerStats, "LayerStats | None", "list[PairedStats] | None"], None]
@@ -162,42 +183,34 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
     With a ``loader`` (:mod:`calibrate.offload`) only the embeddings, then one decoder layer at a
     time, are in memory; ``device`` is where they run.
     """
-    from calibrate.stats import ActivationStats
-
     count = len(decoder_layers(model))
     selected = check_layers(layers, count)
+    if dense_pairs and after_layer is None:
+        raise GluPruneError("dense pairs are for sequential pruning: pass after_layer")
     if second_moment:
         needed = second_moment_bytes([max(g.intermediate_size for g in glu_layers(model, selected))])
-        print(f"second moment: {human_bytes(needed)} per layer (one layer at a time)", file=sys.stderr)
+        log.info("second moment: %s per layer (one layer at a time)", human_bytes(needed))
         check_memory(needed)
     loader = loader or ResidentLoader()
-    body = decoder(model)
-    with loader.loaded(body.get_input_embeddings()):
+    with loader.loaded(decoder(model).get_input_embeddings()):
         fit = capture_inputs(model, batches, max_tokens, device)
         groups = [fit] + ([capture_inputs(model, holdout_batches, device=device)] if holdout_batches is not None
                           else [])
-    if dense_pairs and after_layer is None:
-        raise GluPruneError("dense pairs are for sequential pruning: pass after_layer")
-    dense_groups = [[LayerBatch(b.hidden.clone(), b.mask, b.layer_kwargs) for b in g] for g in groups] \
-        if dense_pairs else []
-    layers_of = decoder_layers(model)
+    runner = LayerRunner(model, groups, dense=dense_pairs)
     stats, holdout = {}, {}
-    bar = tqdm(total=selected[-1] + 1, unit="layer", desc="calibrate (layer by layer)", disable=not progress)
-    for index in range(selected[-1] + 1):
-        with loader.loaded(layers_of[index]):
-            if index in selected:
-                results = record_layer(model, index, groups, second_moment, advance=after_layer is None)
-                stats[index] = results[0]
-                if len(results) > 1:
-                    holdout[index] = results[1]
-                if after_layer is not None:
-                    pairs = record_pairs(model, index, groups, dense_groups) if dense_pairs else None
-                    after_layer(index, stats[index], holdout.get(index), pairs)
-                    advance_layer(model, index, groups)
-            else:
-                advance_layer(model, index, groups + dense_groups)
-        bar.update()
-    bar.close()
+    for index in tqdm(range(selected[-1] + 1), unit="layer", desc="calibrate (layer by layer)", disable=not progress):
+        with loader.loaded(runner.layers[index]):
+            if index not in selected:
+                runner.advance(index)
+                continue
+            results = runner.record(index, second_moment, advance=after_layer is None)
+            stats[index] = results[0]
+            if len(results) > 1:
+                holdout[index] = results[1]
+            if after_layer is not None:
+                pairs = runner.pairs(index) if dense_pairs else None
+                after_layer(index, stats[index], holdout.get(index), pairs)
+                runner.advance(index, dense=False)
     result = ActivationStats(stats, dict(meta or {}), holdout or None)
     finish_stats(model, result, sum(b.tokens for b in fit), selected, second_moment, loader)
     if holdout:

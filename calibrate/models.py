@@ -11,13 +11,15 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from calibrate.errors import GluPruneError
+from calibrate.errors import ConfigError, GluPruneError
+from calibrate.files import atomic_dir
+from calibrate.glu import glu_layers
+from calibrate.manifest import layer_sizes
+from calibrate.resources import checkpoint_bytes
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {
@@ -114,14 +116,10 @@ def convert_gguf(path: Path) -> Path:
                             f"{str(exc).splitlines()[0] if str(exc) else ''}): is the file complete?") from exc
     detach_gguf_quantizer(model)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, force=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -138,11 +136,11 @@ def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GluPruneError(f"--device {device} asked for but no CUDA GPU is available: use --device cpu")
+        raise ConfigError("device", device, "asked for but no CUDA GPU is available: use cpu")
     try:
         return torch.device(device)
     except RuntimeError:
-        raise GluPruneError(f"--device '{device}' is not a device: use cpu, cuda or cuda:N") from None
+        raise ConfigError("device", device, "is not a device: use cpu, cuda or cuda:N") from None
 
 
 def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -151,7 +149,7 @@ def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise GluPruneError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+        raise ConfigError("dtype", dtype, f"choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -161,6 +159,57 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(model_source(model))
 
 
+def checkpoint_size(model: str) -> int | None:
+    """Bytes of ``model``'s weights when it is local (roughly, float32, for a .gguf), else None."""
+    return checkpoint_bytes(*reversed(resolve(model)))
+
+
+def load_resized(path: str | Path, sizes: list[int], dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None):
+    """A checkpoint whose layers have the intermediate ``sizes``: built on the meta device, each
+    layer resized, then every shard's tensors assigned once (no random initialisation, no copy)."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    dtype = dtype or config.dtype or torch.float32
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = glu_layers(model)
+    if len(sizes) != len(layers):
+        raise GluPruneError(f"{path}: its config lists {len(sizes)} layer sizes for {len(layers)} layers: "
+                            f"save it again")
+    for layer, size in zip(layers, sizes):
+        layer.resize_empty(size)
+    loaded = set()
+    for shard in sorted(path.glob("*.safetensors")):
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(shard).items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        loaded.update(state)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    expected = set(model.state_dict())
+    missing, unexpected = expected - loaded - tied, loaded - expected
+    if missing or unexpected:
+        raise GluPruneError(f"{path} does not match its layer sizes (missing {sorted(missing)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]}): save it again")
+    if tied:
+        model.tie_weights()
+    return model.to(device) if device is not None else model
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """Load a saved model, also one whose layers have different sizes (read from its config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = layer_sizes(AutoConfig.from_pretrained(path))
+    if sizes is not None:
+        return load_resized(path, sizes, dtype, device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return (model.to(device) if device is not None else model).eval()
+
+
 def load_model(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
                with_tokenizer: bool = True, device_map: str | None = None):
     """Load (model, tokenizer) in eval mode; ``model`` is a hub id, directory, ``.gguf`` or alias.
@@ -168,20 +217,16 @@ def load_model(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str
     ``device_map`` (e.g. ``auto``) spreads the layers over the available GPUs through accelerate
     instead of placing the whole model on ``device``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = model_source(model)
     torch_dtype = pick_dtype(dtype)
     torch_device = pick_device(device) if device_map is None else None
-    pruned = Path(source, "pruning.json").is_file()
-    if device_map is not None and pruned:
-        if not json.loads(Path(source, "pruning.json").read_text()).get("uniform", True):
-            raise GluPruneError("--device-map cannot load a model with per-layer sizes: drop --device-map")
-        pruned = False  # a uniform pruned model is a stock checkpoint
     try:
-        if pruned:
-            from pruning.save import load_pruned
-
+        resized = Path(source).is_dir() and layer_sizes(AutoConfig.from_pretrained(source)) is not None
+        if resized and device_map is not None:
+            raise GluPruneError("--device-map cannot load a model with per-layer sizes: drop --device-map")
+        if resized:
             net = load_pruned(source, dtype=torch_dtype, device=torch_device)
         elif device_map is not None:
             net = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
@@ -190,9 +235,7 @@ def load_model(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str
         tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
     except GluPruneError:
         raise
-    except OSError as exc:
-        raise GluPruneError(f"could not load model '{model}': {str(exc).splitlines()[0]}") from exc
-    except (ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise GluPruneError(f"could not load model '{model}': {str(exc).splitlines()[0]}") from exc
     net.eval()
     net.glu_prune_name = model

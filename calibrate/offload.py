@@ -4,6 +4,7 @@ safetensors checkpoint on demand and emptied again after use, one decoder layer 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,12 @@ import torch
 from torch import nn
 
 from calibrate.errors import GluPruneError
+from calibrate.glu import glu_layers
+from calibrate.manifest import layer_sizes
+from calibrate.models import checkpoint_size, model_source
+from calibrate.resources import available_memory, human_bytes
+
+log = logging.getLogger("glu_prune")
 
 
 class CheckpointWeights:
@@ -52,13 +59,16 @@ class CheckpointWeights:
 
 
 def empty_model(source: str, dtype: torch.dtype):
-    """The model of ``source``'s config with every parameter on the meta device (no memory)."""
+    """The model of ``source``'s config with every parameter on the meta device (no memory); a
+    pruned model's layers take their sizes from its config."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for layer, size in zip(glu_layers(model), layer_sizes(config) or []):
+        layer.resize_empty(size)
     return model.eval()
 
 
@@ -109,29 +119,23 @@ def offload_model(model_name: str, device: torch.device, dtype: torch.dtype):
     downloaded first)."""
     from transformers import AutoTokenizer
 
-    from calibrate.models import model_source
-
     source = model_source(model_name)
     if not Path(source).is_dir():
         raise GluPruneError(f"--offload reads a local checkpoint: download '{model_name}' first "
                             f"(huggingface-cli download {model_name} --local-dir DIR) and pass DIR")
-    if Path(source, "pruning.json").is_file():
-        manifest = json.loads(Path(source, "pruning.json").read_text())
-        if not manifest.get("uniform", True):
-            raise GluPruneError("--offload cannot read a model with per-layer sizes: drop --offload")
     keep_large_allocations_mapped()
     model = empty_model(source, dtype)
     model.glu_prune_name = model_name
     return model, LayerLoader(model, CheckpointWeights(source), device, dtype), AutoTokenizer.from_pretrained(source)
 
 
-def checkpoint_bytes(model_name: str) -> int | None:
-    """Size of a local checkpoint's weights on disk (None for a hub id)."""
-    from calibrate.models import resolve
-
-    kind, path = resolve(model_name)
-    if kind == "gguf":
-        return Path(path).stat().st_size * 4  # quantised on disk; float32 once converted, roughly
-    if kind != "dir":
-        return None
-    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+def should_offload(model_name: str, asked: bool = False) -> bool:
+    """``asked``, or a local checkpoint larger than 80% of the available memory (said on the log)."""
+    if asked:
+        return True
+    size, free = checkpoint_size(model_name), available_memory()
+    if size and free and size > 0.8 * free:
+        log.info("the model (%s) would not fit in %s of memory: working one layer at a time (offload)",
+                 human_bytes(size), human_bytes(free))
+        return True
+    return False

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from calibrate.batches import collate, message_texts, pad_id, tokenize_prefix, with_bos
-from calibrate.errors import GluPruneError
+from calibrate.errors import ConfigError, GluPruneError
 
 if TYPE_CHECKING:
     from calibrate.corpora import Corpus
@@ -79,9 +79,9 @@ def perplexity(model, tokenizer, corpus: Corpus, seq_len: int = 512, max_tokens:
                max_docs: int | None = None, batch_size: int = 1, progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on ``corpus`` (see PROTOCOL.md); padding never counts."""
     if seq_len < 2:
-        raise GluPruneError(f"--seq-len {seq_len} is too short: use at least 2")
+        raise ConfigError("seq_len", seq_len, "is too short: use at least 2")
     if batch_size < 1:
-        raise GluPruneError(f"--batch-size {batch_size} must be at least 1")
+        raise ConfigError("batch_size", batch_size, "must be at least 1")
     sequences = sequences_for(tokenizer, corpus, seq_len, max_tokens, max_docs)
     if not sequences:
         raise GluPruneError(f"corpus '{corpus.name}' gives no sequence of 2 or more tokens to evaluate")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -12,7 +12,11 @@ from calibrate import distributed
 from calibrate.errors import GluPruneError
 from calibrate.glu import decoder, glu_layers, model_type
 from calibrate.hooks import StopForward, recording
-from calibrate.stats import ActivationStats, check_memory, fingerprint, human_bytes, second_moment_bytes
+from calibrate.identity import fingerprint, weight_sample
+from calibrate.resources import check_memory, human_bytes, second_moment_bytes
+from calibrate.stats import ActivationStats
+
+log = logging.getLogger("glu_prune")
 
 
 def batch_tensors(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,17 +32,28 @@ def batch_tensors(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 
 def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None, second_moment: bool = False,
-              max_tokens: int | None = None, progress: bool = True, meta: dict | None = None) -> ActivationStats:
+              holdout: float = 0.0, max_tokens: int | None = None, progress: bool = True,
+              meta: dict | None = None) -> ActivationStats:
     """Statistics of every selected layer's down_proj input over ``batches``.
 
     Only the decoder body runs, and it stops after the last recorded layer. ``max_tokens`` stops
     after the batch that reaches it. Padding (attention mask 0) never enters the statistics.
+    ``holdout`` > 0 keeps the statistics of the last such fraction of the batches (at least one)
+    apart in ``stats.holdout``: the held-out slice on which a refit chooses its ridge.
     Under torch.distributed each rank takes every N-th batch and the statistics are all-reduced.
     """
+    if holdout:
+        fit, held = split_holdout(list(batches), holdout)
+        options = dict(layers=layers, second_moment=second_moment, max_tokens=max_tokens, meta=meta)
+        stats = calibrate(model, fit, progress=progress, **options)
+        stats.holdout = calibrate(model, held, progress=False, **options).layers
+        stats.meta["holdout_tokens"] = str(next(iter(stats.holdout.values())).count)
+        return stats
     selected = glu_layers(model, layers)
     if second_moment:
         needed = second_moment_bytes([g.intermediate_size for g in selected])
-        print(f"second moment: {human_bytes(needed)} for {len(selected)} layers", file=sys.stderr)
+        if progress:  # once per calibration, not again for its held-out slice
+            log.info("second moment: %s for %d layers", human_bytes(needed), len(selected))
         check_memory(needed)
     device = next(model.parameters()).device
     body = decoder(model)
@@ -76,11 +91,12 @@ def finish_stats(model, stats: ActivationStats, tokens: int, layers: list[int], 
                  loader=None) -> None:
     """Check ``stats`` for NaN/inf and record what they were computed on in ``stats.meta``."""
     stats.check_finite()
+    shapes, stats.identity = weight_sample(model, loader)
     stats.meta.update({
         "tokens": str(tokens), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "model_type": model_type(model), "num_layers": str(len(glu_layers(model))),
         "sizes": ",".join(str(g.intermediate_size) for g in glu_layers(model, layers)),
-        "fingerprint": fingerprint(model, loader), "second_moment": str(second_moment).lower(),
+        "fingerprint": fingerprint(shapes, stats.identity), "second_moment": str(second_moment).lower(),
     })
     stats.meta.setdefault("model", getattr(model, "glu_prune_name", model.config.name_or_path))
 
@@ -91,13 +107,3 @@ def split_holdout(batches: list[dict], fraction: float = 0.125) -> tuple[list[di
         raise GluPruneError("a held-out slice needs at least 2 calibration batches: lower --batch-size or add tokens")
     held = max(1, round(len(batches) * fraction))
     return batches[:-held], batches[-held:]
-
-
-def calibrate_with_holdout(model, batches: list[dict], holdout_fraction: float = 0.125, **options) -> ActivationStats:
-    """:func:`calibrate` on all but the last ``holdout_fraction`` of ``batches`` (at least one batch),
-    with the statistics of those last batches kept apart in ``stats.holdout``."""
-    fit, held = split_holdout(batches, holdout_fraction)
-    stats = calibrate(model, fit, **options)
-    stats.holdout = calibrate(model, held, **{**options, "progress": False}).layers
-    stats.meta["holdout_tokens"] = str(next(iter(stats.holdout.values())).count)
-    return stats

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
-import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -15,6 +12,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from calibrate.errors import GluPruneError
+from calibrate.files import atomic_file
+from calibrate.glu import glu_layers
+from calibrate.identity import same_checkpoint, weight_sample
 
 FORMAT_VERSION = 1
 FIELDS = ("sum", "abs_sum", "sq_sum", "max_abs")
@@ -36,10 +36,16 @@ class LayerStats:
     second_moment: torch.Tensor | None = None
 
     @classmethod
-    def zeros(cls, size: int, second_moment: bool = False) -> LayerStats:
-        z = lambda: torch.zeros(size, dtype=torch.float64)  # noqa: E731
-        sm = torch.zeros(size, size, dtype=torch.float64) if second_moment else None
-        return cls(0, z(), z(), z(), z(), sm)
+    def zeros(cls, size: int, second_moment: bool = False, device: torch.device | str = "cpu") -> LayerStats:
+        def zero(*shape):
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        return cls(0, *(zero(size) for _ in FIELDS), zero(size, size) if second_moment else None)
+
+    def cpu(self) -> LayerStats:
+        """A copy whose tensors are on the CPU."""
+        moment = None if self.second_moment is None else self.second_moment.cpu()
+        return replace(self, **{f: getattr(self, f).cpu() for f in FIELDS}, second_moment=moment)
 
     @property
     def size(self) -> int:
@@ -89,15 +95,21 @@ class PairedStats:
     dense_second: torch.Tensor
 
     @classmethod
-    def zeros(cls, size: int) -> PairedStats:
-        return cls(0, torch.zeros(size, size, dtype=torch.float64), torch.zeros(size, size, dtype=torch.float64))
+    def zeros(cls, size: int, device: torch.device | str = "cpu") -> PairedStats:
+        def zero():
+            return torch.zeros(size, size, dtype=torch.float64, device=device)
+
+        return cls(0, zero(), zero())
 
     def add(self, x: torch.Tensor, d: torch.Tensor, block: int = 4096) -> None:
-        """Add the paired rows of ``x`` and ``d`` (tokens × intermediate)."""
+        """Add the paired rows of ``x`` and ``d`` (tokens × intermediate), on the sums' device."""
         self.count += x.shape[0]
         for xb, db in zip(x.double().split(block), d.double().split(block)):
-            self.cross += (xb.T @ db).cpu()
-            self.dense_second += (db.T @ db).cpu()
+            self.cross.addmm_(xb.T.to(self.cross.device), db.to(self.cross.device))
+            self.dense_second.addmm_(db.T.to(self.cross.device), db.to(self.cross.device))
+
+    def cpu(self) -> PairedStats:
+        return PairedStats(self.count, self.cross.cpu(), self.dense_second.cpu())
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(E[x dᵀ], E[d dᵀ])."""
@@ -114,25 +126,6 @@ def library_version() -> str:
         return "dev"
 
 
-def fingerprint(model, loader=None) -> str:
-    """A short hash of the GLU weights' shapes and a fixed strided sample of their values
-    (``loader``: fill each offloaded MLP from the checkpoint while it is read)."""
-    from calibrate.glu import glu_layers
-    from calibrate.offload import ResidentLoader
-
-    digest = hashlib.sha256()
-    loader = loader or ResidentLoader()
-    with torch.no_grad():
-        for layer in glu_layers(model):
-            with loader.loaded(layer.mlp):
-                for w in (layer.gate_weight(), layer.up_weight(), layer.down_weight()):
-                    flat = w.detach().reshape(-1)
-                    sample = flat[:: max(1, flat.numel() // 1024)].double().cpu()
-                    digest.update(str(tuple(w.shape)).encode())
-                    digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 @dataclass
 class ActivationStats:
     """Per-layer statistics of the down_proj inputs, with provenance metadata (strings)."""
@@ -140,6 +133,7 @@ class ActivationStats:
     layers: dict[int, LayerStats]
     meta: dict[str, str] = field(default_factory=dict)
     holdout: dict[int, LayerStats] | None = None  # a held-out slice, for choosing a refit's ridge
+    identity: torch.Tensor | None = None  # the model's weight sample (calibrate.identity)
 
     @property
     def tokens(self) -> int:
@@ -149,12 +143,13 @@ class ActivationStats:
         """Statistics of one run over both corpora."""
         if set(self.layers) != set(other.layers):
             raise GluPruneError("cannot merge statistics of different layers: calibrate with the same --layers")
-        if self.meta.get("fingerprint") != other.meta.get("fingerprint"):
+        if (self.identity is None) != (other.identity is None) or (
+                self.identity is not None and not same_checkpoint(self.identity, other.identity)):
             raise GluPruneError("cannot merge statistics of different models")
         layers = {i: self.layers[i].merge(other.layers[i]) for i in self.layers}
         meta = {**self.meta, "corpus": "+".join(dict.fromkeys([self.meta.get("corpus", "?"),
                                                                other.meta.get("corpus", "?")]))}
-        merged = ActivationStats(layers, meta)
+        merged = ActivationStats(layers, meta, identity=self.identity)
         merged.meta["tokens"] = str(merged.tokens)
         return merged
 
@@ -165,7 +160,7 @@ class ActivationStats:
                                     f"--dtype bfloat16 or float32")
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
+        out = {} if self.identity is None else {"identity.sample": self.identity.contiguous()}
         for prefix, layers in (("layer", self.layers), ("holdout", self.holdout or {})):
             for i, s in layers.items():
                 out[f"{prefix}.{i}.count"] = torch.tensor([s.count], dtype=torch.int64)
@@ -181,20 +176,10 @@ class ActivationStats:
         meta = {**self.meta, "format_version": str(FORMAT_VERSION), "library_version": library_version(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "layers": json.dumps(sorted(self.layers)), "tokens": str(self.tokens)}
-        if not path.parent.exists():
-            raise GluPruneError(f"folder {path.parent} does not exist: create it or choose another --out")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as exc:
-            raise GluPruneError(f"cannot write in {path.parent} ({exc.strerror}): choose another --out") from None
-        os.close(fd)
-        try:
+        if not path.absolute().parent.exists():
+            raise GluPruneError(f"folder {path.absolute().parent} does not exist: create it or choose another output")
+        with atomic_file(path) as tmp:
             save_file(self.tensors(), tmp, metadata={k: str(v) for k, v in meta.items()})
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise GluPruneError(f"could not write {path} ({exc.strerror}); nothing was written") from None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
         self.meta = meta
         return path
 
@@ -229,52 +214,27 @@ class ActivationStats:
             return layers
 
         try:
-            stats = cls(read("layer"), meta, read("holdout") or None)
+            stats = cls(read("layer"), meta, read("holdout") or None, tensors.get("identity.sample"))
         except (KeyError, IndexError, ValueError):
             raise GluPruneError(f"{path} is incomplete or corrupt: recalibrate to write it again") from None
         if model is not None:
             stats.check_model(model, source=str(path))
         return stats
 
-    def check_model(self, model, source: str = "the statistics") -> None:
-        expected = self.meta.get("fingerprint")
-        if expected and expected != fingerprint(model):
-            origin = ", ".join(x for x in (self.meta.get("model"), f"fingerprint {expected}") if x)
+    def check_model(self, model, source: str = "the statistics", loader=None) -> None:
+        """Refuse statistics of another checkpoint (any load dtype of the same one is accepted)."""
+        sizes = self.meta.get("sizes")
+        layers = glu_layers(model, sorted(self.layers))
+        if sizes and sizes != ",".join(str(g.intermediate_size) for g in layers):
+            raise GluPruneError(f"{source} was computed on another model ({self.meta.get('model', '?')}, layer "
+                                f"sizes {sizes}): recalibrate on this model")
+        if self.identity is not None and not same_checkpoint(self.identity, weight_sample(model, loader)[1]):
+            origin = ", ".join(x for x in (self.meta.get("model"), self.meta.get("fingerprint")) if x)
             raise GluPruneError(f"{source} was computed on another model ({origin}): recalibrate on this model")
 
 
 def merge(a: ActivationStats, b: ActivationStats) -> ActivationStats:
     return a.merge(b)
-
-
-def second_moment_bytes(sizes: list[int]) -> int:
-    """Memory of the float64 second-moment matrices of layers of these sizes."""
-    return sum(8 * s * s for s in sizes)
-
-
-def available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def check_memory(needed: int, what: str = "the second-moment matrices") -> None:
-    free = available_memory()
-    if free is not None and needed > 0.8 * free:
-        raise GluPruneError(f"{what} need {human_bytes(needed)} but only {human_bytes(free)} is available: "
-                            f"calibrate fewer --layers at a time or drop --second-moment")
 
 
 def summary(stats: ActivationStats) -> str:

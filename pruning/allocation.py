@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from calibrate.errors import GluPruneError
+from calibrate.errors import ConfigError, GluPruneError
 
 DEFAULT_SPREAD = 0.24  # best of 0.08 (OWL's lambda), 0.16, 0.24 on SmolLM2 (README, allocation)
 DEFAULT_OUTLIER_MULTIPLIER = 5.0  # OWL's M
@@ -26,8 +26,7 @@ def outlier_fraction(down_weight: torch.Tensor, activation_norm: torch.Tensor,
 
 def check_spread(spread: float) -> None:
     if not 0 <= spread <= 0.5:
-        raise GluPruneError(f"--allocation-spread {spread} must be between 0 and 0.5 (half the range of kept "
-                            f"fractions)")
+        raise ConfigError("allocation_spread", spread, "must be between 0 and 0.5 (half the range of kept fractions)")
 
 
 def spread_fractions(importance: dict[int, float], keep_fraction: float, spread: float) -> dict[int, float]:

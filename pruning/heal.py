@@ -3,16 +3,16 @@
 The loss mixes the KL divergence from the teacher's softened distribution (temperature ``T``,
 scaled by ``T²``) with the language-model loss: ``alpha · KL + (1 - alpha) · CE``. The teacher's
 logits are computed on the fly. Training is deterministic for a seed: the batch order is a
-function of the step, so a run resumed from a checkpoint ends with the weights of an
-uninterrupted one.
+function of the step and checkpoints keep the random state (dropout), so a run resumed from a
+checkpoint ends with the weights of an uninterrupted one. The caller's random state is left as it was.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from calibrate.errors import GluPruneError
+from calibrate.batches import make_batches
+from calibrate.errors import ConfigError, GluPruneError
+from calibrate.files import atomic_file
 
 CHECKPOINT = "heal-state.pt"
 
@@ -44,13 +46,14 @@ class HealConfig:
 
     def __post_init__(self):
         if self.steps < 1:
-            raise GluPruneError("healing needs at least one step: raise --steps or --max-tokens")
+            raise ConfigError("steps", self.steps, "healing needs at least one step")
         if not 0.0 <= self.alpha <= 1.0:
-            raise GluPruneError(f"--alpha {self.alpha} must be in [0, 1] (1: distillation only, 0: LM loss only)")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise GluPruneError("--temperature and --lr must be positive")
+            raise ConfigError("alpha", self.alpha, "must be in [0, 1] (1: distillation only, 0: LM loss only)")
+        for option in ("temperature", "lr"):
+            if getattr(self, option) <= 0:
+                raise ConfigError(option, getattr(self, option), "must be positive")
         if self.lora_rank is not None and self.lora_rank < 1:
-            raise GluPruneError(f"--lora {self.lora_rank} must be a positive rank")
+            raise ConfigError("lora", self.lora_rank, "must be a positive rank")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,
@@ -98,23 +101,56 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(directory: Path, model, optimizer, step: int, history: list[dict], config: HealConfig) -> None:
-    """Everything a resumed run needs, written to a temporary name and renamed."""
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block with the global CPU random state (and ``device``'s, on CUDA) seeded by ``seed``,
+    and give the caller its own states back after."""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random states training draws from (dropout): the CPU's, and ``device``'s on CUDA."""
+    state = {"cpu": torch.random.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.random.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(directory: Path, model, optimizer, step: int, history: list[dict], config: HealConfig,
+                    device: torch.device) -> None:
+    """Everything a resumed run needs (tensors and plain containers only), written to a temporary
+    name and renamed."""
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (CHECKPOINT + ".tmp")
-    torch.save({"step": step, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "history": history, "config": asdict(config)}, tmp)
-    os.replace(tmp, directory / CHECKPOINT)
+    with atomic_file(directory / CHECKPOINT) as tmp:
+        torch.save({"step": step, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "history": history, "config": asdict(config), "rng": rng_state(device)}, tmp)
 
 
 def load_checkpoint(directory: Path, config: HealConfig) -> dict | None:
+    """The checkpoint in ``directory`` (None if there is none), refused if it was made with other
+    settings or holds anything but tensors and plain containers."""
     path = directory / CHECKPOINT
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise GluPruneError(f"checkpoint {path} cannot be read ({exc}): delete it or start without --resume") from None
+    if "rng" not in state:
+        raise GluPruneError(f"checkpoint {path} was written by an older glu-prune, without the random state a "
+                            f"resumed run needs: delete it or start without --resume")
     saved = {k: v for k, v in state["config"].items() if k != "max_seconds"}
     if saved != {k: v for k, v in asdict(config).items() if k != "max_seconds"}:
         raise GluPruneError(f"checkpoint {path} was made with other settings ({saved}): use the same options, "
@@ -126,8 +162,6 @@ def training_batches(tokenizer, corpus, seq_len: int = 256, batch_size: int = 4,
                      max_tokens: int | None = None) -> list[dict]:
     """Batches of ``corpus``'s calibration part; any other part is refused, so the evaluation part
     is never trained on."""
-    from calibrate.batches import make_batches
-
     if corpus.part != "calibration":
         raise GluPruneError(f"healing trains on the calibration part only, not '{corpus.part}': "
                             f"pass --part calibration")
@@ -137,12 +171,22 @@ def training_batches(tokenizer, corpus, seq_len: int = 256, batch_size: int = 4,
 def heal(student, teacher, batches: list[dict], config: HealConfig, checkpoint_dir: str | Path | None = None,
          resume: bool = False, progress: bool = True, on_step: Callable[[int, dict], None] | None = None):
     """Train ``student`` toward ``teacher`` on ``batches`` for ``config.steps`` steps; returns the
-    (LoRA-merged) student and the loss history. ``on_step(step, record)`` runs after every step."""
+    (LoRA-merged) student and the loss history. ``on_step(step, record)`` runs after every step.
+
+    The random state (LoRA initialisation, dropout) is seeded by ``config.seed``; the caller's comes back after.
+    """
     if not batches:
         raise GluPruneError("healing needs at least one batch of calibration text")
     device = next(student.parameters()).device
+    with seeded(config.seed, device):
+        return train(student, teacher, batches, config, device, checkpoint_dir, resume, progress, on_step)
+
+
+def train(student, teacher, batches: list[dict], config: HealConfig, device: torch.device,
+          checkpoint_dir: str | Path | None, resume: bool, progress: bool,
+          on_step: Callable[[int, dict], None] | None):
+    """:func:`heal`'s training loop, under its random state."""
     teacher.eval().requires_grad_(False)
-    torch.manual_seed(config.seed)
     student.requires_grad_(True)
     model = with_lora(student, config.lora_rank) if config.lora_rank else student
     if config.gradient_checkpointing:
@@ -161,6 +205,7 @@ def heal(student, teacher, batches: list[dict], config: HealConfig, checkpoint_d
                 for name, value in state["trainable"].items():
                     named[name].copy_(value)
             optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"], device)
             start_step, history = state["step"], state["history"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast)
     elapsed = history[-1]["seconds"] if history else 0.0  # training time only: callbacks and checkpoints excluded
@@ -193,7 +238,7 @@ def heal(student, teacher, batches: list[dict], config: HealConfig, checkpoint_d
         if on_step is not None:
             on_step(step + 1, record)
         if directory is not None and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save_checkpoint(directory, model, optimizer, step + 1, history, config)
+            save_checkpoint(directory, model, optimizer, step + 1, history, config, device)
         if config.max_seconds is not None and elapsed >= config.max_seconds:
             break
     bar.close()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from calibrate.errors import GluPruneError
+from calibrate.errors import ConfigError, GluPruneError
 
 
 @dataclass(frozen=True)
@@ -25,17 +25,20 @@ class Target:
     multiple_of: int = 1
 
     def __post_init__(self):
-        given = [v for v in (self.ratio, self.expansion_ratio, self.intermediate_size) if v is not None]
+        named = {"ratio": self.ratio, "expansion_ratio": self.expansion_ratio,
+                 "intermediate_size": self.intermediate_size}
+        given = {k: v for k, v in named.items() if v is not None}
         if len(given) != 1:
-            raise GluPruneError("give exactly one of --ratio, --expansion-ratio, --intermediate-size")
+            raise ConfigError("target", tuple(given) or None,
+                              "give exactly one of ratio, expansion_ratio, intermediate_size")
         if self.ratio is not None and not 0 < self.ratio < 1:
-            raise GluPruneError(f"--ratio {self.ratio} must be between 0 and 1 (the fraction of neurons removed)")
+            raise ConfigError("ratio", self.ratio, "must be between 0 and 1 (the fraction of neurons removed)")
         if self.expansion_ratio is not None and not self.expansion_ratio > 0:
-            raise GluPruneError(f"--expansion-ratio {self.expansion_ratio} must be positive")
+            raise ConfigError("expansion_ratio", self.expansion_ratio, "must be positive")
         if self.intermediate_size is not None and self.intermediate_size < 1:
-            raise GluPruneError(f"--intermediate-size {self.intermediate_size} must be at least 1")
+            raise ConfigError("intermediate_size", self.intermediate_size, "must be at least 1")
         if self.multiple_of < 1:
-            raise GluPruneError(f"--multiple-of {self.multiple_of} must be at least 1")
+            raise ConfigError("multiple_of", self.multiple_of, "must be at least 1")
 
 
 def round_half_up(x: float) -> int:
@@ -49,16 +52,16 @@ def kept_count(size: int, hidden: int, target: Target) -> int:
     elif target.expansion_ratio is not None:
         keep = round_half_up(hidden * target.expansion_ratio)
         if keep > size:
-            raise GluPruneError(f"--expansion-ratio {target.expansion_ratio} keeps {keep} neurons, more than the "
+            raise ConfigError("expansion_ratio", target.expansion_ratio, f"keeps {keep} neurons, more than the "
                                 f"model's {size}: choose at most {size / hidden:.3f}")
     else:
         keep = target.intermediate_size
         if keep > size:
-            raise GluPruneError(f"--intermediate-size {keep} is larger than the model's {size}: choose at most "
+            raise ConfigError("intermediate_size", keep, f"is larger than the model's {size}: choose at most "
                                 f"{size}")
     keep = keep // target.multiple_of * target.multiple_of
     if keep < 1:
-        raise GluPruneError(f"this target keeps no neuron of {size}: remove less, or lower --multiple-of")
+        raise GluPruneError(f"this target keeps no neuron of {size}: remove less, or lower multiple_of")
     return keep
 
 

@@ -19,25 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from calibrate.errors import GluPruneError
+from calibrate.errors import ConfigError, GluPruneError
 from calibrate.stats import LayerStats, PairedStats
 
-RECONSTRUCTIONS = ("none", "bias", "lstsq", "lstsq-centred")
-NEEDS_SECOND_MOMENT = ("lstsq", "lstsq-centred")
-NEEDS_BIAS = ("bias", "lstsq-centred")
 RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-def needs_second_moment(method: str, reconstruct: str) -> bool:
-    """Whether selecting with ``method`` and refitting with ``reconstruct`` use second moments."""
-    from pruning.scores import SECOND_MOMENT_METHODS
-
-    return reconstruct in NEEDS_SECOND_MOMENT or method in SECOND_MOMENT_METHODS
-
-
-def check_reconstruction(method: str) -> None:
-    if method not in RECONSTRUCTIONS:
-        raise GluPruneError(f"--reconstruct '{method}' is not one of {', '.join(RECONSTRUCTIONS)}")
 
 
 def removed_of(keep: torch.Tensor, size: int) -> torch.Tensor:
@@ -55,7 +40,7 @@ def bias_compensation(weight: torch.Tensor, mean: torch.Tensor, keep: torch.Tens
 def moments(stats: LayerStats, centred: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(second moment E[x xᵀ] or covariance, mean), float64."""
     if stats.second_moment is None:
-        raise GluPruneError("this reconstruction needs second-moment statistics: calibrate with --second-moment")
+        raise GluPruneError("this reconstruction needs second-moment statistics: calibrate with second moments")
     second = stats.second_moment / max(stats.count, 1)
     mean = stats.mean
     return (second - torch.outer(mean, mean) if centred else second), mean
@@ -105,9 +90,10 @@ def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit
     ``pairs`` (fit, then held-out; see :class:`calibrate.stats.PairedStats`) make ``lstsq`` fit the
     dense model's outputs instead of the layer's own.
     """
-    check_reconstruction(method)
+    if method not in ("none", "bias", "lstsq", "lstsq-centred"):
+        raise GluPruneError(f"unknown reconstruction '{method}'")
     if pairs is not None and method != "lstsq":
-        raise GluPruneError(f"a refit toward the dense outputs needs --reconstruct lstsq, not {method}")
+        raise ConfigError("reconstruct", method, "a refit toward the dense outputs needs lstsq")
     w = weight.double()
     if method == "none":
         return w[:, keep], None, {}

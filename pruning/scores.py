@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from calibrate.errors import GluPruneError
-from calibrate.stats import LayerStats
+from pruning.reconstruct import obs_removal_order
 
 
 def peak_to_peak(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -73,37 +73,9 @@ def hybrid(gate, up, down, stats, seed, layer):
 
 def obs(gate, up, down, stats, seed, layer):
     """Removal order by optimal brain surgeon on the down projection (see pruning.reconstruct)."""
-    from pruning.reconstruct import obs_removal_order
-
     if stats.second_moment is None:
         raise GluPruneError("method 'obs' needs second-moment statistics: calibrate with --second-moment")
     return obs_removal_order(down, stats.second_moment / max(stats.count, 1))
 
 
 Score = Callable[..., torch.Tensor]
-STATIC: dict[str, Score] = {"maw": maw, "ppm": ppm, "l1": l1, "l2": l2, "vow": vow, "random": random}
-DATA_DRIVEN: dict[str, Score] = {"activation": activation, "wanda": wanda, "flap": flap, "hybrid": hybrid, "obs": obs}
-SECOND_MOMENT_METHODS = ("obs",)
-METHODS: dict[str, Score] = {**STATIC, **DATA_DRIVEN}
-STATIC_METHODS, DATA_METHODS = tuple(STATIC), tuple(DATA_DRIVEN)
-
-
-def needs_stats(method: str) -> bool:
-    check_method(method)
-    return method in DATA_DRIVEN
-
-
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise GluPruneError(f"unknown method '{method}': choose from {', '.join(METHODS)}")
-
-
-def score_neurons(method: str, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                  stats: LayerStats | None = None, seed: int = 0, layer: int = 0) -> torch.Tensor:
-    """Scores of the ``gate.shape[0]`` neurons of one layer under ``method`` (float64)."""
-    if needs_stats(method) and stats is None:
-        raise GluPruneError(f"method '{method}' needs calibration statistics: pass --stats FILE or --corpus NAME")
-    if stats is not None and stats.size != gate.shape[0]:
-        raise GluPruneError(f"layer {layer}: statistics have {stats.size} neurons, the model {gate.shape[0]}: "
-                            f"recalibrate on this model")
-    return METHODS[method](gate.double(), up.double(), down.double(), stats, seed, layer).double()

@@ -2,14 +2,13 @@
 safetensors shards are read and written one by one with the GLU tensors sliced.
 
 Peak memory is about one shard (plus one layer while scoring). The output is the same as
-:func:`pruning.pipeline.prune` followed by :func:`pruning.save.save_pruned`.
+:func:`pruning.prune.prune` followed by :func:`pruning.save.save_pruned`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,19 +16,19 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from calibrate.errors import GluPruneError
+from calibrate.errors import ConfigError
+from calibrate.files import atomic_dir
 from calibrate.glu import glu_layers
+from calibrate.manifest import write_manifest
 from calibrate.offload import LayerLoader
-from calibrate.stats import ActivationStats, library_version
-from pruning.allocation import DEFAULT_SPREAD, outlier_fraction
-from pruning.pipeline import check_stats, make_plan, manifest
-from pruning.plan import Target
-from pruning.reconstruct import reconstruct_layer
-from pruning.save import MANIFEST, model_card, replace_dir
-from pruning.scores import score_neurons
+from calibrate.stats import ActivationStats
+from pruning.config import PruneConfig
+from pruning.decide import decide
+from pruning.prune import make_manifest, prepare
+from pruning.registry import ALLOCATIONS, RECONSTRUCTIONS
+from pruning.save import model_card
 from pruning.surgery import apply_plan
 
-STREAMABLE_RECONSTRUCTIONS = ("none", "lstsq")
 MAX_SHARD_BYTES = 128 * 1024 * 1024
 
 
@@ -55,50 +54,26 @@ def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: dict[int, torch
 
 
 def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path, stats: ActivationStats | None,
-                     method: str, target: Target, allocation: str = "uniform", layers: list[int] | None = None,
-                     seed: int = 0, reconstruct_with: str = "none", force: bool = False,
-                     progress: bool = True, spread: float = DEFAULT_SPREAD) -> dict:
+                     config: PruneConfig, force: bool = False, progress: bool = True,
+                     notes: dict | None = None) -> dict:
     """Prune the checkpoint behind ``loader`` into ``out_dir`` (written atomically); ``model`` is
     the empty (meta) model of :func:`calibrate.offload.offload_model`. Returns the manifest."""
     start = time.perf_counter()
-    out = Path(out_dir)
-    if reconstruct_with not in STREAMABLE_RECONSTRUCTIONS:
-        raise GluPruneError(f"--offload supports --reconstruct {' or '.join(STREAMABLE_RECONSTRUCTIONS)}, "
-                            f"not {reconstruct_with}: drop --offload or choose one of those")
-    if out.exists() and not force:
-        raise GluPruneError(f"{out} already exists: pass --force to overwrite it")
-    if allocation == "sensitivity":
-        raise GluPruneError("--allocation sensitivity runs the whole model: drop --offload or use --allocation owl")
-    check_stats(model, method, stats, reconstruct_with, loader)
-    if allocation == "owl" and stats is None:
-        raise GluPruneError("--allocation owl weighs activations: pass --stats FILE or --corpus NAME")
-    scores, refits, importance = {}, {}, {}
-    selected = glu_layers(model, layers)
-    for layer in tqdm(selected, desc="score", unit="layer", disable=not progress):
-        with loader.loaded(layer.mlp):
-            layer_stats = stats.layers.get(layer.index) if stats is not None else None
-            scores[layer.index] = score_neurons(method, layer.gate_weight().detach().cpu(),
-                                                layer.up_weight().detach().cpu(), layer.down_weight().detach().cpu(),
-                                                stats=layer_stats, seed=seed, layer=layer.index)
-            if allocation == "owl":
-                importance[layer.index] = outlier_fraction(layer.down_weight().detach().cpu(), layer_stats.l2)
-    plan = make_plan(model, scores, target, allocation, importance or None, spread)
-    chosen = {}
-    if reconstruct_with != "none":
-        for layer in selected:
-            with loader.loaded(layer.mlp):
-                holdout = stats.holdout.get(layer.index) if stats.holdout else None
-                weight, _, info = reconstruct_layer(reconstruct_with, layer.down_weight().detach().cpu(),
-                                                    plan[layer.index], stats.layers[layer.index], holdout)
-            refits[layer.index], chosen[str(layer.index)] = weight, info
-    rules = sliced_tensors(model, plan, refits)
-    sizes_before = [g.intermediate_size for g in glu_layers(model)]
-    apply_plan(model, plan)  # on the meta model: new shapes and the config's sizes, no memory
-    record = manifest(model, method, target, allocation, reconstruct_with, chosen, plan, sizes_before, stats, seed,
-                      start, schedule="one-shot (streamed)", importance=importance or None, spread=spread)
-    sizes = record["intermediate_sizes"]
-    record.update(uniform=len(set(sizes)) == 1, library_version=library_version())
-    write_checkpoint(loader, rules, model.config, tokenizer, out, record, progress)
+    for option, table, value in (("allocation", ALLOCATIONS, config.allocation),
+                                 ("reconstruct", RECONSTRUCTIONS, config.reconstruct)):
+        if not table[value].streamable:
+            raise ConfigError(option, value, "does not run on an offloaded checkpoint: choose "
+                              + " or ".join(k for k, v in table.items() if v.streamable) + ", or load the model")
+    if config.schedule != "one-shot":
+        raise ConfigError("schedule", config.schedule, "an offloaded checkpoint is pruned one-shot")
+    config, auto, sizes_before = prepare(model, stats, config, loader)
+    decision = decide(model, stats, config, loader=loader, progress=progress)
+    rules = sliced_tensors(model, decision.plan, {i: w for i, (w, _) in decision.refits.items()})
+    apply_plan(model, decision.plan)  # on the meta model: new shapes and the config's sizes, no memory
+    record = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
+    record.update(schedule="one-shot (streamed)", **(notes or {}))
+    write_manifest(model.config, record)
+    write_checkpoint(loader, rules, model.config, tokenizer, out_dir, record, progress, force=force)
     return record
 
 
@@ -122,16 +97,12 @@ def finish_shards(folder: Path, shards: list[tuple[str, list[str], int]]) -> Non
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
-def write_checkpoint(loader: LayerLoader, rules: dict, config, tokenizer, out: Path, record: dict,
-                     progress: bool, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def write_checkpoint(loader: LayerLoader, rules: dict, config, tokenizer, out: str | Path, record: dict,
+                     progress: bool, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
     """Every tensor read, changed by ``rules`` and written into shards of about ``max_shard_bytes``
     in a temporary folder renamed to ``out``: memory holds one output shard at most."""
     weights = loader.weights
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise GluPruneError(f"cannot write in {out.parent} ({exc.strerror}): choose another --out") from None
-    try:
+    with atomic_dir(out, force=force) as tmp:
         names = [name for file_names in weights.files().values() for name in file_names]
         shards, pending, size = [], {}, 0
         for name in tqdm(names, desc="rewrite", unit="tensor", disable=not progress):
@@ -150,10 +121,4 @@ def write_checkpoint(loader: LayerLoader, rules: dict, config, tokenizer, out: P
                 shutil.copy(weights.directory / extra, tmp / extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(record, indent=1))
         (tmp / "README.md").write_text(model_card(record))
-        replace_dir(tmp, out)
-    except OSError as exc:
-        raise GluPruneError(f"could not save to {out} ({exc.strerror or exc}); nothing was written") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ from torch import nn
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import GLULayer, glu_layers
+from calibrate.manifest import read_manifest, write_manifest
 
 
 def sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
@@ -53,8 +54,8 @@ def check_plan(plan: dict[int, torch.Tensor], sizes: dict[int, int]) -> None:
 def apply_plan(model: nn.Module, plan: dict[int, torch.Tensor]) -> list[int]:
     """Slice every planned layer in place, update the config, and return every layer's size.
 
-    When all layers end equal, ``config.intermediate_size`` is that size; otherwise it stays as it
-    was and ``config.glu_prune_intermediate_sizes`` lists every layer's size.
+    When all layers end equal, ``config.intermediate_size`` is that size; every layer's size is
+    also recorded in the config's manifest (:mod:`calibrate.manifest`), which reloads unequal ones.
     """
     layers = glu_layers(model)
     check_plan(plan, {g.index: g.intermediate_size for g in layers})
@@ -62,11 +63,8 @@ def apply_plan(model: nn.Module, plan: dict[int, torch.Tensor]) -> list[int]:
         if g.index in plan:
             slice_layer(g, plan[g.index])
     sizes = [g.intermediate_size for g in glu_layers(model)]
-    config = model.config
     if len(set(sizes)) == 1:
-        config.intermediate_size = sizes[0]
-        if hasattr(config, "glu_prune_intermediate_sizes"):
-            del config.glu_prune_intermediate_sizes
-    else:
-        config.glu_prune_intermediate_sizes = sizes
+        model.config.intermediate_size = sizes[0]
+    write_manifest(model.config, {**(read_manifest(model.config) or {}), "intermediate_sizes": sizes,
+                                  "uniform": len(set(sizes)) == 1})
     return sizes

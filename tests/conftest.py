@@ -33,3 +33,11 @@ def smollm2():
     from calibrate.models import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def grid_setup(tmp_path):
+    """A saved tiny model and two small custom corpora for comparison grids."""
+    from tiny import grid_workspace
+
+    return grid_workspace(tmp_path)

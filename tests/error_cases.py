@@ -12,7 +12,7 @@ import torch
 from tiny import tiny_model, tiny_tokenizer
 
 from calibrate.run import calibrate
-from pruning.cli import main
+from glu_prune_cli.main import main
 
 TEXT = "\n\n".join(f"Document {i}: the pruned model keeps the neurons this domain uses." for i in range(40))
 
@@ -58,6 +58,8 @@ CASES = [
     ("--allocation-spread outside [0, 0.5]",
      "prune --model {d}/llama --stats {d}/llama.st --method hybrid --ratio 0.2 --allocation owl "
      "--allocation-spread 0.7 --out {d}/p"),
+    ("obs scores with the global allocation (a nearly uniform plan)",
+     "prune --model {d}/llama --stats {d}/llama.st --method obs --ratio 0.2 --allocation global --out {d}/p"),
     ("NaN or inf activations (float16 overflow)",
      "calibrate --model {d}/overflow --corpus {d}/c.txt --dtype float16 --out {d}/s.st"),
     ("not enough memory for the second-moment matrices",

@@ -1,17 +1,15 @@
-import copy
-
 import pytest
 import torch
-from test_pipeline import stats_for
-from tiny import INTERMEDIATE, tiny_model
+from tiny import INTERMEDIATE, stats_for, tiny_model
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
-from calibrate.run import calibrate_with_holdout
-from pruning import prune
+from calibrate.run import calibrate
+from pruning import PruneConfig, prune
 from pruning.allocation import counts_from_fractions, outlier_fraction, spread_fractions
+from pruning.decide import layer_stats, refit_layer, score_layer
 from pruning.importance import layer_sensitivity, mean_nll
-from pruning.pipeline import layer_scores
+from pruning.plan import top_k
 
 
 def test_spread_fractions_follow_importance_average_the_target_and_span_twice_the_spread():
@@ -45,9 +43,8 @@ def test_outlier_fraction_counts_elements_above_m_times_the_mean():
 def test_owl_and_sensitivity_keep_the_uniform_total_and_record_their_importance(allocation):
     model = tiny_model("llama")
     batches = [{"input_ids": torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(2))}]
-    prune(model, stats=stats_for(model), method="hybrid", ratio=0.25, allocation=allocation, spread=0.2,
-          sensitivity_batches=batches)
-    manifest = model.glu_prune_manifest
+    config = PruneConfig(ratio=0.25, method="hybrid", allocation=allocation, allocation_spread=0.2)
+    manifest = prune(model, stats_for(model), config, text_batches=batches).manifest
     sizes = manifest["intermediate_sizes"]
     assert sum(sizes) == 3 * 48 and len(set(sizes)) > 1
     importance = manifest["layer_importance"]
@@ -60,24 +57,26 @@ def test_sensitivity_is_the_loss_increase_of_pruning_that_layer_alone_and_leaves
     model = tiny_model("llama", dtype=torch.float64)
     ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(4))
     batches = [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}]
-    stats = calibrate_with_holdout(model, batches, second_moment=True, holdout_fraction=0.5, progress=False)
-    scores = layer_scores(model, "hybrid", stats, None)
+    stats = calibrate(model, batches, second_moment=True, holdout=0.5, progress=False)
+    config = PruneConfig(intermediate_size=40, method="hybrid", reconstruct="lstsq")
+    plan = {g.index: top_k(score_layer(g, config, stats.layers[g.index]), 40) for g in glu_layers(model)}
     base = mean_nll(model, batches)
-    increase = layer_sensitivity(model, scores, {i: 40 for i in scores}, stats, "lstsq", batches)
+    increase = layer_sensitivity(model, plan, lambda layer, kept: refit_layer(
+        layer, kept, "lstsq", *layer_stats(stats, layer.index))[:2], batches)
     assert mean_nll(model, batches) == base
-    for index in scores:
-        alone = prune(copy.deepcopy(model), stats=stats, method="hybrid", intermediate_size=40, layers=[index],
-                      reconstruct_with="lstsq")
+    for index in plan:
+        alone = prune(model, stats, PruneConfig(intermediate_size=40, method="hybrid", layers=(index,),
+                                                reconstruct="lstsq")).model
         assert [g.intermediate_size for g in glu_layers(alone)].count(INTERMEDIATE) == 2
         assert increase[index] == pytest.approx(mean_nll(alone, batches) - base, rel=1e-9, abs=1e-12)
 
 
 def test_sensitivity_without_batches_and_owl_without_statistics_are_refused():
     model = tiny_model("llama")
-    with pytest.raises(GluPruneError, match="--corpus"):
-        prune(model, stats=stats_for(model), method="hybrid", ratio=0.25, allocation="sensitivity")
-    with pytest.raises(GluPruneError, match="--stats"):
-        prune(model, method="ppm", ratio=0.25, allocation="owl")
+    with pytest.raises(GluPruneError, match="calibration text"):
+        prune(model, stats_for(model), PruneConfig(ratio=0.25, method="hybrid", allocation="sensitivity"))
+    with pytest.raises(GluPruneError, match="allocation 'owl' needs calibration statistics"):
+        prune(model, None, PruneConfig(ratio=0.25, method="ppm", allocation="owl"))
 
 
 def test_cli_sensitivity_allocation_saves_a_model_that_reloads_with_its_sizes(tmp_path):
@@ -85,14 +84,14 @@ def test_cli_sensitivity_allocation_saves_a_model_that_reloads_with_its_sizes(tm
 
     from tiny import tiny_workspace
 
-    from pruning.cli import main
+    from glu_prune_cli.main import main
     from pruning.save import load_pruned
 
     tiny_workspace(tmp_path)
     code = main(f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --method hybrid "
                 f"--ratio 0.25 --allocation sensitivity --allocation-spread 0.2 --out {tmp_path}/p".split())
-    assert code in (0, None)
-    manifest = json.loads((tmp_path / "p" / "pruning.json").read_text())
+    assert code == 0
+    manifest = json.loads((tmp_path / "p" / "config.json").read_text())["glu_prune"]
     assert manifest["allocation"] == "sensitivity" and manifest["reconstruct"] == "lstsq"
     assert sum(manifest["intermediate_sizes"]) == 3 * 48 and len(set(manifest["intermediate_sizes"])) > 1
     reloaded = load_pruned(tmp_path / "p")

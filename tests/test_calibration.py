@@ -2,23 +2,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import FAMILIES, tiny_model
+from tiny import FAMILIES, assert_same_stats, hooks_left, random_batches, tiny_model
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
 from calibrate.hooks import recording
+from calibrate.identity import fingerprint, weight_sample
 from calibrate.run import calibrate
-from calibrate.stats import ActivationStats, LayerStats, fingerprint, merge, summary
-
-
-def hooks_left(model) -> int:
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-
-
-def random_batches(n_rows=16, seq=12, batch=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 120, (n_rows, seq), generator=g)
-    return [{"input_ids": ids[i : i + batch]} for i in range(0, n_rows, batch)], ids
+from calibrate.stats import ActivationStats, LayerStats, merge, summary
 
 
 def down_inputs(model, input_ids, layer):
@@ -53,14 +44,6 @@ def test_recorder_matches_hand_computed_activations(family):
     torch.testing.assert_close(s.variance, x.var(0, unbiased=False))
     torch.testing.assert_close(s.max_abs, x.abs().amax(0))
     torch.testing.assert_close(s.second_moment, x.T @ x)
-
-
-def assert_same_stats(a: ActivationStats, b: ActivationStats, rel=1e-9):
-    assert a.layers.keys() == b.layers.keys()
-    for i in a.layers:
-        assert a.layers[i].count == b.layers[i].count
-        for f in ("sum", "abs_sum", "sq_sum", "max_abs"):
-            torch.testing.assert_close(getattr(a.layers[i], f), getattr(b.layers[i], f), rtol=rel, atol=1e-12)
 
 
 def test_batch_size_and_order_do_not_matter():
@@ -145,7 +128,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     loaded = ActivationStats.load(path, model=model)
     assert_same_stats(stats, loaded, rel=0)
     assert torch.equal(loaded.layers[2].second_moment, stats.layers[2].second_moment)
-    assert loaded.meta["fingerprint"] == fingerprint(model) and loaded.meta["corpus"] == "c"
+    assert loaded.meta["fingerprint"] == fingerprint(*weight_sample(model)) and loaded.meta["corpus"] == "c"
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # no temporary file left
     with pytest.raises(GluPruneError, match="another model"):
         ActivationStats.load(path, model=tiny_model("llama", seed=1))
@@ -180,7 +163,7 @@ def test_empty_calibration_is_an_error_and_memory_is_checked(monkeypatch):
     model = tiny_model("llama")
     with pytest.raises(GluPruneError, match="no tokens"):
         calibrate(model, [], progress=False)
-    monkeypatch.setattr("calibrate.stats.available_memory", lambda: 1000)
+    monkeypatch.setattr("calibrate.resources.available_memory", lambda: 1000)
     with pytest.raises(GluPruneError, match="need .* but only"):
         calibrate(model, [{"input_ids": torch.randint(3, 120, (1, 6))}], second_moment=True, progress=False)
 

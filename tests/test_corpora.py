@@ -90,9 +90,9 @@ def test_bad_corpora_give_one_line_errors(tmp_path, data_dir):
     assert "binary" in one_line_error(lambda: load_corpus(str(tmp_path / "binary.txt")))
     assert "UTF-8" in one_line_error(lambda: load_corpus(str(tmp_path / "latin.txt")))
     assert "--text-field" in one_line_error(lambda: load_corpus(str(tmp_path / "c.jsonl"), part="all"))
-    assert "--text-field 'txt'" in one_line_error(
+    assert "text_field='txt'" in one_line_error(
         lambda: load_corpus(str(tmp_path / "c.jsonl"), part="all", text_field="txt"))
-    assert "not one of" in one_line_error(lambda: load_corpus("wikitext2", part="train", data_dir=data_dir))
+    assert "choose one of" in one_line_error(lambda: load_corpus("wikitext2", part="train", data_dir=data_dir))
     assert "no split" in one_line_error(lambda: load_corpus("sms_spam", split="test", data_dir=data_dir))
     assert "not both" in one_line_error(lambda: load_corpus("sms_spam", part="evaluation", split="train"))
     assert "does not exist" in one_line_error(lambda: load_corpus("sms_spam", data_dir=tmp_path / "none"))
@@ -111,3 +111,11 @@ def test_hub_failure_suggests_data_dir(monkeypatch):
     assert "--data-dir" in one_line_error(lambda: load_corpus("wikitext2"))
     assert "--text-field" in one_line_error(lambda: load_corpus("someone/dataset"))
     assert "could not load hub dataset" in one_line_error(lambda: load_corpus("someone/dataset", text_field="t"))
+
+
+def test_the_python_api_defaults_to_the_calibration_part(data_dir):
+    """load_corpus(name) never hands out the evaluation part unasked."""
+    default = load_corpus("wikitext2", data_dir=data_dir)
+    assert default.part == "calibration"
+    assert default.texts == load_corpus("wikitext2", part="calibration", data_dir=data_dir).texts
+    assert default.texts != load_corpus("wikitext2", part="evaluation", data_dir=data_dir).texts

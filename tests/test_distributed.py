@@ -5,11 +5,10 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_calibration import assert_same_stats
-from tiny import tiny_model
+from tiny import assert_same_stats, tiny_model
 
 from calibrate import distributed
-from calibrate.run import calibrate, calibrate_with_holdout
+from calibrate.run import calibrate
 from calibrate.stats import ActivationStats
 
 
@@ -25,7 +24,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = tiny_model("gemma2", dtype=torch.float64)
-        stats = calibrate_with_holdout(model, batches(), holdout_fraction=0.4, second_moment=True, progress=False)
+        stats = calibrate(model, batches(), holdout=0.4, second_moment=True, progress=False)
         assert distributed.world_size() == world
         if distributed.is_main():
             stats.save(out)
@@ -37,7 +36,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
     out = tmp_path / "stats.safetensors"
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     together = ActivationStats.load(out)
-    alone = calibrate_with_holdout(tiny_model("gemma2", dtype=torch.float64), batches(), holdout_fraction=0.4,
+    alone = calibrate(tiny_model("gemma2", dtype=torch.float64), batches(), holdout=0.4,
                                    second_moment=True, progress=False)
     assert together.tokens == alone.tokens == int(sum(b["attention_mask"].sum() for b in batches()[:3]))
     assert_same_stats(alone, together)

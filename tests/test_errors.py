@@ -29,7 +29,7 @@ def test_bad_input_gives_one_line_error(fixtures, what, args):
 
 def test_debug_shows_the_traceback(fixtures):
     from calibrate.errors import GluPruneError
-    from pruning.cli import main
+    from glu_prune_cli.main import main
 
     with pytest.raises(GluPruneError):
         main(["--debug", "eval", "--model", str(fixtures / "missing"), "--corpus", str(fixtures / "c.txt")])
@@ -51,7 +51,7 @@ def test_ctrl_c_delivered_to_the_cli_process(tmp_path):
     (tmp_path / "big.txt").write_text("\n\n".join(f"a long document {i} " * 40 for i in range(300)))
     out = tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-c", "import sys; from pruning.cli import main; sys.exit(main(sys.argv[1:]))",
+    command = [sys.executable, "-c", "import sys; from glu_prune_cli.main import main; sys.exit(main(sys.argv[1:]))",
                "calibrate", "--model", str(tmp_path / "m"), "--corpus", str(tmp_path / "big.txt"), "--part", "all",
                "--max-tokens", "5000000", "--seq-len", "128", "--out", str(out / "s.safetensors")]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
@@ -5,15 +7,25 @@ from tiny import tiny_model, tiny_tokenizer
 from calibrate.corpora import load_corpus
 from calibrate.errors import GluPruneError
 from calibrate.run import calibrate
-from pruning import prune
-from pruning.heal import HealConfig, batch_for_step, distillation_loss, heal, learning_rate, training_batches
+from pruning import PruneConfig, prune
+from pruning.heal import (
+    CHECKPOINT,
+    HealConfig,
+    batch_for_step,
+    distillation_loss,
+    heal,
+    learning_rate,
+    load_checkpoint,
+    training_batches,
+)
 
 
-def pruned_pair(seed=0):
+def pruned_pair(seed=0, **overrides):
     teacher = tiny_model("llama", seed=seed, initializer_range=0.3)  # peaked outputs: pruning changes them
-    student = tiny_model("llama", seed=seed, initializer_range=0.3)
+    student = tiny_model("llama", seed=seed, initializer_range=0.3, **overrides)
     ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(0))
-    prune(student, stats=calibrate(student, [{"input_ids": ids}], progress=False), method="hybrid", ratio=0.5)
+    prune(student, calibrate(student, [{"input_ids": ids}], progress=False), PruneConfig(method="hybrid", ratio=0.5),
+          inplace=True)
     return student, teacher
 
 
@@ -67,12 +79,17 @@ def test_healing_brings_the_student_closer_to_the_teacher():
     assert not any(p.requires_grad for p in healed.parameters())
 
 
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, dropout):
     config = HealConfig(steps=7, lr=3e-3, warmup_steps=2, checkpoint_every=2)
-    straight, teacher = pruned_pair()
+    straight, teacher = pruned_pair(attention_dropout=dropout)
+    if dropout:
+        ids = batches()[0]["input_ids"]
+        straight.train()
+        assert not torch.equal(straight(ids).logits, straight(ids).logits)  # the family honours the dropout
     heal(straight, teacher, batches(), config, progress=False)
 
-    interrupted, teacher = pruned_pair()
+    interrupted, teacher = pruned_pair(attention_dropout=dropout)
 
     def stop(step, record):
         if step == 5:
@@ -80,7 +97,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         heal(interrupted, teacher, batches(), config, checkpoint_dir=tmp_path, progress=False, on_step=stop)
-    resumed, teacher = pruned_pair()
+    resumed, teacher = pruned_pair(attention_dropout=dropout)
     steps_run = []
     _, history = heal(resumed, teacher, batches(), config, checkpoint_dir=tmp_path, resume=True, progress=False,
                       on_step=lambda step, record: steps_run.append(step))
@@ -90,6 +107,36 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     with pytest.raises(GluPruneError, match="other settings"):
         heal(resumed, teacher, batches(), HealConfig(steps=9, checkpoint_every=2), checkpoint_dir=tmp_path,
              resume=True, progress=False)
+
+
+def test_healing_leaves_the_callers_random_state_alone():
+    student, teacher = pruned_pair(attention_dropout=0.1)
+    state = torch.random.get_rng_state()
+    heal(student, teacher, batches(), HealConfig(steps=2, warmup_steps=1), progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+class Trap:
+    """Unpickling it makes a folder: a checkpoint holding it must be refused, not run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_checkpoints_hold_plain_tensors_only(tmp_path):
+    config = HealConfig(steps=4, warmup_steps=1, checkpoint_every=2)
+    student, teacher = pruned_pair(attention_dropout=0.1)
+    heal(student, teacher, batches(), config, checkpoint_dir=tmp_path, progress=False)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert state["step"] == 2 and state["rng"]["cpu"].dtype == torch.uint8
+    trap = tmp_path / "trapped"
+    torch.save({**state, "history": [Trap(trap)]}, tmp_path / CHECKPOINT)
+    with pytest.raises(GluPruneError, match="cannot be read"):
+        load_checkpoint(tmp_path, config)
+    assert not trap.exists()
 
 
 def test_lora_is_merged_back_into_a_plain_model():
@@ -124,7 +171,7 @@ def test_cli_heal_measures_saves_and_reloads(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from pruning.cli import main
+    from glu_prune_cli.main import main
 
     teacher = tiny_model("llama", initializer_range=0.3)
     teacher.save_pretrained(tmp_path / "base")
@@ -137,7 +184,7 @@ def test_cli_heal_measures_saves_and_reloads(tmp_path):
     heal_args = (f"heal --model {tmp_path}/pruned --teacher {tmp_path}/base --steps 6 --lr 3e-3 --alpha 1 "
                  f"--eval-corpora other={tmp_path}/other.txt --eval-tokens 64 --out {tmp_path}/healed").split()
     assert main(heal_args + common) in (0, None)
-    manifest = json.loads((tmp_path / "healed" / "pruning.json").read_text())
+    manifest = json.loads((tmp_path / "healed" / "config.json").read_text())["glu_prune"]
     healing = manifest["healing"]
     assert manifest["method"] == "hybrid" and healing["steps"] == 6 and healing["part"] == "calibration"
     assert set(healing["perplexity_before"]) == {"c", "other"} == set(healing["perplexity_after"])

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from test_calibration import assert_same_stats, hooks_left, random_batches
-from tiny import FAMILIES, save_tiny, tiny_model
+from accelerate.hooks import ModelHook, add_hook_to_module
+from tiny import FAMILIES, assert_same_stats, hooks_left, random_batches, save_tiny, tiny_model
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import decoder_layers, glu_layers
@@ -18,6 +18,17 @@ def padded_batches(seed=0):
     return [{"input_ids": ids[:3], "attention_mask": mask[:3]}, {"input_ids": ids[3:], "attention_mask": mask[3:]}]
 
 
+def assert_same_second_moments(a, b):
+    for i in a.layers:
+        torch.testing.assert_close(a.layers[i].second_moment, b.layers[i].second_moment, rtol=1e-9, atol=1e-12)
+
+
+def untouched(model, layers) -> bool:
+    """The decoder holds exactly ``layers`` and no module keeps a torch hook."""
+    return list(decoder_layers(model)) == layers and all(
+        not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_by_layer_equals_whole_model(family):
     model = tiny_model(family, dtype=torch.float64)
@@ -25,8 +36,7 @@ def test_layer_by_layer_equals_whole_model(family):
         whole = calibrate(model, batches, progress=False, second_moment=True)
         layered = calibrate_layerwise(model, batches, progress=False, second_moment=True)
         assert_same_stats(whole, layered)
-        for i in whole.layers:
-            torch.testing.assert_close(whole.layers[i].second_moment, layered.layers[i].second_moment)
+        assert_same_second_moments(whole, layered)
     assert hooks_left(model) == 0
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
 
@@ -85,6 +95,7 @@ def test_offloaded_calibration_equals_in_memory(family, tmp_path):
     offloaded = calibrate_layerwise(empty, batches, second_moment=True, progress=False, loader=loader,
                                     device=torch.device("cpu"))
     assert_same_stats(resident, offloaded)
+    assert_same_second_moments(resident, offloaded)
     assert offloaded.meta["fingerprint"] == resident.meta["fingerprint"]
     assert all(p.device.type == "meta" for p in empty.parameters())  # everything emptied again
 
@@ -93,7 +104,7 @@ def test_cli_calibrate_offload_equals_in_memory(tmp_path):
     from tiny import tiny_workspace
 
     from calibrate.stats import ActivationStats
-    from pruning.cli import main
+    from glu_prune_cli.main import main
 
     tiny_workspace(tmp_path, "qwen3")
     common = (f"calibrate --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --dtype float64 "
@@ -143,3 +154,95 @@ def test_dense_pairs_pair_the_pruned_and_the_dense_streams():
     torch.testing.assert_close(first.cross, first.dense_second)  # nothing pruned before layer 0
     with pytest.raises(GluPruneError, match="after_layer"):
         calibrate_layerwise(model, batches, dense_pairs=True, progress=False)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_sliding_and_full_attention_layers_get_their_own_masks(family):
+    """A window shorter than the batches: each layer runs with its own type's mask (and rotary)."""
+    types = ["sliding_attention", "full_attention", "sliding_attention"]
+    model = tiny_model(family, dtype=torch.float64, sliding_window=4, layer_types=types)
+    batches = random_batches()[0]  # no padding: a window of padding alone would give NaN
+    whole = calibrate(model, batches, progress=False, second_moment=True)
+    layered = calibrate_layerwise(model, batches, progress=False, second_moment=True)
+    assert_same_stats(whole, layered)
+    assert_same_second_moments(whole, layered)
+    unwindowed = calibrate(tiny_model(family, dtype=torch.float64, layer_types=types), batches, progress=False)
+    assert not torch.allclose(whole.layers[0].sum, unwindowed.layers[0].sum)  # the window mattered
+
+
+class CountingHook(ModelHook):
+    """An accelerate hook, installed the way ``device_map`` installs its device-moving hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.calls += 1
+        return args, kwargs
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_accelerate_hooks_on_the_layers_survive(family):
+    """With a device map accelerate wraps each layer's forward; layer by layer must leave it in place."""
+    model = tiny_model(family, dtype=torch.float64)
+    layers = list(decoder_layers(model))
+    hooks = [add_hook_to_module(layer, CountingHook())._hf_hook for layer in layers]
+    batches = padded_batches()
+    whole = calibrate(model, batches, progress=False, second_moment=True)
+    layered = calibrate_layerwise(model, batches, progress=False, second_moment=True)
+    assert_same_stats(whole, layered)
+    assert_same_second_moments(whole, layered)
+
+    def fail(index, stats, holdout, pairs):
+        raise RuntimeError("refit failed")
+
+    with pytest.raises(RuntimeError, match="refit failed"):
+        calibrate_layerwise(model, batches, after_layer=fail, dense_pairs=True, progress=False)
+    assert list(decoder_layers(model)) == layers
+    assert [layer._hf_hook for layer in layers] == hooks
+    before = [h.calls for h in hooks]
+    with torch.no_grad():
+        model(batches[0]["input_ids"])
+    assert [h.calls for h in hooks] == [n + 1 for n in before]
+
+
+def test_interrupted_capture_leaves_the_model_as_it_was():
+    model = tiny_model("gemma2")
+    layers = list(decoder_layers(model))
+
+    def interrupted():
+        yield padded_batches()[0]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_layerwise(model, interrupted(), progress=False)
+    assert untouched(model, layers)
+
+
+class Interrupting(torch.nn.Module):
+    """An activation that raises KeyboardInterrupt on its ``after``-th call."""
+
+    def __init__(self, act, after: int):
+        super().__init__()
+        self.act, self.after = act, after
+
+    def forward(self, x):
+        self.after -= 1
+        if self.after == 0:
+            raise KeyboardInterrupt
+        return self.act(x)
+
+
+@pytest.mark.parametrize("call", [1, 2, 3, 5])  # layer 1's record pass (fit, holdout), then its pairs pass
+def test_interrupted_pass_removes_every_hook(call):
+    model = tiny_model("llama", dtype=torch.float64)
+    layers = list(decoder_layers(model))
+    batches = padded_batches()
+    mlp = glu_layers(model, [1])[0].mlp
+    mlp.act_fn = Interrupting(mlp.act_fn, call)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_layerwise(model, batches[:1], holdout_batches=batches[1:], second_moment=True, dense_pairs=True,
+                            after_layer=lambda *_: None, progress=False)
+    assert mlp.act_fn.after == 0
+    assert untouched(model, layers)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from test_compare import OPTIONS, setup  # noqa: F401  (fixture)
+from tiny import GRID_OPTIONS as OPTIONS
 from tiny import tiny_model, tiny_tokenizer
 
 from benchmarks.compare import compare
@@ -37,11 +37,11 @@ def write_task(folder, model, tokenizer, n=8) -> None:
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
 
 
-def test_lm_eval_scores_join_the_grid(setup, tmp_path):  # noqa: F811
+def test_lm_eval_scores_join_the_grid(grid_setup, tmp_path):
     from benchmarks.lm_eval_tasks import lm_eval_scores
     from calibrate.errors import GluPruneError
 
-    model_dir, corpora = setup
+    model_dir, corpora = grid_setup
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     write_task(tasks, tiny_model("llama"), tiny_tokenizer())

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibrate.errors import GluPruneError
+from calibrate.errors import ConfigError, GluPruneError
 from pruning.plan import Target, global_counts, kept_count, plan_global, plan_uniform, top_k
 
 
@@ -19,14 +19,17 @@ def test_multiple_of_rounds_down():
     assert kept_count(1536, 576, Target(intermediate_size=1536, multiple_of=100)) == 1500
 
 
-@pytest.mark.parametrize("target,flag", [
-    (dict(ratio=0.0), "--ratio"), (dict(ratio=1.0), "--ratio"), (dict(ratio=-0.5), "--ratio"),
-    (dict(expansion_ratio=0.0), "--expansion-ratio"), (dict(intermediate_size=0), "--intermediate-size"),
-    (dict(ratio=0.2, multiple_of=0), "--multiple-of"), (dict(ratio=0.2, multiple_of=-3), "--multiple-of"),
-    (dict(), "exactly one"), (dict(ratio=0.2, intermediate_size=5), "exactly one")])
-def test_invalid_targets(target, flag):
-    with pytest.raises(GluPruneError, match=flag):
+@pytest.mark.parametrize("target,option,flag", [
+    (dict(ratio=0.0), "ratio", "--ratio 0.0"), (dict(ratio=1.0), "ratio", "--ratio 1.0"),
+    (dict(ratio=-0.5), "ratio", "--ratio -0.5"), (dict(expansion_ratio=0.0), "expansion_ratio", "--expansion-ratio"),
+    (dict(intermediate_size=0), "intermediate_size", "--intermediate-size 0"),
+    (dict(ratio=0.2, multiple_of=0), "multiple_of", "--multiple-of 0"),
+    (dict(ratio=0.2, multiple_of=-3), "multiple_of", "--multiple-of -3"),
+    (dict(), "target", "exactly one"), (dict(ratio=0.2, intermediate_size=5), "target", "exactly one")])
+def test_invalid_targets_name_the_option_in_library_terms(target, option, flag):
+    with pytest.raises(ConfigError, match=f"^{option}=") as caught:
         Target(**target)
+    assert caught.value.option == option and flag in caught.value.as_flag()
 
 
 def test_targets_that_grow_or_keep_nothing():

@@ -4,10 +4,10 @@ from tiny import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from calibrate.errors import GluPruneError
-from calibrate.run import calibrate, calibrate_with_holdout
+from calibrate.run import calibrate
 from calibrate.stats import LayerStats, PairedStats
-from pruning import prune, save_pruned
-from pruning.reconstruct import bias_compensation, lstsq_refit, reconstruct_layer, refit_error
+from pruning import PruneConfig, prune, save_pruned
+from pruning.reconstruct import RIDGE_GRID, bias_compensation, lstsq_refit, moments, reconstruct_layer, refit_error
 
 
 def stats_of(x: torch.Tensor) -> LayerStats:
@@ -41,9 +41,32 @@ def test_refit_error_matches_the_direct_computation_and_ridge_comes_from_the_hol
     new, bias, info = reconstruct_layer("lstsq-centred", weight, keep, fit, holdout)
     direct = ((x[200:] @ weight.T - x[200:, keep] @ new.T - bias) ** 2).sum(1).mean()
     assert refit_error(weight, new, bias, keep, holdout) == pytest.approx(float(direct), rel=1e-9)
-    assert info["ridge"] in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     plain, _, _ = reconstruct_layer("none", weight, keep, fit)
     assert refit_error(weight, new, bias, keep, holdout) < refit_error(weight, plain, None, keep, holdout)
+
+
+@pytest.mark.parametrize("method", ["lstsq", "lstsq-centred"])
+def test_the_chosen_ridge_is_the_one_with_the_least_held_out_error(method):
+    """Few fitting tokens for many neurons: small ridges overfit, so the grid's errors differ and the
+    refit must take the argmin, with the weights of that ridge."""
+    g = torch.Generator().manual_seed(5)
+    mix = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(400, 12, generator=g, dtype=torch.float64) @ mix + 0.3
+    weight = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0, 1, 2, 3, 5, 8, 9, 11])
+    fit, holdout = stats_of(x[:14]), stats_of(x[14:])
+    centred = method == "lstsq-centred"
+    second, mean = moments(fit, centred)
+    errors = {}
+    for alpha in RIDGE_GRID:
+        refit = lstsq_refit(weight, second, keep, alpha)
+        bias = weight @ mean - refit @ mean[keep] if centred else None
+        errors[alpha] = (refit_error(weight, refit, bias, keep, holdout), refit)
+    best = min(errors, key=lambda a: errors[a][0])
+    assert len({round(e, 9) for e, _ in errors.values()}) == len(RIDGE_GRID)  # the choice matters
+    new, _, info = reconstruct_layer(method, weight, keep, fit, holdout)
+    assert info["ridge"] == best and info["holdout_error"] == pytest.approx(errors[best][0], rel=1e-12)
+    torch.testing.assert_close(new, errors[best][1], rtol=0, atol=0)
 
 
 def paired(x: torch.Tensor, d: torch.Tensor) -> PairedStats:
@@ -76,7 +99,7 @@ def test_dense_target_refit_equals_torch_lstsq_and_its_error_the_direct_computat
 def test_second_moment_is_required():
     x = torch.randn(10, 4, dtype=torch.float64)
     no_second = LayerStats(10, x.sum(0), x.abs().sum(0), x.square().sum(0), x.abs().amax(0))
-    with pytest.raises(GluPruneError, match="--second-moment"):
+    with pytest.raises(GluPruneError, match="second-moment statistics"):
         reconstruct_layer("lstsq", torch.randn(3, 4), torch.tensor([0, 1]), no_second)
 
 
@@ -88,9 +111,9 @@ def batches(n=8):
 @pytest.mark.parametrize("method", ["bias", "lstsq", "lstsq-centred"])
 def test_reconstructed_models_reload_with_stock_transformers(method, tmp_path):
     model = tiny_model("llama")
-    stats = calibrate_with_holdout(model, batches(), second_moment=True, progress=False)
-    pruned = prune(tiny_model("llama"), stats=stats, method="wanda", ratio=0.5, reconstruct_with=method)
-    save_pruned(pruned, tiny_tokenizer(), tmp_path / "m", pruned.glu_prune_manifest)
+    stats = calibrate(model, batches(), second_moment=True, holdout=0.125, progress=False)
+    pruned = prune(tiny_model("llama"), stats, PruneConfig(ratio=0.5, method="wanda", reconstruct=method)).model
+    save_pruned(pruned, tiny_tokenizer(), tmp_path / "m")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     x = torch.randint(3, 120, (1, 12))
     with torch.no_grad():
@@ -101,10 +124,10 @@ def test_reconstructed_models_reload_with_stock_transformers(method, tmp_path):
 def test_bias_reconstruction_needs_a_family_that_reloads_biases():
     model = tiny_model("qwen2")
     stats = calibrate(model, batches(2), progress=False)
-    with pytest.raises(GluPruneError, match="use --reconstruct lstsq"):
-        prune(model, stats=stats, method="wanda", ratio=0.5, reconstruct_with="bias")
-    with pytest.raises(GluPruneError, match="not one of"):
-        prune(model, stats=stats, method="wanda", ratio=0.5, reconstruct_with="magic")
+    with pytest.raises(GluPruneError, match="use lstsq"):
+        prune(model, stats, PruneConfig(ratio=0.5, method="wanda", reconstruct="bias"))
+    with pytest.raises(GluPruneError, match="^reconstruct='magic'"):
+        prune(model, stats, PruneConfig(ratio=0.5, method="wanda", reconstruct="magic"))
 
 
 def test_obs_removes_first_the_neuron_whose_loss_a_refit_best_absorbs():

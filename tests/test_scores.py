@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from calibrate.errors import GluPruneError
 from calibrate.stats import LayerStats
-from pruning.scores import DATA_METHODS, METHODS, STATIC_METHODS, needs_stats, score_neurons
+from pruning.registry import METHODS, score_neurons
 
 # Three neurons, hidden size 2. gate/up rows are neurons; down columns are neurons.
 GATE = torch.tensor([[1.0, -2.0], [0.5, 0.5], [-3.0, 1.0]])
@@ -48,12 +48,12 @@ def test_random_is_seeded_per_layer():
     assert not torch.equal(a, score_neurons("random", GATE, UP, DOWN, seed=2, layer=0))
 
 
-def test_method_tables():
-    assert set(METHODS) == set(STATIC_METHODS) | set(DATA_METHODS)
-    assert needs_stats("hybrid") and not needs_stats("ppm")
+def test_method_table():
+    assert {name for name, m in METHODS.items() if m.data} == {"activation", "wanda", "flap", "hybrid", "obs"}
+    assert {name for name, m in METHODS.items() if m.second_moment} == {"obs"}
     with pytest.raises(GluPruneError, match="needs calibration statistics"):
         score_neurons("wanda", GATE, UP, DOWN)
-    with pytest.raises(GluPruneError, match="unknown method"):
+    with pytest.raises(GluPruneError, match="choose one of"):
         score_neurons("magic", GATE, UP, DOWN)
     with pytest.raises(GluPruneError, match="recalibrate"):
         score_neurons("wanda", GATE, UP, DOWN, stats=stats_of(X[:, :2]))

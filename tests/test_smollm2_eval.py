@@ -1,18 +1,21 @@
-"""Integration: the real SmolLM2-135M against the reference figures of PROTOCOL.md."""
+"""Integration: the real SmolLM2-135M against the reference figures of tests/reference.json."""
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
+from tiny import reference
 
 from calibrate.corpora import load_corpus
 from calibrate.models import alias_path, model_source
 from calibrate.perplexity import perplexity
-from pruning.cli import main
+from glu_prune_cli.main import main
 
 pytestmark = pytest.mark.slow
 
-REFERENCE = {"wikitext2": 36.63, "sms_spam": 255.8}
+REFERENCE = reference()["base"]
 
 
 def test_gguf_cache_round_trip_gives_identical_logits(smollm2):
@@ -24,7 +27,9 @@ def test_gguf_cache_round_trip_gives_identical_logits(smollm2):
     x = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30]])
     with torch.no_grad():
         assert torch.equal(direct(x).logits, cached(x).logits)
-    assert (model_source("smollm2-135m") + "/model.safetensors").endswith("model.safetensors")
+    cache = Path(model_source("smollm2-135m"))
+    assert (cache / "model.safetensors").is_file() and (cache / "config.json").is_file()
+    assert json.loads((cache / "source.json").read_text())["gguf"] == str(path.resolve())
 
 
 def test_wikitext2_reference_perplexity(smollm2, data_dir):

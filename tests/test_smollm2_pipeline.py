@@ -1,20 +1,19 @@
-"""Integration: calibration and pruning of the real SmolLM2-135M (reference settings of PROTOCOL.md)."""
-
-import copy
+"""Integration: calibration and pruning of the real SmolLM2-135M (reference settings: tests/reference.json)."""
 
 import pytest
 import torch
+from tiny import reference
 
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.perplexity import perplexity
 from calibrate.run import calibrate
 from calibrate.stats import merge
-from pruning import load_pruned, prune, save_pruned
+from pruning import PruneConfig, load_pruned, prune, save_pruned
 
 pytestmark = pytest.mark.slow
 
-OPTIPFAIR_HYBRID_20_WIKI = 53.85  # PROTOCOL.md reference figure
+OPTIPFAIR_HYBRID_20_WIKI = reference()["optipfair"]["hybrid-0.2-wikitext2"]["wikitext2"]
 
 
 def assert_same(a, b, rel=1e-9):
@@ -76,7 +75,7 @@ def test_hybrid_matches_optipfair_reference_and_the_diagonal_wins(smollm2, data_
     sms = load_corpus("sms_spam", part="evaluation", data_dir=data_dir)
     ppl = {}
     for calibrated_on, stats in reference_stats.items():
-        pruned = prune(copy.deepcopy(model), stats=stats, method="hybrid", ratio=0.2)
+        pruned = prune(model, stats, PruneConfig(ratio=0.2, method="hybrid")).model
         ppl[calibrated_on, "wikitext2"] = perplexity(pruned, tok, wiki, seq_len=512, max_tokens=8192,
                                                      batch_size=4, progress=False).perplexity
         ppl[calibrated_on, "sms_spam"] = perplexity(pruned, tok, sms, max_docs=200, batch_size=8,
@@ -88,9 +87,9 @@ def test_hybrid_matches_optipfair_reference_and_the_diagonal_wins(smollm2, data_
 
 def test_pruned_smollm2_reloads_with_identical_logits(smollm2, reference_stats, tmp_path):
     model, tok = smollm2
-    pruned = prune(copy.deepcopy(model), stats=reference_stats["sms_spam"], method="wanda", ratio=0.4)
+    pruned = prune(model, reference_stats["sms_spam"], PruneConfig(ratio=0.4, method="wanda")).model
     assert pruned.config.intermediate_size == 922
-    save_pruned(pruned, tok, tmp_path / "m", pruned.glu_prune_manifest)
+    save_pruned(pruned, tok, tmp_path / "m")
     reloaded = load_pruned(tmp_path / "m")
     x = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30]])
     with torch.no_grad():

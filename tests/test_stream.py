@@ -5,10 +5,9 @@ from tiny import save_tiny, tiny_tokenizer, tiny_workspace
 
 from calibrate.errors import GluPruneError
 from calibrate.offload import offload_model
-from calibrate.run import calibrate_with_holdout
+from calibrate.run import calibrate
 from calibrate.stats import ActivationStats
-from pruning import prune
-from pruning.plan import Target
+from pruning import PruneConfig, prune
 from pruning.save import load_pruned, save_pruned
 from pruning.stream import prune_checkpoint
 
@@ -17,7 +16,7 @@ def checkpoint(tmp_path, family):
     model = save_tiny(tmp_path / "m", family)
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(3, 120, (4, 16), generator=g)} for _ in range(4)]
-    return model, calibrate_with_holdout(model, batches, second_moment=True, progress=False)
+    return model, calibrate(model, batches, second_moment=True, holdout=0.125, progress=False)
 
 
 def tensors(folder):
@@ -27,17 +26,17 @@ def tensors(folder):
     return state
 
 
-@pytest.mark.parametrize("family,allocation,reconstruct_with", [
+@pytest.mark.parametrize("family,allocation,reconstruct", [
     ("llama", "uniform", "none"), ("phi3", "uniform", "lstsq"), ("qwen2", "global", "none"), ("llama", "owl", "lstsq")])
-def test_streamed_pruning_writes_what_the_in_memory_path_saves(tmp_path, family, allocation, reconstruct_with):
+def test_streamed_pruning_writes_what_the_in_memory_path_saves(tmp_path, family, allocation, reconstruct):
     model, stats = checkpoint(tmp_path, family)
-    prune(model, stats=stats, method="hybrid", ratio=0.4, allocation=allocation, reconstruct_with=reconstruct_with)
-    save_pruned(model, tiny_tokenizer(), tmp_path / "memory", model.glu_prune_manifest)
+    config = PruneConfig(ratio=0.4, allocation=allocation, reconstruct=reconstruct)
+    model = prune(model, stats, config).model
+    save_pruned(model, tiny_tokenizer(), tmp_path / "memory")
     empty, loader, tokenizer = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float32)
-    record = prune_checkpoint(empty, loader, tokenizer, tmp_path / "streamed", stats, "hybrid", Target(ratio=0.4),
-                              allocation=allocation, reconstruct_with=reconstruct_with, progress=False)
-    assert record["intermediate_sizes"] == model.glu_prune_manifest["intermediate_sizes"]
-    assert record["kept_indices"] == model.glu_prune_manifest["kept_indices"]
+    record = prune_checkpoint(empty, loader, tokenizer, tmp_path / "streamed", stats, config, progress=False)
+    assert record["intermediate_sizes"] == model.config.glu_prune["intermediate_sizes"]
+    assert record["kept_indices"] == model.config.glu_prune["kept_indices"]
     memory, streamed = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
     assert memory.keys() == streamed.keys()
     for name in memory:
@@ -49,18 +48,17 @@ def test_streamed_pruning_writes_what_the_in_memory_path_saves(tmp_path, family,
 
 def test_streamed_pruning_refuses_foreign_statistics_and_bias(tmp_path):
     _, stats = checkpoint(tmp_path, "llama")
-    other = ActivationStats(stats.layers, {**stats.meta, "fingerprint": "0" * 16})
+    other = ActivationStats(stats.layers, stats.meta, identity=stats.identity * 1.1)
     empty, loader, tokenizer = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float32)
     with pytest.raises(GluPruneError, match="another model"):
-        prune_checkpoint(empty, loader, tokenizer, tmp_path / "o", other, "hybrid", Target(ratio=0.4))
-    with pytest.raises(GluPruneError, match="--offload supports"):
-        prune_checkpoint(empty, loader, tokenizer, tmp_path / "o", stats, "hybrid", Target(ratio=0.4),
-                         reconstruct_with="bias")
+        prune_checkpoint(empty, loader, tokenizer, tmp_path / "o", other, PruneConfig(ratio=0.4))
+    with pytest.raises(GluPruneError, match="offloaded checkpoint"):
+        prune_checkpoint(empty, loader, tokenizer, tmp_path / "o", stats, PruneConfig(ratio=0.4, reconstruct="bias"))
     assert not (tmp_path / "o").exists()
 
 
 def test_cli_prune_offload_equals_in_memory(tmp_path):
-    from pruning.cli import main
+    from glu_prune_cli.main import main
 
     tiny_workspace(tmp_path)
     common = (f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --dtype float64 "
@@ -87,12 +85,27 @@ def test_small_output_shards_with_an_index(tmp_path):
 
     stream.write_checkpoint = tiny_shards
     try:
-        prune_checkpoint(empty, loader, tokenizer, tmp_path / "s", stats, "hybrid", Target(ratio=0.4), progress=False)
+        prune_checkpoint(empty, loader, tokenizer, tmp_path / "s", stats, PruneConfig(ratio=0.4), progress=False)
     finally:
         stream.write_checkpoint = original
     index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3
-    prune(model, stats=stats, method="hybrid", ratio=0.4)
+    model = prune(model, stats, PruneConfig(ratio=0.4)).model
     ids = torch.randint(3, 120, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(load_pruned(tmp_path / "s")(ids).logits, model(ids).logits)
+
+
+def test_a_non_uniform_model_is_offloaded_and_pruned_again(tmp_path):
+    """Per-layer sizes come from the config: the offloaded path reads a non-uniform model too."""
+    model, stats = checkpoint(tmp_path, "llama")
+    first = prune(model, stats, PruneConfig(ratio=0.3, allocation="owl")).model
+    save_pruned(first, tiny_tokenizer(), tmp_path / "first")
+    empty, loader, tokenizer = offload_model(str(tmp_path / "first"), torch.device("cpu"), torch.float32)
+    record = prune_checkpoint(empty, loader, tokenizer, tmp_path / "second", None,
+                              PruneConfig(ratio=0.5, method="ppm", allocation="global"), progress=False)
+    again = prune(load_pruned(tmp_path / "first"), None, PruneConfig(ratio=0.5, method="ppm", allocation="global"))
+    assert record["intermediate_sizes"] == again.manifest["intermediate_sizes"]
+    ids = torch.randint(3, 120, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "second")(ids).logits, again.model(ids).logits)

@@ -65,3 +65,57 @@ def tiny_workspace(folder, family: str = "llama", **overrides):
     model = save_tiny(folder / "m", family, **overrides)
     (folder / "c.txt").write_text("\n\n".join(f"calibration document {i} " * 6 for i in range(40)))
     return model
+
+
+def hooks_left(model) -> int:
+    """Forward hooks and pre-hooks still registered anywhere in ``model``."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def random_batches(n_rows=16, seq=12, batch=4, seed=0):
+    """Batches of random token ids (no padding), and the ids as one tensor."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (n_rows, seq), generator=g)
+    return [{"input_ids": ids[i : i + batch]} for i in range(0, n_rows, batch)], ids
+
+
+def assert_same_stats(a, b, rel=1e-9):
+    """Two ActivationStats hold the same layers, counts and per-neuron sums (to ``rel``)."""
+    assert a.layers.keys() == b.layers.keys()
+    for i in a.layers:
+        assert a.layers[i].count == b.layers[i].count
+        for f in ("sum", "abs_sum", "sq_sum", "max_abs"):
+            torch.testing.assert_close(getattr(a.layers[i], f), getattr(b.layers[i], f), rtol=rel, atol=1e-12)
+
+
+def stats_for(model):
+    """Statistics of ``model`` over one fixed batch of 64 random tokens."""
+    from calibrate.run import calibrate
+
+    ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(0))
+    return calibrate(model, [{"input_ids": ids}], progress=False)
+
+
+# settings of the small comparison grids in tests/test_compare.py and tests/test_lm_eval.py
+GRID_OPTIONS = dict(eval_tokens=256, eval_docs=10, seq_len=64, calib_tokens=512, calib_seq_len=32, progress=False)
+
+
+def grid_workspace(folder):
+    """A saved tiny model and two small custom corpora (law, food): (model folder, corpus specs)."""
+    from benchmarks.grid import CorpusSpec
+
+    save_tiny(folder / "model")
+    corpora = []
+    for name, word in (("law", "contract court judge"), ("food", "bread salt oven")):
+        path = folder / f"{name}.txt"
+        path.write_text("\n\n".join(f"{word} {i} " * 8 for i in range(30)))
+        corpora.append(CorpusSpec(name, str(path)))
+    return str(folder / "model"), corpora
+
+
+def reference() -> dict:
+    """The reference figures of tests/reference.json (its "source" says how they were measured)."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).parent / "reference.json").read_text())

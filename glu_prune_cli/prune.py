@@ -1,0 +1,66 @@
+"""``prune``: remove GLU neurons and save the smaller model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from calibrate.errors import GluPruneError
+from calibrate.files import check_output
+from calibrate.models import load_model, pick_device, pick_dtype
+from calibrate.offload import should_offload
+from calibrate.stats import ActivationStats
+from glu_prune_cli.options import (
+    add_calibration_options,
+    add_corpus_options,
+    add_model_options,
+    add_output_options,
+    add_prune_options,
+    config_from_args,
+    corpus_from_args,
+    settings_from_args,
+)
+from pruning.save import save_pruned
+from pruning.workflow import prune_offloaded, prune_with_corpus
+
+
+def add_prune(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    p.add_argument("--stats", default=None, help="statistics file from glu-prune calibrate")
+    add_corpus_options(p, part="calibration", required=False)
+    add_calibration_options(p, second_moment=False)
+    add_prune_options(p)
+    p.add_argument("--offload", action="store_true",
+                   help="never build the whole model: calibrate layer by layer and rewrite the checkpoint shard by "
+                        "shard (automatic when the model would not fit)")
+    add_output_options(p, "output model directory")
+
+
+def run_prune(args) -> None:
+    check_output(args.out, args.force)
+    config = config_from_args(args)  # a bad setting fails before anything loads
+    corpus = corpus_from_args(args, "calibration") if args.corpus is not None else None
+    start = time.perf_counter()
+    if should_offload(args.model, args.offload):
+        if args.device_map is not None:
+            raise GluPruneError("--offload runs on one device: drop --device-map")
+        stats = ActivationStats.load(args.stats) if args.stats is not None else None
+        manifest = prune_offloaded(args.model, args.out, config, stats=stats, corpus=corpus,
+                                   settings=settings_from_args(args), device=pick_device(args.device),
+                                   dtype=pick_dtype(args.dtype), force=args.force)
+        report(args, manifest, None, start)
+        return
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    stats = ActivationStats.load(args.stats, model=model) if args.stats is not None else None
+    result = prune_with_corpus(model, tokenizer, config, stats=stats, corpus=corpus,
+                               settings=settings_from_args(args), inplace=True)
+    save_pruned(result.model, tokenizer, args.out, force=args.force)
+    report(args, result.manifest, sum(p.numel() for p in result.model.parameters()), start)
+
+
+def report(args, manifest: dict, params: int | None, start: float) -> None:
+    sizes = manifest["intermediate_sizes"]
+    size = f"{params / 1e6:.1f}M parameters; " if params else "streamed shard by shard; "
+    print(f"wrote {args.out}: {args.method}, reconstruct {manifest['reconstruct']}, intermediate sizes "
+          f"{min(sizes)}..{max(sizes)}, {size}select + cut + refit took {manifest['seconds']:.2f} s, "
+          f"{time.perf_counter() - start:.1f} s in all")

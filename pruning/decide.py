@@ -1,0 +1,108 @@
+"""The one loop that decides a cut: score every layer, allocate, plan, refit. Used in memory, on an
+offloaded checkpoint (a loader fills one layer at a time) and one layer at a time (sequential)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from calibrate.errors import GluPruneError
+from calibrate.glu import GLULayer, glu_layers
+from calibrate.stats import ActivationStats, LayerStats, PairedStats
+from pruning.allocation import counts_from_fractions, outlier_fraction, spread_fractions
+from pruning.config import PruneConfig
+from pruning.importance import layer_sensitivity
+from pruning.plan import kept_count, plan_global, plan_uniform, top_k
+from pruning.reconstruct import reconstruct_layer
+from pruning.registry import score_neurons
+
+MIN_KEEP_FRACTION = 0.05  # non-uniform allocations keep at least this fraction of every layer
+
+
+@dataclass
+class Decision:
+    """Kept neurons per layer, their refitted down weights and biases, and what was chosen."""
+
+    plan: dict[int, torch.Tensor]
+    refits: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    choices: dict[str, dict] = field(default_factory=dict)
+    importance: dict[int, float] | None = None
+
+
+def score_layer(layer: GLULayer, config: PruneConfig, stats: LayerStats | None) -> torch.Tensor:
+    """One score per neuron of ``layer`` (weights read to the CPU)."""
+    with torch.no_grad():
+        return score_neurons(config.method, layer.gate_weight().detach().cpu(), layer.up_weight().detach().cpu(),
+                             layer.down_weight().detach().cpu(), stats=stats, seed=config.seed, layer=layer.index)
+
+
+def refit_layer(layer: GLULayer, keep: torch.Tensor, reconstruct: str, stats: LayerStats | None,
+                holdout: LayerStats | None = None, pairs: list[PairedStats] | None = None):
+    """(down weight of the kept columns, bias or None, what was chosen) under ``reconstruct``."""
+    return reconstruct_layer(reconstruct, layer.down_weight().detach().cpu(), keep, stats, holdout, pairs)
+
+
+def layer_stats(stats: ActivationStats | None, index: int) -> tuple[LayerStats | None, LayerStats | None]:
+    """(fit, held-out) statistics of one layer; a missing layer is an error when statistics are given."""
+    if stats is None:
+        return None, None
+    if index not in stats.layers:
+        raise GluPruneError(f"the statistics have no layer {index}: recalibrate with that layer")
+    return stats.layers[index], (stats.holdout or {}).get(index)
+
+
+def allocate(scores: dict[int, torch.Tensor], hidden: int, config: PruneConfig,
+             importance: dict[int, float] | None) -> dict[int, torch.Tensor]:
+    """Kept neuron indices per layer under ``config``'s target and allocation (pure)."""
+    target, sizes = config.target, {i: s.numel() for i, s in scores.items()}
+    if config.allocation == "uniform":
+        if len(set(sizes.values())) > 1:
+            raise GluPruneError("uniform allocation needs equal layer sizes: use the global allocation")
+        return plan_uniform(scores, kept_count(max(sizes.values()), hidden, target))
+    total = sum(kept_count(size, hidden, target) for size in sizes.values())
+    min_keep = max(target.multiple_of, int(MIN_KEEP_FRACTION * min(sizes.values())))
+    if config.allocation == "global":
+        return plan_global(scores, total, min_keep, multiple_of=target.multiple_of)
+    fractions = spread_fractions(importance, total / sum(sizes.values()), config.allocation_spread)
+    counts = counts_from_fractions(fractions, sizes, total, min_keep, target.multiple_of)
+    return {i: top_k(s, counts[i]) for i, s in scores.items()}
+
+
+def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=None,
+           text_batches: list[dict] | None = None, progress: bool = False) -> Decision:
+    """Score, allocate, plan and refit every selected layer of ``model`` (left unchanged).
+
+    ``loader`` (:mod:`calibrate.offload`) fills one offloaded MLP at a time; ``text_batches`` are
+    held-out calibration batches for the ``sensitivity`` allocation.
+    """
+    def loaded(layer):
+        return loader.loaded(layer.mlp) if loader is not None else nullcontext()
+
+    selected = glu_layers(model, list(config.layers) if config.layers is not None else None)
+    scores, outliers = {}, {}
+    for layer in tqdm(selected, desc="score", unit="layer", disable=not progress):
+        fit, _ = layer_stats(stats, layer.index)
+        with loaded(layer):
+            scores[layer.index] = score_layer(layer, config, fit)
+            if config.allocation == "owl":
+                outliers[layer.index] = outlier_fraction(layer.down_weight().detach().cpu(), fit.l2)
+    importance = outliers or None
+    if config.allocation == "sensitivity":
+        if not text_batches:
+            raise GluPruneError("the sensitivity allocation measures each layer's loss on calibration text: "
+                                "give held-out calibration batches")
+        keep = {i: kept_count(s.numel(), model.config.hidden_size, config.target) for i, s in scores.items()}
+        trial = {i: top_k(s, keep[i]) for i, s in scores.items()}
+        importance = layer_sensitivity(model, trial, lambda layer, kept: refit_layer(
+            layer, kept, config.reconstruct, *layer_stats(stats, layer.index))[:2], text_batches, progress)
+    decision = Decision(allocate(scores, model.config.hidden_size, config, importance), importance=importance)
+    if config.reconstruct != "none":
+        for layer in tqdm(selected, desc="refit", unit="layer", disable=not progress):
+            with loaded(layer):
+                weight, bias, info = refit_layer(layer, decision.plan[layer.index], config.reconstruct,
+                                                 *layer_stats(stats, layer.index))
+            decision.refits[layer.index], decision.choices[str(layer.index)] = (weight, bias), info
+    return decision

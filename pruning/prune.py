@@ -1,0 +1,194 @@
+"""``prune(model, stats, config) -> PruneResult``: decide, cut and refit, with a manifest of what was done.
+
+The manifest, every layer's size included, is kept in ``model.config`` (``glu_prune``), so
+``save_pretrained`` persists it and :func:`calibrate.models.load_pruned` reads it back.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from calibrate.errors import GluPruneError
+from calibrate.glu import glu_layers
+from calibrate.layerwise import calibrate_layerwise
+from calibrate.manifest import read_manifest, write_manifest
+from calibrate.run import split_holdout
+from calibrate.stats import ActivationStats, LayerStats, library_version
+from pruning.config import PruneConfig, resolve_reconstruct
+from pruning.decide import Decision, decide, refit_layer, score_layer
+from pruning.plan import kept_count, plan_uniform
+from pruning.registry import RECONSTRUCTIONS
+from pruning.surgery import apply_plan
+
+
+@dataclass
+class PruneResult:
+    """The pruned model, the kept neurons per layer, and the manifest (also in ``model.config.glu_prune``)."""
+
+    model: torch.nn.Module
+    plan: dict[int, torch.Tensor]
+    manifest: dict
+
+
+def check_bias_support(model, reconstruct: str) -> None:
+    """Refuse a reconstruction that adds a down_proj bias to a family whose config cannot reload one."""
+    if RECONSTRUCTIONS[reconstruct].adds_bias and glu_layers(model)[0].layout.bias_flag is None:
+        raise GluPruneError(f"reconstruct '{reconstruct}' adds a down_proj bias, which {model.config.model_type} "
+                            f"models cannot reload with stock transformers: use lstsq")
+
+
+def check_inputs(model, stats: ActivationStats | None, config: PruneConfig, loader=None) -> None:
+    """Refuse statistics that are missing, lack second moments, or belong to another model, and a
+    bias reconstruction on a family that cannot reload a down_proj bias."""
+    check_bias_support(model, config.reconstruct)
+    if config.needs_stats and stats is None:
+        raise GluPruneError(f"{config.what_needs('stats')} calibration statistics: calibrate first")
+    if stats is not None and config.needs_second_moment and any(s.second_moment is None
+                                                                for s in stats.layers.values()):
+        raise GluPruneError(f"method '{config.method}' with reconstruct '{config.reconstruct}' needs second-moment "
+                            f"statistics, which these statistics lack: recalibrate with second moments")
+    if stats is not None:
+        stats.check_model(model, loader=loader)
+
+
+def prepare(model, stats: ActivationStats | None, config: PruneConfig, loader=None) -> tuple[PruneConfig, str, list]:
+    """(``config`` with ``reconstruct="auto"`` decided, why, every layer's size), inputs checked."""
+    has_second = stats is not None and all(s.second_moment is not None for s in stats.layers.values())
+    sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
+    config, auto = resolve_reconstruct(config, sizes_before, has_second, has_data=stats is not None)
+    for layer in glu_layers(model, list(config.layers) if config.layers is not None else None):
+        kept_count(layer.intermediate_size, model.config.hidden_size, config.target)  # a bad target fails first
+    check_inputs(model, stats, config, loader)
+    return config, auto, sizes_before
+
+
+def enable_mlp_biases(model) -> None:
+    """Give every GLU linear a bias (zeros where it had none) and set the config flag that reloads them."""
+    layers = glu_layers(model)
+    setattr(model.config, layers[0].layout.bias_flag, True)
+    for layer in layers:
+        for name in (layer.layout.gate, layer.layout.up, layer.layout.down):
+            linear = getattr(layer.mlp, name)
+            if linear.bias is None:
+                linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                             device=linear.weight.device))
+
+
+def install(model, refits: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """Write refitted down weights and biases into the (already sliced) layers."""
+    if any(bias is not None for _, bias in refits.values()):
+        enable_mlp_biases(model)
+    for layer in glu_layers(model, sorted(refits)) if refits else []:
+        weight, bias = refits[layer.index]
+        with torch.no_grad():
+            layer.down.weight.copy_(weight.to(layer.down.weight.dtype))
+            if bias is not None:
+                layer.down.bias.add_(bias.to(layer.down.bias.dtype))
+
+
+def cut(model, decision: Decision) -> None:
+    """Slice the planned layers of ``model`` and install the refits."""
+    apply_plan(model, decision.plan)
+    install(model, decision.refits)
+
+
+def make_manifest(model, config: PruneConfig, decision: Decision, sizes_before: list[int],
+                  stats: ActivationStats | None, seconds: float, auto: str = "") -> dict:
+    """What was done to ``model``, with every layer's size after the cut."""
+    sizes = [layer.intermediate_size for layer in glu_layers(model)]
+    record = {
+        "base_model": getattr(model, "glu_prune_name", model.config.name_or_path),
+        "config": config.as_dict(),
+        "method": config.method,
+        "target": {k: v for k, v in vars(config.target).items() if v is not None},
+        "allocation": config.allocation,
+        "schedule": config.schedule,
+        "reconstruct": config.reconstruct,
+        "reconstruct_choices": decision.choices,
+        "layers": sorted(decision.plan),
+        "intermediate_sizes_before": sizes_before,
+        "intermediate_sizes": sizes,
+        "uniform": len(set(sizes)) == 1,
+        "kept_indices": {str(i): idx.tolist() for i, idx in decision.plan.items()},
+        "statistics": dict(stats.meta) if stats is not None else None,
+        "seed": config.seed,
+        "seconds": round(seconds, 3),
+        "library_version": library_version(),
+    }
+    if auto:
+        record["reconstruct_auto"] = auto
+    if decision.importance is not None:
+        record.update(allocation_spread=config.allocation_spread,
+                      layer_importance={str(i): v for i, v in decision.importance.items()})
+    return record
+
+
+def prune(model, stats: ActivationStats | None, config: PruneConfig, *, inplace: bool = False,
+          text_batches: list[dict] | None = None, progress: bool = False, notes: dict | None = None) -> PruneResult:
+    """Prune ``model`` under ``config`` (a deep copy unless ``inplace``) and return the result.
+
+    ``text_batches`` are held-out calibration batches, needed by the ``sensitivity`` allocation;
+    ``notes`` are added to the manifest (e.g. why reconstruct auto chose what it chose).
+    """
+    if config.schedule != "one-shot":
+        raise GluPruneError("the sequential schedule calibrates as it prunes: use prune_sequential")
+    start = time.perf_counter()
+    config, auto, sizes_before = prepare(model, stats, config)
+    model = model if inplace else copy.deepcopy(model)
+    decision = decide(model, stats, config, text_batches=text_batches, progress=progress)
+    cut(model, decision)
+    manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
+    write_manifest(model.config, {**manifest, **(notes or {})})
+    return PruneResult(model, decision.plan, read_manifest(model.config))
+
+
+def prune_sequential(model, batches: Iterable[dict], config: PruneConfig, *, holdout: float = 0.125,
+                     inplace: bool = False, progress: bool = False, meta: dict | None = None,
+                     notes: dict | None = None) -> PruneResult:
+    """Calibrate and prune one layer at a time: each layer's statistics are taken on the model whose
+    earlier layers are already pruned (and refitted), so errors do not compound unseen.
+
+    Uniform allocation only. A refit chooses its ridge on the last ``holdout`` fraction of
+    ``batches``. ``config.refit_target="dense"`` refits each layer toward the unpruned model's output
+    on the same tokens rather than toward the layer's own output on the pruned model's input.
+    """
+    start = time.perf_counter()
+    sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
+    config, auto = resolve_reconstruct(config, sizes_before)
+    check_bias_support(model, config.reconstruct)
+    model = model if inplace else copy.deepcopy(model)
+    selected = glu_layers(model, list(config.layers) if config.layers is not None else None)
+    if len({g.intermediate_size for g in selected}) > 1:
+        raise GluPruneError("sequential pruning needs equal layer sizes (uniform allocation)")
+    keep_count = kept_count(selected[0].intermediate_size, model.config.hidden_size, config.target)
+    decision = Decision({})
+    refit = RECONSTRUCTIONS[config.reconstruct].second_moment
+    fit, held = split_holdout(list(batches), holdout) if refit else (list(batches), None)
+
+    def cut_layer(index: int, fit_stats: LayerStats, held_stats: LayerStats | None, pairs) -> None:
+        layer = glu_layers(model, [index])[0]
+        keep = plan_uniform({index: score_layer(layer, config, fit_stats)}, keep_count)[index]
+        weight, bias, info = refit_layer(layer, keep, config.reconstruct, fit_stats, held_stats, pairs)
+        decision.plan[index], decision.choices[str(index)] = keep, info
+        cut(model, Decision({index: keep}, {index: (weight, bias)}))
+
+    stats = calibrate_layerwise(model, fit, holdout_batches=held, layers=list(config.layers) if config.layers else None,
+                                second_moment=config.needs_second_moment, after_layer=cut_layer, progress=progress,
+                                meta=meta, dense_pairs=config.refit_target == "dense")
+    manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
+    write_manifest(model.config, {**manifest, "refit_target": config.refit_target, **(notes or {})})
+    return PruneResult(model, decision.plan, read_manifest(model.config))
+
+
+def manifest_of(model) -> dict:
+    """The manifest a pruned model carries in its config."""
+    manifest = read_manifest(model.config)
+    if manifest is None:
+        raise GluPruneError("this model carries no pruning manifest: prune it with glu-prune first")
+    return manifest
+

@@ -1,0 +1,157 @@
+"""Calibrate → prune (→ heal) in one call, from a model and a corpus: what the command line and the
+comparison grid both run. In memory, or on an offloaded checkpoint one layer at a time."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from calibrate.batches import make_batches
+from calibrate.corpora import Corpus
+from calibrate.errors import GluPruneError
+from calibrate.glu import glu_layers
+from calibrate.layerwise import calibrate_layerwise
+from calibrate.manifest import read_manifest, write_manifest
+from calibrate.offload import offload_model
+from calibrate.perplexity import protocol_perplexity
+from calibrate.run import calibrate, split_holdout
+from calibrate.stats import ActivationStats, library_version
+from pruning.config import PruneConfig, resolve_reconstruct
+from pruning.heal import HealConfig, heal, training_batches
+from pruning.prune import PruneResult, prune, prune_sequential
+from pruning.stream import prune_checkpoint
+
+log = logging.getLogger("glu_prune")
+HOLDOUT = 0.125  # the held-out fraction of the calibration batches on which a refit chooses its ridge
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How a corpus becomes calibration batches: rows of ``seq_len`` tokens, ``max_tokens`` in all;
+    ``packing`` joins documents into full rows (default: on for documents, off for messages)."""
+
+    seq_len: int = 128
+    max_tokens: int = 8192
+    batch_size: int = 8
+    packing: bool | None = None
+
+
+def calibration_batches(tokenizer, corpus: Corpus, settings: CalibrationSettings) -> list[dict]:
+    return list(make_batches(tokenizer, corpus, seq_len=settings.seq_len, max_tokens=settings.max_tokens,
+                             batch_size=settings.batch_size, packing=settings.packing))
+
+
+def provenance(model_name: str, corpus: Corpus, settings: CalibrationSettings) -> dict[str, str]:
+    return {"model": model_name, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
+            "seq_len": str(settings.seq_len)}
+
+
+def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: bool = False,
+                     layers: list[int] | None = None, loader=None, device: torch.device | None = None,
+                     progress: bool = True) -> ActivationStats:
+    """Statistics of ``batches`` (with second moments: and of a held-out slice for the refit's
+    ridge); with a ``loader``, one decoder layer at a time from the checkpoint."""
+    holdout = HOLDOUT if second_moment else 0.0
+    if loader is None:
+        return calibrate(model, batches, layers=layers, second_moment=second_moment, holdout=holdout, meta=meta,
+                         progress=progress)
+    fit, held = split_holdout(batches, holdout) if holdout else (batches, None)
+    return calibrate_layerwise(model, fit, holdout_batches=held, layers=layers, second_moment=second_moment,
+                               meta=meta, loader=loader, device=device, progress=progress)
+
+
+def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrating: bool) -> tuple[PruneConfig, dict]:
+    """``config`` with reconstruct auto decided (from the statistics when
+    given, else the model's sizes when ``calibrating``, else none), and the manifest note saying why."""
+    has_second = None if stats is None else all(s.second_moment is not None for s in stats.layers.values())
+    config, why = resolve_reconstruct(config, [g.intermediate_size for g in glu_layers(model)], has_second,
+                                      has_data=stats is not None or calibrating)
+    if why:
+        log.info("reconstruct %s", why)
+    return config, {"reconstruct_auto": why} if why else {}
+
+
+def check_data(config: PruneConfig, stats: ActivationStats | None, corpus: Corpus | None) -> None:
+    """Refuse a run that lacks the statistics or the calibration text its settings need."""
+    if config.needs_text and corpus is None:
+        raise GluPruneError(f"{config.what_needs('text')} calibration text: give a corpus")
+    if config.needs_stats and stats is None and corpus is None:
+        raise GluPruneError(f"{config.what_needs('stats')} calibration statistics: give statistics or a "
+                            f"corpus")
+    if config.schedule == "sequential" and stats is not None:
+        raise GluPruneError("the sequential schedule calibrates as it prunes: give a corpus, not statistics")
+
+
+def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: ActivationStats | None = None,
+                      corpus: Corpus | None = None, settings: CalibrationSettings = CalibrationSettings(),
+                      inplace: bool = False, progress: bool = True) -> PruneResult:
+    """Prune ``model``: with the given ``stats``, or calibrating on ``corpus`` first when the config
+    needs statistics (with second moments for a refit), or calibrating as it prunes (sequential)."""
+    config, notes = resolve(config, model, stats, calibrating=corpus is not None)
+    check_data(config, stats, corpus)
+    batches = calibration_batches(tokenizer, corpus, settings) if corpus is not None else []
+    meta = provenance(getattr(model, "glu_prune_name", model.config.name_or_path), corpus, settings) if corpus \
+        else {}
+    if config.schedule == "sequential":
+        return prune_sequential(model, batches, config, holdout=HOLDOUT, inplace=inplace, progress=progress,
+                                meta=meta, notes=notes)
+    if stats is None and config.needs_stats:
+        stats = calibrate_corpus(model, batches, meta, second_moment=config.needs_second_moment,
+                                 layers=list(config.layers) if config.layers else None, progress=progress)
+    text = split_holdout(batches, HOLDOUT)[1] if config.needs_text else None
+    return prune(model, stats, config, inplace=inplace, text_batches=text, progress=progress, notes=notes)
+
+
+def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, *, stats: ActivationStats | None = None,
+                    corpus: Corpus | None = None, settings: CalibrationSettings = CalibrationSettings(),
+                    device: torch.device, dtype: torch.dtype, force: bool = False, progress: bool = True) -> dict:
+    """Prune a local checkpoint into ``out`` without ever building the whole model: calibration one
+    decoder layer at a time, then the checkpoint rewritten shard by shard. Returns the manifest."""
+    model, loader, tokenizer = offload_model(model_name, device, dtype)
+    config, notes = resolve(config, model, stats, calibrating=corpus is not None)
+    check_data(config, stats, corpus)
+    if config.needs_stats and stats is None:
+        batches = calibration_batches(tokenizer, corpus, settings)
+        stats = calibrate_corpus(model, batches, provenance(model_name, corpus, settings),
+                                 second_moment=config.needs_second_moment,
+                                 layers=list(config.layers) if config.layers else None, loader=loader, device=device,
+                                 progress=progress)
+    return prune_checkpoint(model, loader, tokenizer, out, stats, config, force=force, progress=progress,
+                            notes=notes)
+
+
+def heal_with_corpus(student, teacher, tokenizer, corpus: Corpus, config: HealConfig, *, teacher_name: str,
+                     seq_len: int = 256, batch_size: int = 4, max_tokens: int | None = None,
+                     eval_parts: dict[str, Corpus] | None = None, eval_tokens: int = 8192, eval_docs: int = 400,
+                     checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True):
+    """Distil ``student`` from ``teacher`` on ``corpus``'s calibration part, measuring perplexity on
+    ``eval_parts`` before and after; the healed model's manifest gains a ``healing`` section.
+    ``max_tokens`` sets the number of steps from the training tokens instead of ``config.steps``."""
+    batches = training_batches(tokenizer, corpus, seq_len=seq_len, batch_size=batch_size)
+    if max_tokens is not None:
+        per_step = max(1, sum(int(b["attention_mask"].sum()) for b in batches) // len(batches))
+        steps = -(-max_tokens // per_step)
+        config = replace(config, steps=steps, warmup_steps=min(config.warmup_steps, steps // 10))
+
+    def measure(model) -> dict[str, float]:
+        return {name: protocol_perplexity(model, tokenizer, part, eval_tokens, eval_docs).perplexity
+                for name, part in (eval_parts or {}).items()}
+
+    manifest = read_manifest(student.config) or {"base_model": teacher_name}
+    before = measure(student)
+    healed, history = heal(student, teacher, batches, config, checkpoint_dir=checkpoint_dir, resume=resume,
+                           progress=progress)
+    sizes = [g.intermediate_size for g in glu_layers(healed)]
+    manifest.update(intermediate_sizes=sizes, uniform=len(set(sizes)) == 1, library_version=library_version())
+    manifest["healing"] = {
+        "teacher": teacher_name, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
+        "seq_len": seq_len, "batch_size": batch_size, "config": asdict(config), "steps": len(history),
+        "tokens": sum(h["tokens"] for h in history), "seconds": history[-1]["seconds"] if history else 0.0,
+        "final_loss": history[-1]["loss"] if history else None,
+        "perplexity_before": before, "perplexity_after": measure(healed),
+    }
+    write_manifest(healed.config, manifest)
+    return healed, manifest["healing"]

@@ -1,0 +1,119 @@
+"""PruneConfig and the registry: validation once, in library terms; decisions that do not depend on the machine."""
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_workspace
+
+from calibrate import resources
+from calibrate.errors import ConfigError, GluPruneError
+from calibrate.run import calibrate
+from pruning import ALLOCATIONS, METHODS, RECONSTRUCTIONS, PruneConfig, prune
+from pruning.config import resolve_reconstruct
+
+
+def batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, 120, (4, 16), generator=g)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("settings,option", [
+    (dict(ratio=0.2, method="magic"), "method"), (dict(ratio=0.2, allocation="even"), "allocation"),
+    (dict(ratio=0.2, reconstruct="exact"), "reconstruct"), (dict(ratio=0.2, allocation_spread=0.7),
+                                                           "allocation_spread"),
+    (dict(ratio=0.2, schedule="sequential", allocation="owl"), "allocation"),
+    (dict(ratio=0.2, refit_target="dense"), "refit_target"),
+    (dict(ratio=0.2, schedule="sequential", refit_target="dense", reconstruct="bias"), "refit_target"),
+    (dict(ratio=0.2, method="obs", allocation="global"), "allocation"),
+    (dict(ratio=1.2), "ratio"), (dict(), "target")])
+def test_bad_settings_are_refused_once_naming_the_option(settings, option):
+    with pytest.raises(ConfigError) as caught:
+        PruneConfig(**settings)
+    assert caught.value.option == option
+    assert str(caught.value).startswith(f"{option}=")
+    assert caught.value.as_flag().startswith(f"--{option.replace('_', '-')}")
+
+
+def test_obs_with_global_allocation_is_refused_because_it_would_be_nearly_uniform():
+    """obs scores are removal steps 0..I-1 in every layer: standardised per layer they are the same
+    numbers everywhere, so a global ranking keeps about the same count per layer."""
+    with pytest.raises(ConfigError, match="nearly uniform"):
+        PruneConfig(ratio=0.4, method="obs", allocation="global")
+    PruneConfig(ratio=0.4, method="obs", allocation="owl")
+
+
+def test_the_registry_lists_what_each_entry_needs():
+    assert {n for n, m in METHODS.items() if not m.data} == {"maw", "ppm", "l1", "l2", "vow", "random"}
+    assert [n for n, a in ALLOCATIONS.items() if not a.streamable] == ["sensitivity"]
+    assert {n for n, r in RECONSTRUCTIONS.items() if r.second_moment} == {"lstsq", "lstsq-centred"}
+    assert PruneConfig(ratio=0.2, method="ppm").needs_stats is False
+    assert PruneConfig(ratio=0.2, method="ppm", reconstruct="lstsq").needs_second_moment is True
+    assert PruneConfig(ratio=0.2, allocation="sensitivity").needs_text is True
+
+
+def test_reconstruct_auto_is_decided_by_the_model_never_by_free_memory(monkeypatch):
+    config = PruneConfig(ratio=0.2, reconstruct="auto")
+    small, why = resolve_reconstruct(config, [1536] * 30)
+    assert small.reconstruct == "lstsq" and "auto: lstsq" in why
+    monkeypatch.setattr(resources, "available_memory", lambda: 1 << 20)
+    assert resolve_reconstruct(config, [1536] * 30)[0].reconstruct == "lstsq"
+    assert resolve_reconstruct(config, [65536])[0].reconstruct == "none"  # 32 GiB for one layer's x xᵀ
+    assert resolve_reconstruct(config, [1536], has_second_moment=False)[0].reconstruct == "none"
+    assert resolve_reconstruct(config, [1536], has_data=False) == (PruneConfig(ratio=0.2), "auto: none (no calibration data)")
+
+
+def test_cli_prune_gives_the_same_model_with_little_free_memory(tmp_path, monkeypatch):
+    """The same command on a machine with little memory: offloaded (how), but the same refit (what)."""
+    from safetensors.torch import load_file
+
+    from calibrate import offload
+    from glu_prune_cli.main import main
+
+    tiny_workspace(tmp_path)
+    command = (f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --dtype float64 "
+               "--method hybrid --ratio 0.25").split()
+    assert main(command + ["--out", str(tmp_path / "roomy")]) == 0
+    monkeypatch.setattr(offload, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(resources, "available_memory", lambda: 1 << 20)
+    assert main(command + ["--out", str(tmp_path / "tight")]) == 0
+    roomy, tight = (load_file(tmp_path / name / "model.safetensors") for name in ("roomy", "tight"))
+    assert roomy.keys() == tight.keys()
+    for name in roomy:
+        torch.testing.assert_close(roomy[name], tight[name], rtol=1e-9, atol=1e-12)
+    import json
+
+    manifests = [json.loads((tmp_path / n / "config.json").read_text())["glu_prune"] for n in ("roomy", "tight")]
+    assert [m["reconstruct"] for m in manifests] == ["lstsq", "lstsq"]
+    assert manifests[0]["reconstruct_auto"].startswith("auto: lstsq")
+
+
+def test_statistics_of_the_same_checkpoint_in_another_dtype_are_accepted():
+    """Calibrating in bfloat16 and pruning the float32 checkpoint is the same model; another seed is not."""
+    bf16 = tiny_model("llama", dtype=torch.bfloat16)
+    stats = calibrate(bf16, batches(), progress=False)
+    stats.check_model(tiny_model("llama", dtype=torch.float32))
+    stats.check_model(tiny_model("llama", dtype=torch.float16))
+    with pytest.raises(GluPruneError, match="another model"):
+        stats.check_model(tiny_model("llama", seed=1))
+    prune(tiny_model("llama"), stats, PruneConfig(ratio=0.25))
+
+
+def test_statistics_identity_survives_saving(tmp_path):
+    from calibrate.stats import ActivationStats
+
+    stats = calibrate(tiny_model("llama", dtype=torch.bfloat16), batches(), progress=False)
+    stats.save(tmp_path / "s.safetensors")
+    loaded = ActivationStats.load(tmp_path / "s.safetensors", model=tiny_model("llama"))
+    assert torch.equal(loaded.identity, stats.identity)
+    with pytest.raises(GluPruneError, match="another model"):
+        ActivationStats.load(tmp_path / "s.safetensors", model=tiny_model("llama", seed=3))
+
+
+def test_prune_copies_unless_asked_to_work_in_place():
+    model = tiny_model("llama")
+    stats = calibrate(model, batches(), progress=False)
+    result = prune(model, stats, PruneConfig(ratio=0.25))
+    assert model.config.intermediate_size == 64 and result.model.config.intermediate_size == 48
+    assert result.model.config.glu_prune == result.manifest
+    assert sorted(result.plan) == [0, 1, 2] and all(len(k) == 48 for k in result.plan.values())
+    same = prune(model, stats, PruneConfig(ratio=0.25), inplace=True)
+    assert same.model is model and model.config.intermediate_size == 48
