@@ -58,7 +58,8 @@ def test_reconstruct_auto_is_decided_by_the_model_never_by_free_memory(monkeypat
     assert resolve_reconstruct(config, [1536] * 30)[0].reconstruct == "lstsq"
     assert resolve_reconstruct(config, [65536])[0].reconstruct == "none"  # 32 GiB for one layer's x xᵀ
     assert resolve_reconstruct(config, [1536], has_second_moment=False)[0].reconstruct == "none"
-    assert resolve_reconstruct(config, [1536], has_data=False) == (PruneConfig(ratio=0.2), "auto: none (no calibration data)")
+    assert resolve_reconstruct(config, [1536], has_data=False) == (PruneConfig(ratio=0.2),
+                                                                   "auto: none (no calibration data)")
 
 
 def test_cli_prune_gives_the_same_model_with_little_free_memory(tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """Integration: the real SmolLM2-135M against the reference figures of tests/reference.json."""
 
 import json
-
 from pathlib import Path
 
 import pytest
