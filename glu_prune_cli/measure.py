@@ -17,6 +17,7 @@ from glu_prune_cli.options import (
     add_calibration_options,
     add_corpus_options,
     add_model_options,
+    add_offload_option,
     add_output_options,
     corpus_from_args,
     positive,
@@ -54,9 +55,7 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     add_corpus_options(p, part="calibration")
     add_calibration_options(p)
     p.add_argument("--layers", default=None, help="only these layers, e.g. 0-3,10")
-    p.add_argument("--offload", action="store_true",
-                   help="hold one decoder layer in memory at a time, read from the checkpoint (automatic when "
-                        "the model would not fit)")
+    add_offload_option(p, "hold one decoder layer in memory at a time, read from the checkpoint")
     add_output_options(p, "statistics file (.safetensors)")
 
 

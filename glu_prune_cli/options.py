@@ -110,6 +110,11 @@ def config_from_args(args) -> PruneConfig:
                        layers=tuple(layers) if layers is not None else None)
 
 
+def add_offload_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--offload", action="store_true",
+                   help=f"{what} (automatic when the model would not fit in memory)")
+
+
 def add_output_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--out", required=True, help=what)
     p.add_argument("--force", action="store_true", help="replace an existing --out")

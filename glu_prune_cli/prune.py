@@ -14,6 +14,7 @@ from glu_prune_cli.options import (
     add_calibration_options,
     add_corpus_options,
     add_model_options,
+    add_offload_option,
     add_output_options,
     add_prune_options,
     config_from_args,
@@ -30,9 +31,8 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     add_corpus_options(p, part="calibration", required=False)
     add_calibration_options(p, second_moment=False)
     add_prune_options(p)
-    p.add_argument("--offload", action="store_true",
-                   help="never build the whole model: calibrate layer by layer and rewrite the checkpoint shard by "
-                        "shard (automatic when the model would not fit)")
+    add_offload_option(p, "never build the whole model: calibrate layer by layer and rewrite the checkpoint shard "
+                          "by shard")
     add_output_options(p, "output model directory")
 
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tiny import INTERMEDIATE, stats_for, tiny_model
+from tiny import INTERMEDIATE, saved_manifest, stats_for, tiny_model
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
@@ -80,7 +80,6 @@ def test_sensitivity_without_batches_and_owl_without_statistics_are_refused():
 
 
 def test_cli_sensitivity_allocation_saves_a_model_that_reloads_with_its_sizes(tmp_path):
-    import json
 
     from tiny import tiny_workspace
 
@@ -91,7 +90,7 @@ def test_cli_sensitivity_allocation_saves_a_model_that_reloads_with_its_sizes(tm
     code = main(f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --method hybrid "
                 f"--ratio 0.25 --allocation sensitivity --allocation-spread 0.2 --out {tmp_path}/p".split())
     assert code == 0
-    manifest = json.loads((tmp_path / "p" / "config.json").read_text())["glu_prune"]
+    manifest = saved_manifest(tmp_path / "p")
     assert manifest["allocation"] == "sensitivity" and manifest["reconstruct"] == "lstsq"
     assert sum(manifest["intermediate_sizes"]) == 3 * 48 and len(set(manifest["intermediate_sizes"])) > 1
     reloaded = load_pruned(tmp_path / "p")

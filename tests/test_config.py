@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_workspace
+from tiny import saved_manifest, tiny_model, tiny_workspace
 
 from calibrate import resources
 from calibrate.errors import ConfigError, GluPruneError
@@ -80,9 +80,8 @@ def test_cli_prune_gives_the_same_model_with_little_free_memory(tmp_path, monkey
     assert roomy.keys() == tight.keys()
     for name in roomy:
         torch.testing.assert_close(roomy[name], tight[name], rtol=1e-9, atol=1e-12)
-    import json
 
-    manifests = [json.loads((tmp_path / n / "config.json").read_text())["glu_prune"] for n in ("roomy", "tight")]
+    manifests = [saved_manifest(tmp_path / n) for n in ("roomy", "tight")]
     assert [m["reconstruct"] for m in manifests] == ["lstsq", "lstsq"]
     assert manifests[0]["reconstruct_auto"].startswith("auto: lstsq")
 

@@ -2,7 +2,7 @@ import os
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
+from tiny import saved_manifest, tiny_model, tiny_tokenizer
 
 from calibrate.corpora import load_corpus
 from calibrate.errors import GluPruneError
@@ -167,7 +167,6 @@ def test_only_the_calibration_part_is_ever_trained_on(tmp_path):
 
 
 def test_cli_heal_measures_saves_and_reloads(tmp_path):
-    import json
 
     from transformers import AutoModelForCausalLM
 
@@ -184,7 +183,7 @@ def test_cli_heal_measures_saves_and_reloads(tmp_path):
     heal_args = (f"heal --model {tmp_path}/pruned --teacher {tmp_path}/base --steps 6 --lr 3e-3 --alpha 1 "
                  f"--eval-corpora other={tmp_path}/other.txt --eval-tokens 64 --out {tmp_path}/healed").split()
     assert main(heal_args + common) in (0, None)
-    manifest = json.loads((tmp_path / "healed" / "config.json").read_text())["glu_prune"]
+    manifest = saved_manifest(tmp_path / "healed")
     healing = manifest["healing"]
     assert manifest["method"] == "hybrid" and healing["steps"] == 6 and healing["part"] == "calibration"
     assert set(healing["perplexity_before"]) == {"c", "other"} == set(healing["perplexity_after"])

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tiny import INTERMEDIATE, stats_for, tiny_model
+from tiny import INTERMEDIATE, saved_manifest, stats_for, tiny_model
 
 from calibrate.errors import ConfigError, GluPruneError
 from calibrate.glu import glu_layers
@@ -80,7 +80,6 @@ def test_sequential_equals_layer_by_layer_one_shot(reconstruct):
 
 
 def test_cli_sequential_prune_saves_a_reloadable_model(tmp_path):
-    import json
 
     from tiny import tiny_workspace
     from transformers import AutoModelForCausalLM
@@ -91,7 +90,7 @@ def test_cli_sequential_prune_saves_a_reloadable_model(tmp_path):
     code = main(f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --method hybrid "
                 f"--ratio 0.25 --sequential --reconstruct lstsq --batch-size 2 --out {tmp_path}/p".split())
     assert code == 0
-    manifest = json.loads((tmp_path / "p" / "config.json").read_text())["glu_prune"]
+    manifest = saved_manifest(tmp_path / "p")
     assert manifest["schedule"] == "sequential" and manifest["intermediate_sizes"] == [48, 48, 48]
     assert set(manifest["reconstruct_choices"]["0"]) == {"ridge", "holdout_error"}
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.intermediate_size == 48

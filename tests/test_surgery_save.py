@@ -1,9 +1,8 @@
 import copy
-import json
 
 import pytest
 import torch
-from tiny import FAMILIES, INTERMEDIATE, tiny_model, tiny_tokenizer
+from tiny import FAMILIES, INTERMEDIATE, saved_manifest, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from calibrate.errors import GluPruneError
@@ -21,10 +20,6 @@ def stamped(model, method: str):
     write_manifest(model.config, {**(read_manifest(model.config) or {}), "method": method,
                                   "intermediate_sizes": sizes, "uniform": len(set(sizes)) == 1})
     return model
-
-
-def saved_manifest(folder):
-    return json.loads((folder / "config.json").read_text())["glu_prune"]
 
 
 def logits(model):

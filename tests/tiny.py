@@ -119,3 +119,11 @@ def reference() -> dict:
     from pathlib import Path
 
     return json.loads((Path(__file__).parent / "reference.json").read_text())
+
+
+def saved_manifest(folder) -> dict:
+    """The pruning manifest a saved model carries in its config.json."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(folder) / "config.json").read_text())["glu_prune"]
