@@ -112,3 +112,11 @@ def test_the_checker_catches_an_upward_import_and_a_cycle(tmp_path):
     graph = import_graph(tmp_path, layers)
     assert upward_imports(graph, layers) == ["low.a -> high.c"]
     assert cycles(graph) == [["high.c", "high.d"]]
+
+
+def test_the_registry_page_matches_the_registry(capsys):
+    """docs/registry.md is what scripts/registry_table.py prints from pruning/registry.py."""
+    import runpy
+
+    runpy.run_path(str(REPO / "scripts" / "registry_table.py"), run_name="__main__")
+    assert (REPO / "docs" / "registry.md").read_text() == capsys.readouterr().out
