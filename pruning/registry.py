@@ -51,7 +51,8 @@ class Reconstruction:
 
 METHODS: dict[str, Method] = {
     "maw": Method(scores.maw, "maximum absolute weight of the gate and up rows"),
-    "ppm": Method(scores.ppm, "peak-to-peak (max plus the absolute min) of the gate and up rows (optipfair's static PPM)"),
+    "ppm": Method(scores.ppm, "peak-to-peak (max plus the absolute min) of the gate and up rows (optipfair's "
+                              "static PPM)"),
     "l1": Method(scores.l1, "L1 norm of the neuron's gate row, up row and down column"),
     "l2": Method(scores.l2, "L2 norm of the neuron's gate row, up row and down column"),
     "vow": Method(scores.vow, "variance of the gate and up rows"),
