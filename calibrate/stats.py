@@ -136,6 +136,11 @@ class ActivationStats:
     identity: torch.Tensor | None = None  # the model's weight sample (calibrate.identity)
 
     @property
+    def has_second_moment(self) -> bool:
+        """Whether every layer holds its x xᵀ sums."""
+        return all(s.second_moment is not None for s in self.layers.values())
+
+    @property
     def tokens(self) -> int:
         return next(iter(self.layers.values())).count if self.layers else 0
 

@@ -74,6 +74,11 @@ class PruneConfig:
         return Target(self.ratio, self.expansion_ratio, self.intermediate_size, self.multiple_of)
 
     @property
+    def layer_list(self) -> list[int] | None:
+        """The selected layers as a list, None for every layer."""
+        return list(self.layers) if self.layers is not None else None
+
+    @property
     def needs_stats(self) -> bool:
         """Whether calibration statistics are needed (a data score, an owl allocation or a refit)."""
         return (METHODS[self.method].data or ALLOCATIONS[self.allocation].needs_stats

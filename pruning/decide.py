@@ -81,7 +81,7 @@ def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=Non
     def loaded(layer):
         return loader.loaded(layer.mlp) if loader is not None else nullcontext()
 
-    selected = glu_layers(model, list(config.layers) if config.layers is not None else None)
+    selected = glu_layers(model, config.layer_list)
     scores, outliers = {}, {}
     for layer in tqdm(selected, desc="score", unit="layer", disable=not progress):
         fit, _ = layer_stats(stats, layer.index)

@@ -48,8 +48,7 @@ def check_inputs(model, stats: ActivationStats | None, config: PruneConfig, load
     check_bias_support(model, config.reconstruct)
     if config.needs_stats and stats is None:
         raise GluPruneError(f"{config.what_needs('stats')} calibration statistics: calibrate first")
-    if stats is not None and config.needs_second_moment and any(s.second_moment is None
-                                                                for s in stats.layers.values()):
+    if stats is not None and config.needs_second_moment and not stats.has_second_moment:
         raise GluPruneError(f"method '{config.method}' with reconstruct '{config.reconstruct}' needs second-moment "
                             f"statistics, which these statistics lack: recalibrate with second moments")
     if stats is not None:
@@ -58,10 +57,10 @@ def check_inputs(model, stats: ActivationStats | None, config: PruneConfig, load
 
 def prepare(model, stats: ActivationStats | None, config: PruneConfig, loader=None) -> tuple[PruneConfig, str, list]:
     """(``config`` with ``reconstruct="auto"`` decided, why, every layer's size), inputs checked."""
-    has_second = stats is not None and all(s.second_moment is not None for s in stats.layers.values())
+    has_second = stats is not None and stats.has_second_moment
     sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
     config, auto = resolve_reconstruct(config, sizes_before, has_second, has_data=stats is not None)
-    for layer in glu_layers(model, list(config.layers) if config.layers is not None else None):
+    for layer in glu_layers(model, config.layer_list):
         kept_count(layer.intermediate_size, model.config.hidden_size, config.target)  # a bad target fails first
     check_inputs(model, stats, config, loader)
     return config, auto, sizes_before
@@ -162,7 +161,7 @@ def prune_sequential(model, batches: Iterable[dict], config: PruneConfig, *, hol
     config, auto = resolve_reconstruct(config, sizes_before)
     check_bias_support(model, config.reconstruct)
     model = model if inplace else copy.deepcopy(model)
-    selected = glu_layers(model, list(config.layers) if config.layers is not None else None)
+    selected = glu_layers(model, config.layer_list)
     if len({g.intermediate_size for g in selected}) > 1:
         raise GluPruneError("sequential pruning needs equal layer sizes (uniform allocation)")
     keep_count = kept_count(selected[0].intermediate_size, model.config.hidden_size, config.target)
@@ -177,7 +176,7 @@ def prune_sequential(model, batches: Iterable[dict], config: PruneConfig, *, hol
         decision.plan[index], decision.choices[str(index)] = keep, info
         cut(model, Decision({index: keep}, {index: (weight, bias)}))
 
-    stats = calibrate_layerwise(model, fit, holdout_batches=held, layers=list(config.layers) if config.layers else None,
+    stats = calibrate_layerwise(model, fit, holdout_batches=held, layers=config.layer_list,
                                 second_moment=config.needs_second_moment, after_layer=cut_layer, progress=progress,
                                 meta=meta, dense_pairs=config.refit_target == "dense")
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)

@@ -66,7 +66,7 @@ def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: b
 def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrating: bool) -> tuple[PruneConfig, dict]:
     """``config`` with reconstruct auto decided (from the statistics when
     given, else the model's sizes when ``calibrating``, else none), and the manifest note saying why."""
-    has_second = None if stats is None else all(s.second_moment is not None for s in stats.layers.values())
+    has_second = None if stats is None else stats.has_second_moment
     config, why = resolve_reconstruct(config, [g.intermediate_size for g in glu_layers(model)], has_second,
                                       has_data=stats is not None or calibrating)
     if why:
@@ -100,7 +100,7 @@ def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: Activatio
                                 meta=meta, notes=notes)
     if stats is None and config.needs_stats:
         stats = calibrate_corpus(model, batches, meta, second_moment=config.needs_second_moment,
-                                 layers=list(config.layers) if config.layers else None, progress=progress)
+                                 layers=config.layer_list, progress=progress)
     text = split_holdout(batches, HOLDOUT)[1] if config.needs_text else None
     return prune(model, stats, config, inplace=inplace, text_batches=text, progress=progress, notes=notes)
 
@@ -117,7 +117,7 @@ def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, *, st
         batches = calibration_batches(tokenizer, corpus, settings)
         stats = calibrate_corpus(model, batches, provenance(model_name, corpus, settings),
                                  second_moment=config.needs_second_moment,
-                                 layers=list(config.layers) if config.layers else None, loader=loader, device=device,
+                                 layers=config.layer_list, loader=loader, device=device,
                                  progress=progress)
     return prune_checkpoint(model, loader, tokenizer, out, stats, config, force=force, progress=progress,
                             notes=notes)
