@@ -35,6 +35,12 @@ class HookOwner(ExitStack):
         self.close()
 
 
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``x`` (…, features) as (tokens, features), keeping those whose ``mask`` entry is nonzero."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if mask is None else rows[mask.reshape(-1).to(rows.device).bool()]
+
+
 class StopForward(Exception):
     """Raised by the last recorder so that nothing after the last recorded layer runs."""
 
@@ -56,9 +62,7 @@ class Recorder:
     @torch.no_grad()
     def accumulate(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add the rows of ``x`` (…, intermediate) whose ``mask`` entry (…) is nonzero."""
-        rows = x.reshape(-1, x.shape[-1])
-        if mask is not None:
-            rows = rows[mask.reshape(-1).to(rows.device).bool()]
+        rows = real_rows(x, mask)
         if not rows.shape[0]:
             return
         if self._sums is None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import check_layers, decoder, decoder_layers, glu_layers
-from calibrate.hooks import TOKEN_BLOCK, HookOwner, recording
+from calibrate.hooks import TOKEN_BLOCK, HookOwner, real_rows, recording
 from calibrate.offload import ResidentLoader
 from calibrate.resources import check_memory, human_bytes, second_moment_bytes
 from calibrate.run import batch_tensors, finish_stats
@@ -100,10 +100,6 @@ def _output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])[mask.reshape(-1).to(x.device).bool()]
-
-
 class LayerRunner:
     """Runs captured batch groups (fit, then held-out) through one decoder layer at a time; with
     ``dense`` a copy of every group runs beside them through the layers as they were before any change.
@@ -154,9 +150,9 @@ class LayerRunner:
                 sums = None
                 for b, d in zip(group, dense_group):
                     self._run(index, b)
-                    x = _rows(seen["x"], b.mask)
+                    x = real_rows(seen["x"], b.mask)
                     d.hidden = self._run(index, d)
-                    y = _rows(seen["x"], d.mask)
+                    y = real_rows(seen["x"], d.mask)
                     if sums is None:
                         sums = PairedStats.zeros(x.shape[1], x.device)
                     sums.add(x, y, TOKEN_BLOCK)
