@@ -223,11 +223,11 @@ def load_model(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str
     torch_dtype = pick_dtype(dtype)
     torch_device = pick_device(device) if device_map is None else None
     try:
-        resized = Path(source).is_dir() and layer_sizes(AutoConfig.from_pretrained(source)) is not None
-        if resized and device_map is not None:
+        sizes = layer_sizes(AutoConfig.from_pretrained(source)) if Path(source).is_dir() else None
+        if sizes is not None and device_map is not None:
             raise GluPruneError("--device-map cannot load a model with per-layer sizes: drop --device-map")
-        if resized:
-            net = load_pruned(source, dtype=torch_dtype, device=torch_device)
+        if sizes is not None:
+            net = load_resized(source, sizes, dtype=torch_dtype, device=torch_device)
         elif device_map is not None:
             net = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
         else:
