@@ -13,6 +13,7 @@ from calibrate.errors import GluPruneError
 from calibrate.glu import decoder, glu_layers, model_type
 from calibrate.hooks import StopForward, recording
 from calibrate.identity import fingerprint, weight_sample
+from calibrate.layer_importance import LayerImportance
 from calibrate.resources import check_memory, human_bytes, second_moment_bytes
 from calibrate.stats import ActivationStats
 
@@ -33,7 +34,7 @@ def batch_tensors(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None, second_moment: bool = False,
               holdout: float = 0.0, max_tokens: int | None = None, progress: bool = True,
-              meta: dict | None = None) -> ActivationStats:
+              meta: dict | None = None, layer_importance: bool = False) -> ActivationStats:
     """Statistics of every selected layer's down_proj input over ``batches``.
 
     Only the decoder body runs, and it stops after the last recorded layer. ``max_tokens`` stops
@@ -41,11 +42,15 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
     ``holdout`` > 0 keeps the statistics of the last such fraction of the batches (at least one)
     apart in ``stats.holdout``: the held-out slice on which a refit chooses its ridge.
     Under torch.distributed each rank takes every N-th batch and the statistics are all-reduced.
+    ``layer_importance`` also records, in ``stats.depth``, the cosine similarity of every selected
+    decoder layer's input and output per real token (on the fit part; the whole body up to that layer runs).
     """
+    if layer_importance and distributed.world_size() > 1:
+        raise GluPruneError("layer importance is recorded in one process: drop torchrun")
     if holdout:
         fit, held = split_holdout(list(batches), holdout)
         options = dict(layers=layers, second_moment=second_moment, max_tokens=max_tokens, meta=meta)
-        stats = calibrate(model, fit, progress=progress, **options)
+        stats = calibrate(model, fit, progress=progress, layer_importance=layer_importance, **options)
         stats.holdout = calibrate(model, held, progress=False, **options).layers
         stats.meta["holdout_tokens"] = str(next(iter(stats.holdout.values())).count)
         return stats
@@ -63,7 +68,8 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
         max_tokens = -(-max_tokens // ranks)
     bar = tqdm(unit="tok", unit_scale=True, desc="calibrate", disable=not progress or not distributed.is_main(),
                total=max_tokens)
-    with recording(model, [g.index for g in selected], second_moment) as recorders, torch.inference_mode():
+    recorded = recording(model, [g.index for g in selected], second_moment, layer_importance=layer_importance)
+    with recorded as recorders, torch.inference_mode():
         for batch in distributed.shard(batches):
             input_ids, mask = batch_tensors(batch, device)
             recorders.set_mask(mask)
@@ -77,12 +83,13 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
             if max_tokens is not None and seen >= max_tokens:
                 break
         layer_stats = recorders.stats()
+        depth = LayerImportance(recorders.similarity()) if layer_importance else None
     bar.close()
     distributed.all_reduce_stats(layer_stats)
     seen = distributed.all_reduce_count(seen)
     if seen == 0:
         raise GluPruneError("the calibration batches hold no tokens: check the corpus")
-    stats = ActivationStats(layer_stats, dict(meta or {}))
+    stats = ActivationStats(layer_stats, dict(meta or {}), depth=depth)
     finish_stats(model, stats, seen, [g.index for g in selected], second_moment)
     return stats
 
@@ -98,6 +105,8 @@ def finish_stats(model, stats: ActivationStats, tokens: int, layers: list[int], 
         "sizes": ",".join(str(g.intermediate_size) for g in glu_layers(model, layers)),
         "fingerprint": fingerprint(shapes, stats.identity), "second_moment": str(second_moment).lower(),
     })
+    if stats.depth is not None:
+        stats.meta["layer_importance"] = stats.depth.kinds
     stats.meta.setdefault("model", getattr(model, "glu_prune_name", model.config.name_or_path))
 
 

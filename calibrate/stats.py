@@ -15,6 +15,7 @@ from calibrate.errors import GluPruneError
 from calibrate.files import atomic_file
 from calibrate.glu import glu_layers
 from calibrate.identity import same_checkpoint, weight_sample
+from calibrate.layer_importance import LayerImportance
 
 FORMAT_VERSION = 1
 FIELDS = ("sum", "abs_sum", "sq_sum", "max_abs")
@@ -134,6 +135,7 @@ class ActivationStats:
     meta: dict[str, str] = field(default_factory=dict)
     holdout: dict[int, LayerStats] | None = None  # a held-out slice, for choosing a refit's ridge
     identity: torch.Tensor | None = None  # the model's weight sample (calibrate.identity)
+    depth: LayerImportance | None = None  # whole-layer importance, for depth pruning
 
     @property
     def has_second_moment(self) -> bool:
@@ -154,8 +156,11 @@ class ActivationStats:
         layers = {i: self.layers[i].merge(other.layers[i]) for i in self.layers}
         meta = {**self.meta, "corpus": "+".join(dict.fromkeys([self.meta.get("corpus", "?"),
                                                                other.meta.get("corpus", "?")]))}
-        merged = ActivationStats(layers, meta, identity=self.identity)
+        depth = self.depth.merge(other.depth) if self.depth is not None and other.depth is not None else None
+        merged = ActivationStats(layers, meta, identity=self.identity, depth=depth)
         merged.meta["tokens"] = str(merged.tokens)
+        if depth is None:
+            merged.meta.pop("layer_importance", None)
         return merged
 
     def check_finite(self) -> None:
@@ -173,7 +178,7 @@ class ActivationStats:
                     out[f"{prefix}.{i}.{f}"] = getattr(s, f).contiguous()
                 if s.second_moment is not None:
                     out[f"{prefix}.{i}.second_moment"] = s.second_moment.contiguous()
-        return out
+        return {**out, **(self.depth.tensors() if self.depth is not None else {})}
 
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file with metadata, atomically (temporary file, then rename)."""
@@ -181,6 +186,8 @@ class ActivationStats:
         meta = {**self.meta, "format_version": str(FORMAT_VERSION), "library_version": library_version(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "layers": json.dumps(sorted(self.layers)), "tokens": str(self.tokens)}
+        if self.depth is not None:
+            meta["layer_importance"] = self.depth.kinds
         if not path.absolute().parent.exists():
             raise GluPruneError(f"folder {path.absolute().parent} does not exist: create it or choose another output")
         with atomic_file(path) as tmp:
@@ -219,7 +226,8 @@ class ActivationStats:
             return layers
 
         try:
-            stats = cls(read("layer"), meta, read("holdout") or None, tensors.get("identity.sample"))
+            stats = cls(read("layer"), meta, read("holdout") or None, tensors.get("identity.sample"),
+                        LayerImportance.from_tensors(tensors, json.loads(meta["layers"])))
         except (KeyError, IndexError, ValueError):
             raise GluPruneError(f"{path} is incomplete or corrupt: recalibrate to write it again") from None
         if model is not None:
@@ -255,4 +263,4 @@ def summary(stats: ActivationStats) -> str:
         values = torch.quantile(s.mean_abs, q).tolist()
         dead = int((s.max_abs == 0).sum())
         lines.append(f"{i:>5} {s.size:>6} " + " ".join(f"{v:9.4f}" for v in values) + f" {dead:>5}")
-    return "\n".join(lines)
+    return "\n".join(lines + (stats.depth.summary() if stats.depth is not None else []))

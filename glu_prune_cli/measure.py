@@ -55,6 +55,9 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     add_corpus_options(p, part="calibration")
     add_calibration_options(p)
     p.add_argument("--layers", default=None, help="only these layers, e.g. 0-3,10")
+    p.add_argument("--layer-importance", action="store_true",
+                   help="also record each decoder layer's importance for --remove-layers: the cosine of its input "
+                        "and output, and the held-out loss increase when it alone is skipped (in memory only)")
     add_offload_option(p, "hold one decoder layer in memory at a time, read from the checkpoint")
     add_output_options(p, "statistics file (.safetensors)")
 
@@ -77,7 +80,8 @@ def run_calibrate(args) -> None:
     settings = settings_from_args(args)
     stats = calibrate_corpus(model, calibration_batches(tokenizer, corpus, settings),
                              provenance(args.model, corpus, settings), second_moment=args.second_moment,
-                             layers=layers, loader=loader, device=device if loader else None)
+                             layers=layers, loader=loader, device=device if loader else None,
+                             layer_importance=args.layer_importance)
     if distributed.world_size() > 1:
         stats.meta["processes"] = str(distributed.world_size())
     if distributed.is_main():

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 
 from calibrate.corpora import Corpus, load_corpus
+from calibrate.errors import GluPruneError
 from calibrate.glu import parse_layers
+from calibrate.layer_importance import SCORES
 from pruning.allocation import DEFAULT_SPREAD
 from pruning.config import PruneConfig
+from pruning.depth import DepthConfig, parse_removal
 from pruning.registry import ALLOCATIONS, AUTO, DEFAULT_METHOD, METHODS, RECONSTRUCTIONS, REFIT_TARGETS
 from pruning.workflow import CalibrationSettings
 
@@ -80,7 +83,7 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
     """The options of :class:`pruning.config.PruneConfig`, named as its fields."""
     p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
                    help=f"neuron score (default {DEFAULT_METHOD}): {described(METHODS)}")
-    target = p.add_mutually_exclusive_group(required=True)
+    target = p.add_mutually_exclusive_group()  # or --remove-layers alone
     target.add_argument("--ratio", type=float, help="fraction of neurons removed, in (0, 1)")
     target.add_argument("--expansion-ratio", type=float, help="kept intermediate size / hidden size")
     target.add_argument("--intermediate-size", type=int, help="kept neurons per layer")
@@ -98,9 +101,31 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
                    help=f"with --sequential and lstsq: {described(REFIT_TARGETS)}")
     p.add_argument("--layers", default=None, help="prune only these layers, e.g. 0-3,10")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    add_depth_options(p)
 
 
-def config_from_args(args) -> PruneConfig:
+def add_depth_options(p: argparse.ArgumentParser) -> None:
+    """The options of :class:`pruning.depth.DepthConfig`."""
+    p.add_argument("--remove-layers", default=None,
+                   help="remove whole decoder layers: N (the N least important by --layer-score) or a list "
+                        "(3,7 or 4-6; one named layer: 5,); with a width target the neurons of the remaining "
+                        "model are pruned after, on --corpus (--layers then names remaining layers)")
+    p.add_argument("--layer-score", default="cosine", choices=list(SCORES),
+                   help=f"how --remove-layers N ranks layers (default cosine): {described(SCORES)}")
+
+
+def depth_from_args(args) -> DepthConfig | None:
+    removal = parse_removal(args.remove_layers)
+    return None if removal is None else DepthConfig(removal, args.layer_score)
+
+
+def config_from_args(args) -> PruneConfig | None:
+    """The width part of ``prune``; None when only --remove-layers is given."""
+    if args.ratio is None and args.expansion_ratio is None and args.intermediate_size is None:
+        if args.remove_layers is not None:
+            return None
+        raise GluPruneError("give --ratio, --expansion-ratio or --intermediate-size (neurons), --remove-layers "
+                            "(decoder layers), or both")
     layers = parse_layers(args.layers)
     return PruneConfig(ratio=args.ratio, expansion_ratio=args.expansion_ratio,
                        intermediate_size=args.intermediate_size, multiple_of=args.multiple_of, method=args.method,

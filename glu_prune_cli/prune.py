@@ -1,4 +1,4 @@
-"""``prune``: remove GLU neurons and save the smaller model."""
+"""``prune``: remove GLU neurons (and, with ``--remove-layers``, decoder layers) and save the smaller model."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from glu_prune_cli.options import (
     add_prune_options,
     config_from_args,
     corpus_from_args,
+    depth_from_args,
     settings_from_args,
 )
 from pruning.save import save_pruned
-from pruning.workflow import prune_offloaded, prune_with_corpus
+from pruning.workflow import prune_depth_with_corpus, prune_offloaded, prune_with_corpus
 
 
 def add_prune(p: argparse.ArgumentParser) -> None:
@@ -39,8 +40,12 @@ def add_prune(p: argparse.ArgumentParser) -> None:
 def run_prune(args) -> None:
     check_output(args.out, args.force)
     config = config_from_args(args)  # a bad setting fails before anything loads
+    depth = depth_from_args(args)
     corpus = corpus_from_args(args, "calibration") if args.corpus is not None else None
     start = time.perf_counter()
+    if depth is not None:
+        run_depth(args, config, depth, corpus, start)
+        return
     if should_offload(args.model, args.offload):
         if args.device_map is not None:
             raise GluPruneError("--offload runs on one device: drop --device-map")
@@ -58,9 +63,25 @@ def run_prune(args) -> None:
     report(args, result.manifest, sum(p.numel() for p in result.model.parameters()), start)
 
 
-def report(args, manifest: dict, params: int | None, start: float) -> None:
+def run_depth(args, config, depth, corpus, start: float) -> None:
+    """--remove-layers, then the width target if any: in memory, on one device."""
+    if args.offload or args.device_map is not None:
+        raise GluPruneError("--remove-layers runs in memory on one device: drop --offload and --device-map")
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    stats = ActivationStats.load(args.stats, model=model) if args.stats is not None else None
+    result = prune_depth_with_corpus(model, tokenizer, depth, config, stats=stats, corpus=corpus,
+                                     settings=settings_from_args(args), inplace=True)
+    save_pruned(result.model, tokenizer, args.out, force=args.force)
+    report(args, result.manifest, sum(p.numel() for p in result.model.parameters()), start, width=config is not None)
+
+
+def report(args, manifest: dict, params: int | None, start: float, width: bool = True) -> None:
     sizes = manifest["intermediate_sizes"]
     size = f"{params / 1e6:.1f}M parameters; " if params else "streamed shard by shard; "
-    print(f"wrote {args.out}: {args.method}, reconstruct {manifest['reconstruct']}, intermediate sizes "
-          f"{min(sizes)}..{max(sizes)}, {size}select + cut + refit took {manifest['seconds']:.2f} s, "
-          f"{time.perf_counter() - start:.1f} s in all")
+    depth = manifest.get("depth")
+    layers = (f"removed layers {','.join(map(str, depth['removed_layers']))} ({depth['score']}, "
+              f"{len(depth['kept_layers'])} left), " if depth else "")
+    neurons = f"{args.method}, reconstruct {manifest['reconstruct']}, " if width else ""
+    seconds = manifest["seconds"] if width else depth["seconds"]
+    print(f"wrote {args.out}: {layers}{neurons}intermediate sizes {min(sizes)}..{max(sizes)}, {size}"
+          f"select + cut + refit took {seconds:.2f} s, {time.perf_counter() - start:.1f} s in all")

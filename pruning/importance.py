@@ -18,8 +18,8 @@ from calibrate.run import batch_tensors
 Refit = Callable[[GLULayer, torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
-def mean_nll(model, batches: list[dict]) -> float:
-    """Token-weighted mean negative log-likelihood of ``model`` on tokenised ``batches``."""
+def total_nll(model, batches: list[dict]) -> tuple[float, int]:
+    """Summed negative log-likelihood (float64) of ``model`` on tokenised ``batches`` and the predicted tokens."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -27,6 +27,12 @@ def mean_nll(model, batches: list[dict]) -> float:
             input_ids, mask = batch_tensors(batch, device)
             nll, n = sequence_nll(model, {"input_ids": input_ids, "attention_mask": mask})
             total, count = total + nll, count + n
+    return total, count
+
+
+def mean_nll(model, batches: list[dict]) -> float:
+    """Token-weighted mean negative log-likelihood of ``model`` on tokenised ``batches``."""
+    total, count = total_nll(model, batches)
     return total / max(count, 1)
 
 

@@ -21,16 +21,25 @@ def model_card(manifest: dict) -> str:
     stats = manifest.get("statistics") or {}
     calibration = (f"calibrated on `{stats.get('corpus', '?')}` ({stats.get('part', '?')}, "
                    f"{stats.get('tokens', '?')} tokens)" if stats else "static (weights only)")
-    card = (f"# Width-pruned {manifest.get('base_model', 'model')}\n\n"
-            f"GLU MLP neurons removed with [glu-prune](https://pypi.org/project/glu-prune/) "
-            f"{manifest.get('library_version', library_version())}.\n\n"
-            f"- method: `{manifest.get('method')}`, {calibration}\n"
-            f"- target: {target}; allocation: {manifest.get('allocation', 'uniform')}; "
-            f"reconstruct: {manifest.get('reconstruct', 'none')}\n"
-            f"- intermediate sizes: {min(sizes)}..{max(sizes)} over {len(sizes)} layers "
-            f"({'uniform' if uniform else 'non-uniform'})\n\n"
-            f"What was done, per-layer kept neuron indices included, is in `config.json` under `glu_prune`.\n\n"
-            f"```python\n{load}\n```\n")
+    depth, width = manifest.get("depth"), "method" in manifest or "depth" not in manifest
+    kind, what = (("Depth- and width", "Decoder layers and GLU MLP neurons") if depth and width else
+                  ("Depth", "Decoder layers") if depth else ("Width", "GLU MLP neurons"))
+    card = (f"# {kind}-pruned {manifest.get('base_model', 'model')}\n\n"
+            f"{what} removed with [glu-prune](https://pypi.org/project/glu-prune/) "
+            f"{manifest.get('library_version', library_version())}.\n\n")
+    if depth:
+        chosen = "named" if depth["score"] == "explicit" else f"the least important by {depth['score']}"
+        card += (f"- removed decoder layers {', '.join(map(str, depth['removed_layers']))} of "
+                 f"{depth['num_layers_before']} ({chosen}); layer i is the original layer "
+                 f"`depth.kept_layers[i]`\n")
+    if width:
+        card += (f"- method: `{manifest.get('method')}`, {calibration}\n"
+                 f"- target: {target}; allocation: {manifest.get('allocation', 'uniform')}; "
+                 f"reconstruct: {manifest.get('reconstruct', 'none')}\n")
+    card += (f"- intermediate sizes: {min(sizes)}..{max(sizes)} over {len(sizes)} layers "
+             f"({'uniform' if uniform else 'non-uniform'})\n\n"
+             f"What was done, per-layer kept neuron indices included, is in `config.json` under `glu_prune`.\n\n"
+             f"```python\n{load}\n```\n")
     healing = manifest.get("healing")
     if healing:
         card += (f"\n## Healing\n\nDistilled from `{healing['teacher']}` on `{healing['corpus']}` "

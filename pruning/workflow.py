@@ -3,6 +3,7 @@ comparison grid both run. In memory, or on an offloaded checkpoint one layer at 
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from calibrate.batches import make_batches
 from calibrate.corpora import Corpus
 from calibrate.errors import GluPruneError
-from calibrate.glu import glu_layers
+from calibrate.glu import check_layers, glu_layers
 from calibrate.layerwise import calibrate_layerwise
 from calibrate.manifest import read_manifest, write_manifest
 from calibrate.offload import offload_model
@@ -20,6 +21,7 @@ from calibrate.perplexity import protocol_perplexity
 from calibrate.run import calibrate, split_holdout
 from calibrate.stats import ActivationStats, library_version
 from pruning.config import PruneConfig, resolve_reconstruct
+from pruning.depth import DepthConfig, measure_skip_loss, prune_depth
 from pruning.heal import HealConfig, heal, training_batches
 from pruning.prune import PruneResult, prune, prune_sequential
 from pruning.stream import prune_checkpoint
@@ -51,13 +53,21 @@ def provenance(model_name: str, corpus: Corpus, settings: CalibrationSettings) -
 
 def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: bool = False,
                      layers: list[int] | None = None, loader=None, device: torch.device | None = None,
-                     progress: bool = True) -> ActivationStats:
+                     progress: bool = True, layer_importance: bool = False, skip_loss: bool = True) -> ActivationStats:
     """Statistics of ``batches`` (with second moments: and of a held-out slice for the refit's
-    ridge); with a ``loader``, one decoder layer at a time from the checkpoint."""
+    ridge); with a ``loader``, one decoder layer at a time from the checkpoint. ``layer_importance``
+    adds every layer's input-output cosine (same pass) and, with ``skip_loss``, each layer's skip
+    loss on the held-out slice (:func:`pruning.depth.measure_skip_loss`); in memory only."""
     holdout = HOLDOUT if second_moment else 0.0
+    if layer_importance and loader is not None:
+        raise GluPruneError("layer importance needs the whole model in memory: drop --offload")
     if loader is None:
-        return calibrate(model, batches, layers=layers, second_moment=second_moment, holdout=holdout, meta=meta,
-                         progress=progress)
+        stats = calibrate(model, batches, layers=layers, second_moment=second_moment, holdout=holdout, meta=meta,
+                          progress=progress, layer_importance=layer_importance)
+        if layer_importance and skip_loss:
+            measure_skip_loss(model, stats.depth, split_holdout(batches, HOLDOUT)[1], progress=progress)
+            stats.meta["layer_importance"] = stats.depth.kinds
+        return stats
     fit, held = split_holdout(batches, holdout) if holdout else (batches, None)
     return calibrate_layerwise(model, fit, holdout_batches=held, layers=layers, second_moment=second_moment,
                                meta=meta, loader=loader, device=device, progress=progress)
@@ -155,3 +165,54 @@ def heal_with_corpus(student, teacher, tokenizer, corpus: Corpus, config: HealCo
     }
     write_manifest(healed.config, manifest)
     return healed, manifest["healing"]
+
+
+def depth_importance(model, tokenizer, depth: DepthConfig, stats: ActivationStats | None, corpus: Corpus | None,
+                     settings: CalibrationSettings, progress: bool = True):
+    """(the layer importance ``depth`` chooses by, its provenance): from ``stats`` when they hold it,
+    else measured on ``corpus``."""
+    skip = depth.score == "skip-loss"
+    if stats is not None and stats.depth is not None and (not skip or stats.depth.skip_loss is not None):
+        return stats.depth, stats.meta
+    if corpus is None:
+        held = "these statistics hold no " + ("skip loss" if stats is not None and stats.depth else "layer importance")
+        raise GluPruneError(f"choosing layers by {depth.score} needs layer importance ("
+                            f"{held if stats is not None else 'none given'}): give a corpus, or statistics from "
+                            f"glu-prune calibrate --layer-importance")
+    meta = provenance(getattr(model, "glu_prune_name", model.config.name_or_path), corpus, settings)
+    measured = calibrate_corpus(model, calibration_batches(tokenizer, corpus, settings), meta, layer_importance=True,
+                                skip_loss=skip, progress=progress)
+    return measured.depth, measured.meta
+
+
+def prune_depth_with_corpus(model, tokenizer, depth: DepthConfig, config: PruneConfig | None = None, *,
+                            stats: ActivationStats | None = None, corpus: Corpus | None = None,
+                            settings: CalibrationSettings = CalibrationSettings(), inplace: bool = False,
+                            progress: bool = True) -> PruneResult:
+    """Remove ``depth``'s decoder layers; then, with a width ``config``, calibrate the remaining model
+    on ``corpus`` and prune its neurons (:func:`prune_with_corpus`). One manifest records both: its
+    per-layer fields (and ``config.layers``) refer to the remaining layers, ``depth.kept_layers``
+    maps them to the original ones. Layers chosen by importance take it from ``stats`` (of the
+    unpruned model) when they hold it, else from a calibration on ``corpus``."""
+    layers = len(glu_layers(model))
+    depth.check(layers)
+    if stats is not None:
+        stats.check_model(model)
+    if config is not None:
+        sizes = [g.intermediate_size for g in glu_layers(model)]
+        needs = resolve_reconstruct(config, sizes, has_data=corpus is not None)[0]
+        if (needs.needs_stats or needs.needs_text) and corpus is None:
+            raise GluPruneError("after removing layers, the neurons are chosen on the remaining model: give a "
+                                "corpus to calibrate it (statistics of the unpruned model do not describe it)")
+        if config.layers is not None:
+            check_layers(config.layer_list, layers - depth.count)
+    importance, used = (None, None) if depth.explicit else depth_importance(model, tokenizer, depth, stats, corpus,
+                                                                            settings, progress)
+    model = model if inplace else copy.deepcopy(model)
+    result = prune_depth(model, depth, importance, inplace=True, statistics=used)
+    if config is None:
+        return result
+    width = prune_with_corpus(result.model, tokenizer, config, corpus=corpus, settings=settings, inplace=True,
+                              progress=progress)
+    write_manifest(width.model.config, {**width.manifest, "depth": result.manifest["depth"]})
+    return PruneResult(width.model, width.plan, read_manifest(width.model.config))
