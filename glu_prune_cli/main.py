@@ -8,7 +8,7 @@ import os
 import sys
 
 from calibrate.errors import ConfigError, GluPruneError
-from glu_prune_cli import compare, heal, measure, prune
+from glu_prune_cli import compare, export, heal, measure, prune
 
 # name -> (help, add arguments, run)
 COMMANDS = {
@@ -21,6 +21,7 @@ COMMANDS = {
              heal.run_heal),
     "compare": ("cross-domain grid: calibrate on each corpus, prune, evaluate on every corpus", compare.add_compare,
                 compare.run_compare),
+    "export": ("write a model, pruned or not, as a GGUF file for llama.cpp", export.add_export, export.run_export),
 }
 # library option names whose flag is spelled differently
 FLAGS = {"schedule": "sequential", "target": "ratio", "lora_rank": "lora"}

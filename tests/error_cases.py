@@ -84,6 +84,14 @@ CASES = [
     ("statistics output folder not writable",
      "calibrate --model {d}/llama --corpus {d}/c.txt --out /proc/glu-prune.safetensors"),
     ("statistics output exists, no --force", "calibrate --model {d}/llama --corpus {d}/c.txt --out {d}/llama.st"),
+    ("export to a k-quant type (the gguf package cannot write one)",
+     "export --model {d}/llama --out {d}/m.gguf --outtype q4_k_m"),
+    ("export to an unknown --outtype", "export --model {d}/llama --out {d}/m.gguf --outtype q9"),
+    ("export output exists, no --force", "export --model {d}/llama --out {d}/existing"),
+    ("export of a directory that is not a model", "export --model {d}/not-a-model --out {d}/m.gguf"),
+    ("export of a family without a GLU MLP (GPT-2)", "export --model {d}/gpt2 --out {d}/m.gguf"),
+    ("export of per-layer widths in a family llama.cpp builds at one width",
+     "export --model {d}/qwen2-uneven --out {d}/m.gguf"),
 ]
 
 
@@ -99,6 +107,11 @@ def make_fixtures(d: Path) -> None:
     tokenizer.save_pretrained(d / "llama")
     tiny_model("qwen2").save_pretrained(d / "qwen2")
     tokenizer.save_pretrained(d / "qwen2")
+    from pruning import PruneConfig, prune
+    from pruning.save import save_pruned
+
+    uneven = prune(tiny_model("qwen2"), None, PruneConfig(ratio=0.5, method="ppm", layers=(1,))).model
+    save_pruned(uneven, tokenizer, d / "qwen2-uneven")
     overflow = tiny_model("llama")
     with torch.no_grad():
         for p in overflow.model.layers.parameters():
@@ -143,7 +156,7 @@ def run_case(args: str, d: Path) -> tuple[int, str]:
 
 
 def cleanup_outputs(d: Path) -> None:
-    for name in ("p", "s.st"):
+    for name in ("p", "s.st", "m.gguf"):
         path = d / name
         if path.is_dir():
             shutil.rmtree(path)
