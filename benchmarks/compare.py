@@ -14,10 +14,13 @@ from benchmarks.speed import device_name, measure_speed
 from benchmarks.store import ResultStore, record_settings
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
+from calibrate.errors import GluPruneError
 from calibrate.models import load_model, pick_device, pick_dtype
 from calibrate.perplexity import protocol_perplexity
+from calibrate.prompts import DEFAULT_REFERENCE
 from calibrate.run import calibrate, split_holdout
 from calibrate.stats import ActivationStats
+from calibrate.tasks import evaluate_task, load_task
 from pruning.allocation import DEFAULT_SPREAD
 from pruning.heal import HealConfig
 from pruning.prune import prune, prune_sequential
@@ -27,6 +30,9 @@ from pruning.workflow import HOLDOUT, heal_with_corpus
 DEFAULT_METHODS = ["ppm", "hybrid", "wanda"]
 SPEED = "(speed)"
 LM_EVAL = "(lm-eval)"
+TASK = "task:"  # a labelled task's cells: "task:sms_spam"
+TASK_FIGURES = ("balanced_accuracy", "balanced_accuracy_ci", "accuracy", "recall", "auc", "auc_ci",
+                "plain_balanced_accuracy", "plain_recall", "n", "seconds")
 
 
 def parameter_count(model) -> int:
@@ -43,7 +49,8 @@ class Grid:
                  eval_docs=400, seq_len=512, calib_tokens=8192, calib_seq_len=128, spread=DEFAULT_SPREAD,
                  batch_size=4, device=None, dtype="float32", speed=False, second_moment=False, heal_seq_len=256,
                  lm_eval: list[str] | None = None, lm_eval_include: str | None = None, lm_eval_limit: int | None = None,
-                 progress=True):
+                 tasks: list[str] | None = None, task_shots: int = 4, task_size: int | None = None, task_seed: int = 0,
+                 task_reference: str | None = DEFAULT_REFERENCE, progress=True):
         self.model_name, self.corpora, self.out = model, corpora, Path(out_dir)
         self.data_dir, self.eval_tokens, self.eval_docs, self.seq_len = data_dir, eval_tokens, eval_docs, seq_len
         self.calib_tokens, self.calib_seq_len, self.spread = calib_tokens, calib_seq_len, spread
@@ -53,6 +60,8 @@ class Grid:
         self.lm_eval = {"tasks": lm_eval, "include": lm_eval_include, "limit": lm_eval_limit} if lm_eval else None
         if lm_eval:
             harness()  # a missing extra fails before any work
+        self.tasks = labelled_tasks(tasks or [], data_dir)  # a bad task fails before any work too
+        self.task_options = {"shots": task_shots, "size": task_size, "seed": task_seed, "reference": task_reference}
         self.out.mkdir(parents=True, exist_ok=True)
         record_settings(self.out, self.settings())
         self.store = ResultStore(self.out)
@@ -62,6 +71,9 @@ class Grid:
         if lm_eval:
             self.extras[LM_EVAL] = (ResultStore(self.out, "lm_eval.json"), lambda m: lm_eval_scores(
                 m, self.tokenizer, lm_eval, include_path=lm_eval_include, limit=lm_eval_limit))
+        task_store = ResultStore(self.out, "tasks.json")  # one file, one cell per (model, task)
+        for name in self.tasks:
+            self.extras[TASK + name] = (task_store, lambda m, name=name: self.task_scores(m, name))
         self.base, self.tokenizer = load_model(model, device=device, dtype=dtype)
         self.eval_parts = {c.name: load_corpus(c.source, part="evaluation", data_dir=data_dir, name=c.name)
                            for c in corpora}
@@ -82,7 +94,16 @@ class Grid:
             settings["speed_device"] = self.speed_device
         if self.lm_eval:
             settings["lm_eval"] = self.lm_eval
+        if self.tasks:
+            settings["tasks"] = {name: {"source": source, "format": task.format.describe(), **self.task_options}
+                                 for name, (source, task) in self.tasks.items()}
         return settings
+
+    def task_scores(self, model, name: str) -> dict:
+        """Few-shot figures of ``model`` on the labelled task ``name`` (calibrate/tasks.py)."""
+        task = self.tasks[name][1]
+        result = evaluate_task(model, self.tokenizer, task, **self.task_options, batch_size=max(self.batch_size, 16))
+        return {k: v for k, v in result.to_dict().items() if k in TASK_FIGURES}
 
     def calibration_batches(self, corpus: str) -> list[dict]:
         """The calibration part of ``corpus`` as packed batches of calib_seq_len, up to calib_tokens."""
@@ -186,6 +207,17 @@ class Grid:
         return self.store.rows, {name: store.rows for name, (store, _) in self.extras.items()}
 
 
+def labelled_tasks(sources: list[str], data_dir) -> dict[str, tuple[str, object]]:
+    """name -> (source, Task) for built-in task names and labelled files (named by their stem)."""
+    tasks = {}
+    for source in sources:
+        task = load_task(source, data_dir=data_dir)
+        if task.name in tasks:
+            raise GluPruneError(f"--tasks names the task '{task.name}' twice: give each task once")
+        tasks[task.name] = (source, task)
+    return tasks
+
+
 def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods: list[str], out_dir,
             reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",), heal_steps: int = 0,
             allocations: list[str] = ("uniform",), **options) -> list[dict]:
@@ -202,4 +234,5 @@ def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods:
     second_moment = any(needs_second_moment(m, r) for m in methods for r in reconstruct)
     grid = Grid(model, corpora, out_dir, second_moment=second_moment, **options)
     rows, extras = grid.run(specs)
-    return write_reports(rows, Path(out_dir), extras.get(SPEED, []), extras.get(LM_EVAL, []))
+    tasks = next((found for name, found in extras.items() if name.startswith(TASK)), [])
+    return write_reports(rows, Path(out_dir), extras.get(SPEED, []), extras.get(LM_EVAL, []), tasks)

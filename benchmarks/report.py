@@ -1,4 +1,5 @@
-"""Tables and plots of grid results: results.csv, results.md, perplexity.png, heatmap.png."""
+"""Tables and plots of grid results: results.csv, results.md, perplexity.png, heatmap.png (and
+speed.png, tasks.png when the grid measured them)."""
 
 from __future__ import annotations
 
@@ -188,23 +189,78 @@ def lm_eval_table(scores: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(rows: list[dict], out_dir: Path, speed: list[dict] = (), lm_eval: list[dict] = ()) -> list[dict]:
+def task_table(tasks: list[dict]) -> str:
+    """Few-shot figures of every model on every labelled task (higher is better)."""
+    names = list(dict.fromkeys(r["eval_corpus"].removeprefix("task:") for r in tasks))
+    cells = {(r["model"], r["eval_corpus"].removeprefix("task:")): r for r in tasks}
+    lines = ["### Labelled tasks (few-shot; balanced accuracy [95% bootstrap interval], the same by the plain "
+             "log-likelihood choice, AUC of the label margin)", "",
+             "| model | " + " | ".join(f"{n} balanced accuracy | {n} plain choice | {n} AUC" for n in names) + " |",
+             "| --- |" + " ---: | ---: | ---: |" * len(names)]
+    for model in dict.fromkeys(r["model"] for r in tasks):
+        row = []
+        for name in names:
+            r = cells.get((model, name))
+            if r is None:
+                row += ["", "", ""]
+                continue
+            low, high = r["balanced_accuracy_ci"]
+            row += [f"{r['balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}]", f"{r['plain_balanced_accuracy']:.3f}",
+                    f"{r['auc']:.3f}" if r.get("auc") is not None else "n/a"]
+        lines.append(f"| {model} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_tasks(tasks: list[dict], path: Path) -> None:
+    """Balanced accuracy of every model with its 95% interval, one panel per labelled task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["eval_corpus"] for r in tasks))
+    models = list(dict.fromkeys(r["model"] for r in tasks))
+    fig, axes = plt.subplots(1, len(names), figsize=(max(6, 0.7 * len(models)) * len(names), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        here = {r["model"]: r for r in tasks if r["eval_corpus"] == name}
+        shown = [m for m in models if m in here]
+        values = [here[m]["balanced_accuracy"] for m in shown]
+        errors = [[v - here[m]["balanced_accuracy_ci"][0] for m, v in zip(shown, values)],
+                  [here[m]["balanced_accuracy_ci"][1] - v for m, v in zip(shown, values)]]
+        ax.bar(range(len(shown)), values, yerr=errors, capsize=3, color="tab:blue")
+        ax.axhline(1 / len(here[shown[0]]["recall"]), color="gray", linestyle=":", label="chance")
+        ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right", fontsize=8)
+        ax.set(title=f"{name.removeprefix('task:')} (few-shot)", ylabel="balanced accuracy", ylim=(0, 1))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(rows: list[dict], out_dir: Path, speed: list[dict] = (), lm_eval: list[dict] = (),
+                  tasks: list[dict] = ()) -> list[dict]:
     """Write results.json/csv/md and the plots; returns the rows with ``ratio_to_base``, speed
-    figures and lm-eval scores (``lm_eval:task/metric``) merged into every row of their model."""
+    figures, lm-eval scores (``lm_eval:task/metric``) and labelled-task figures
+    (``task:NAME/balanced_accuracy``, ``task:NAME/auc``) merged into every row of their model."""
     extra: dict[str, dict] = {}
     for r in speed:
         extra.setdefault(r["model"], {}).update({k: r[k] for k in SPEED_FIGURES + ["size_mb"]})
     for r in lm_eval:
         extra.setdefault(r["model"], {}).update({f"lm_eval:{k}": v for k, v in r.items()
                                                  if k not in ("model", "eval_corpus")})
+    for r in tasks:
+        extra.setdefault(r["model"], {}).update({f"{r['eval_corpus']}/{k}": r[k] for k in
+                                                 ("balanced_accuracy", "plain_balanced_accuracy", "auc")})
     rows = [{**r, **extra.get(r["model"], {})} for r in with_base_ratio(rows)]
     write_text(out_dir / "results.json", json.dumps(rows, indent=1))
     write_text(out_dir / "results.csv", to_csv(rows))
     sections = [markdown_tables(rows)] + ([speed_table(speed)] if speed else []) + \
-        ([lm_eval_table(lm_eval)] if lm_eval else [])
+        ([lm_eval_table(lm_eval)] if lm_eval else []) + ([task_table(tasks)] if tasks else [])
     write_text(out_dir / "results.md", "\n".join(sections))
     if any(r["model"] == "base" for r in speed):
         plot_speed(speed, out_dir / "speed.png")
     plot_perplexity(rows, out_dir / "perplexity.png")
+    if tasks:
+        plot_tasks(tasks, out_dir / "tasks.png")
     plot_heatmap(rows, out_dir / "heatmap.png")
     return rows

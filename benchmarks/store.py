@@ -12,7 +12,7 @@ from calibrate.errors import GluPruneError
 from calibrate.files import write_text
 
 SETTINGS = "settings.json"
-RESULT_FILES = ("results.json", "speed.json", "lm_eval.json")
+RESULT_FILES = ("results.json", "speed.json", "lm_eval.json", "tasks.json")
 
 
 class ResultStore:

@@ -2,7 +2,10 @@
 
 Built-in parts follow PROTOCOL.md: ``wikitext2`` calibrates on the validation split and evaluates
 on the test split; ``sms_spam`` calibrates on messages with index i % 5 != 4 and evaluates on
-i % 5 == 4. Custom corpora (a ``.txt`` file of blank-line separated documents, a folder of ``.txt``
+i % 5 == 4. ``sms_spam:task`` is the same messages written as the few-shot
+prompts of the ``sms_spam`` task (calibrate/prompts.py: shots from the calibration part only, each
+message followed by its label word) and ``sms_spam:mix`` half raw messages, half those prompts.
+Custom corpora (a ``.txt`` file of blank-line separated documents, a folder of ``.txt``
 files, ``.jsonl``/``.json``/``.csv``/``.parquet`` with a text field, or a hub dataset
 ``name[:config]``) use the same fixed hold-out: document i is in the evaluation part when
 i % 5 == 4, in the calibration part otherwise; ``all`` is every document.
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibrate.errors import ConfigError, GluPruneError
+from calibrate.prompts import DEFAULT_SEED, DEFAULT_SHOTS, SMS_FORMAT, TaskFormat, mix_documents, task_documents
 
 PARTS = ("calibration", "evaluation", "all")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
@@ -61,7 +65,10 @@ BUILTINS = {
         url="https://archive.ics.uci.edu/dataset/228/sms+spam+collection",
     ),
 }
-BUILTIN = set(BUILTINS)
+# built-in corpora whose rows carry labels: their label order (the last is the positive one) and prompt format
+LABELLED: dict[str, tuple[tuple[str, ...], TaskFormat]] = {"sms_spam": (("ham", "spam"), SMS_FORMAT)}
+TASK_FORMS = ("task", "mix")
+BUILTIN = set(BUILTINS) | {f"{name}:{form}" for name in LABELLED for form in TASK_FORMS}
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
@@ -75,11 +82,16 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return path
 
 
+def is_evaluation(index: int) -> bool:
+    """The fixed hold-out: row ``index`` belongs to the evaluation part when index % 5 == 4."""
+    return index % HOLDOUT == HOLDOUT - 1
+
+
 def holdout(rows: list[str], part: str, name: str) -> list[str]:
     """The fixed split of a corpus's rows: evaluation is every row with index i % 5 == 4."""
     if part == "all":
         return rows
-    chosen = [r for i, r in enumerate(rows) if (i % HOLDOUT == HOLDOUT - 1) == (part == "evaluation")]
+    chosen = [r for i, r in enumerate(rows) if is_evaluation(i) == (part == "evaluation")]
     if not chosen:
         raise GluPruneError(f"corpus '{name}' has {len(rows)} documents, too few for a {part} part "
                             f"(every 5th document is held out): use --part all or add documents")
@@ -107,16 +119,75 @@ def builtin_rows(name: str, split: str, data_dir: Path | None) -> tuple[list[str
         raise GluPruneError(f"corpus '{name}' has no split '{split}': choose from {', '.join(spec.files)}")
     if data_dir is None:
         return hub_rows(name, split)
+    path = builtin_path(name, split, data_dir)
+    lines = raw_lines(path)
+    if name == "sms_spam":
+        rows = [sms_fields(line)[1] for line in lines]
+    else:
+        rows = [line if line.strip() else "" for line in lines]
+    return rows, str(path)
+
+
+def sms_fields(line: str) -> tuple[str, str]:
+    """(label, message) of one line of the SMS Spam Collection (label, a tab, the message)."""
+    label, tab, text = line.partition("\t")
+    return (label, text) if tab else ("", "")
+
+
+def builtin_path(name: str, split: str, data_dir: Path) -> Path:
+    spec = BUILTINS[name]
     path = data_dir / spec.files[split]
     if not path.is_file():
         raise GluPruneError(f"{spec.files[split]} is missing from {data_dir}: get it from {spec.url} "
                             f"or drop --data-dir to read the hub")
-    lines = raw_lines(path)
-    if name == "sms_spam":
-        rows = [line.split("\t", 1)[1] if "\t" in line else "" for line in lines]
+    return path
+
+
+def labelled_part(name: str, part: str, data_dir: str | Path | None = None) -> tuple[list[str], list[str], str]:
+    """(texts, labels, source) of a labelled built-in corpus's part, split as :func:`load_corpus`
+    splits it; texts without their line terminator."""
+    if part not in ("calibration", "evaluation"):
+        raise ConfigError("part", part, f"corpus '{name}' has fixed parts: use calibration or evaluation")
+    raw_split, parity = BUILTINS[name].parts[part]
+    directory = resolve_data_dir(data_dir)
+    if directory is None:
+        rows, source = hub_labelled(name, raw_split)
     else:
-        rows = [line if line.strip() else "" for line in lines]
-    return rows, str(path)
+        path = builtin_path(name, raw_split, directory)
+        rows, source = [sms_fields(line) for line in raw_lines(path)], str(path)
+    chosen = [(label, text.rstrip("\r\n")) for i, (label, text) in enumerate(rows) if is_evaluation(i) == bool(parity)]
+    return [t for _, t in chosen], [label for label, _ in chosen], source
+
+
+def hub_labelled(name: str, split: str) -> tuple[list[tuple[str, str]], str]:
+    dataset, config, field = BUILTINS[name].hub
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset(dataset, config, split=split)
+        names = data.features["label"].names
+        rows = [(names[label], text) for label, text in zip(data["label"], data[field])]
+    except Exception as exc:  # network, missing dataset, ...
+        raise GluPruneError(f"could not load '{name}' from the Hugging Face hub ({type(exc).__name__}): "
+                            f"pass --data-dir with local copies of the corpora") from exc
+    return rows, f"hub:{dataset}"
+
+
+def task_corpus(name: str, form: str, part: str | None, split: str | None, data_dir) -> Corpus:
+    """``NAME:task`` (few-shot prompts with their labels) or ``NAME:mix`` (half raw messages, half
+    prompts) of a labelled built-in corpus; shots always come from the calibration part."""
+    if split is not None or part not in ("calibration", "evaluation"):
+        raise ConfigError("part", split or part, f"corpus '{name}:{form}' has fixed parts: use calibration or "
+                                                 f"evaluation")
+    order, fmt = LABELLED[name]
+    pool_texts, pool_labels, source = labelled_part(name, "calibration", data_dir)
+    texts, labels = (pool_texts, pool_labels) if part == "calibration" else labelled_part(name, part, data_dir)[:2]
+    documents = task_documents(fmt, texts, labels, (pool_texts, pool_labels), list(order), DEFAULT_SHOTS,
+                               DEFAULT_SEED, same_part=part == "calibration")
+    if form == "mix":
+        documents = mix_documents(texts, documents)
+    where = f"{source} ({part} part as {DEFAULT_SHOTS}-shot {name} prompts, seed {DEFAULT_SEED})"
+    return Corpus(f"{name}:{form}", "documents", documents, where, part)
 
 
 def hub_rows(name: str, split: str) -> tuple[list[str], str]:
@@ -141,7 +212,7 @@ def load_builtin(name: str, part: str | None, split: str | None, data_dir: Path 
     raw_split, parity = spec.parts[part]
     rows, source = builtin_rows(name, raw_split, data_dir)
     if parity is not None:
-        rows = [r for i, r in enumerate(rows) if (i % HOLDOUT == HOLDOUT - 1) == bool(parity)]
+        rows = [r for i, r in enumerate(rows) if is_evaluation(i) == bool(parity)]
     return Corpus(name, spec.kind, rows, source, part)
 
 
@@ -249,6 +320,12 @@ def load_corpus(name_or_path: str, part: str | None = None, split: str | None = 
         raise ConfigError("part", part, f"choose one of {', '.join(PARTS)}")
     if kind is not None and kind not in ("documents", "messages"):
         raise GluPruneError(f"corpus kind '{kind}' is not 'documents' or 'messages'")
+    base, _, form = name_or_path.partition(":")
+    if base in LABELLED and form in TASK_FORMS:
+        corpus = task_corpus(base, form, part, split, data_dir)
+        if name:
+            corpus.name = name
+        return corpus
     if name_or_path in BUILTINS:
         corpus = load_builtin(name_or_path, part, split, resolve_data_dir(data_dir))
         if name:

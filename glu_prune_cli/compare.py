@@ -7,6 +7,7 @@ import os
 
 from benchmarks.compare import DEFAULT_METHODS, compare
 from benchmarks.grid import parse_corpora, parse_list
+from calibrate.prompts import DEFAULT_REFERENCE
 from glu_prune_cli.options import add_model_options, add_spread_option, positive
 
 
@@ -38,6 +39,16 @@ def add_compare(p: argparse.ArgumentParser) -> None:
                         "'glu-prune[lm-eval]')")
     p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="folder of extra lm-eval task YAML files")
     p.add_argument("--lm-eval-limit", type=positive(int), default=None, help="first N documents of each task")
+    p.add_argument("--tasks", default=None, metavar="TASKS",
+                   help="comma-separated labelled tasks scored few-shot on every model: sms_spam, or .csv/.jsonl/"
+                        ".json/.parquet files with text and label fields (docs/tasks.md)")
+    p.add_argument("--task-shots", type=int, default=4, help="labelled examples in each task prompt (default 4)")
+    p.add_argument("--task-size", type=positive(int), default=None,
+                   help="evaluated examples per task, the same number per label (default: all of the rarest label, "
+                        "as many of each other)")
+    p.add_argument("--task-seed", type=int, default=0, help="seed of the shots and the evaluated subset (default 0)")
+    p.add_argument("--task-reference", default=DEFAULT_REFERENCE,
+                   help=f"content-free message whose label scores are subtracted (default {DEFAULT_REFERENCE!r})")
     p.add_argument("--out", required=True, help="results folder (an existing one is resumed)")
 
 
@@ -50,6 +61,8 @@ def run_compare(args) -> None:
                    data_dir=args.data_dir, eval_tokens=args.eval_tokens, eval_docs=args.eval_docs,
                    calib_tokens=args.calib_tokens, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                    speed=args.speed, lm_eval=parse_list(args.lm_eval, str, "--lm-eval") if args.lm_eval else None,
-                   lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
+                   lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
+                   tasks=parse_list(args.tasks, str, "--tasks") if args.tasks else None, task_shots=args.task_shots,
+                   task_size=args.task_size, task_seed=args.task_seed, task_reference=args.task_reference)
     print(open(os.path.join(args.out, "results.md")).read())
     print(f"{len(rows)} results in {args.out}/results.{{csv,json,md}}, plots in {args.out}/*.png")

@@ -1,4 +1,4 @@
-"""``eval``, ``calibrate`` and ``stats``: perplexity, calibration statistics and their summary."""
+"""``eval``, ``calibrate`` and ``stats``: perplexity or a labelled task, calibration statistics and their summary."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from calibrate.glu import glu_layers, parse_layers
 from calibrate.models import load_model, pick_device, pick_dtype
 from calibrate.offload import offload_model, should_offload
 from calibrate.perplexity import perplexity
+from calibrate.prompts import DEFAULT_REFERENCE
 from calibrate.stats import ActivationStats, summary
+from calibrate.tasks import TaskResult, evaluate_task, load_task
 from glu_prune_cli.options import (
     add_calibration_options,
     add_corpus_options,
@@ -28,19 +30,64 @@ from pruning.workflow import calibrate_corpus, calibration_batches, provenance
 
 def add_eval(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
-    add_corpus_options(p, part="evaluation")
+    add_corpus_options(p, part="evaluation", required=False)
     p.add_argument("--seq-len", type=positive(int), default=512, help="window length for documents (default 512)")
     p.add_argument("--max-tokens", type=positive(int), default=None, help="first N tokens of a document corpus")
     p.add_argument("--max-docs", type=positive(int), default=None, help="first N messages of a message corpus")
-    p.add_argument("--batch-size", type=positive(int), default=1)
+    p.add_argument("--batch-size", type=positive(int), default=None, help="sequences per forward (default 1; "
+                                                                           "16 with --task)")
+    add_task_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def add_task_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default=None, help="instead of --corpus: few-shot accuracy on a labelled task, sms_spam "
+                                                "or a .csv/.jsonl/.json/.parquet file (docs/tasks.md)")
+    p.add_argument("--label-field", default=None, help="label column of a --task file (default: label)")
+    p.add_argument("--shots", type=int, default=4, help="labelled examples in the prompt, from the calibration "
+                                                        "part (default 4)")
+    p.add_argument("--task-size", type=positive(int), default=None,
+                   help="evaluated examples, the same number per label (default: all of the rarest label, as many "
+                        "of each other)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shots and of the evaluated subset (default 0)")
+    p.add_argument("--reference", default=DEFAULT_REFERENCE,
+                   help=f"content-free message whose label scores are subtracted before choosing (default "
+                        f"{DEFAULT_REFERENCE!r}; docs/tasks.md)")
+    p.add_argument("--no-reference", dest="reference", action="store_const", const=None,
+                   help="choose the label by its plain log-likelihood")
+
+
+def task_line(model: str, result: TaskResult) -> str:
+    low, high = result.balanced_accuracy_ci
+    recall = ", ".join(f"{label} {value:.3f}" for label, value in result.recall.items())
+    area = f", AUC {result.auc:.3f} [{result.auc_ci[0]:.3f}, {result.auc_ci[1]:.3f}]" if result.auc is not None \
+        else f" ({result.note})"
+    plain = f"; plain choice {result.plain_balanced_accuracy:.3f}" if result.reference is not None else ""
+    return (f"{model} on task {result.task} ({result.n} evaluation examples, {result.shots} shots): balanced accuracy "
+            f"{result.balanced_accuracy:.3f} [{low:.3f}, {high:.3f}]{area}; recall {recall}{plain}; "
+            f"{result.seconds:.1f} s")
+
+
+def run_task_eval(args) -> None:
+    task = load_task(args.task, data_dir=args.data_dir, text_field=args.text_field, label_field=args.label_field)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    result = evaluate_task(model, tokenizer, task, shots=args.shots, size=args.task_size, seed=args.seed,
+                           reference=args.reference, batch_size=args.batch_size or 16, progress=not args.json)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "model": args.model, "dtype": args.dtype}))
+    else:
+        print(task_line(args.model, result))
+
+
 def run_eval(args) -> None:
+    if (args.corpus is None) == (args.task is None):
+        raise GluPruneError("eval needs --corpus (perplexity) or --task (a labelled task), one of them")
+    if args.task is not None:
+        return run_task_eval(args)
     corpus = corpus_from_args(args, "evaluation")
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     result = perplexity(model, tokenizer, corpus, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                        max_docs=args.max_docs, batch_size=args.batch_size, progress=not args.json)
+                        max_docs=args.max_docs, batch_size=args.batch_size or 1, progress=not args.json)
     if args.json:
         print(json.dumps({**result.as_dict(), "model": args.model, "corpus": corpus.name, "part": corpus.part,
                           "seq_len": args.seq_len, "dtype": args.dtype}))

@@ -92,6 +92,11 @@ CASES = [
     ("export of a family without a GLU MLP (GPT-2)", "export --model {d}/gpt2 --out {d}/m.gguf"),
     ("export of per-layer widths in a family llama.cpp builds at one width",
      "export --model {d}/qwen2-uneven --out {d}/m.gguf"),
+    ("eval with neither --corpus nor --task", "eval --model {d}/llama"),
+    ("task file without a label field", "eval --model {d}/llama --task {d}/c.jsonl"),
+    ("--label-field not in the task file", "eval --model {d}/llama --task {d}/task.csv --label-field kind"),
+    ("task whose examples all have one label", "eval --model {d}/llama --task {d}/one-label.csv"),
+    ("fewer calibration examples than --shots", "eval --model {d}/llama --task {d}/task.csv --shots 100"),
 ]
 
 
@@ -134,6 +139,8 @@ def make_fixtures(d: Path) -> None:
     (d / "blank.txt").write_text("  \n\n\t\n")
     (d / "binary.txt").write_bytes(bytes(range(256)))
     (d / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXT.split("\n\n")))
+    (d / "task.csv").write_text("text,label\n" + "".join(f"message {i},{'ab'[i // 5 % 2]}\n" for i in range(40)))
+    (d / "one-label.csv").write_text("text,label\n" + "".join(f"message {i},a\n" for i in range(40)))
     (d / "empty-dir").mkdir(exist_ok=True)
     (d / "existing").mkdir(exist_ok=True)
     ids = {"input_ids": torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))}
