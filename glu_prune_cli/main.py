@@ -8,7 +8,7 @@ import os
 import sys
 
 from calibrate.errors import ConfigError, GluPruneError
-from glu_prune_cli import compare, export, heal, measure, prune
+from glu_prune_cli import compare, export, heal, measure, prune, speed
 
 # name -> (help, add arguments, run)
 COMMANDS = {
@@ -22,6 +22,8 @@ COMMANDS = {
     "compare": ("cross-domain grid: calibrate on each corpus, prune, evaluate on every corpus", compare.add_compare,
                 compare.run_compare),
     "export": ("write a model, pruned or not, as a GGUF file for llama.cpp", export.add_export, export.run_export),
+    "speed": ("deployment speed of a model and its pruned copies: prefill, time to first token, decode, memory, "
+              "in transformers and llama.cpp", speed.add_speed, speed.run_speed),
 }
 # library option names whose flag is spelled differently
 FLAGS = {"schedule": "sequential", "target": "ratio", "lora_rank": "lora"}
