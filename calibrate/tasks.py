@@ -242,11 +242,13 @@ def prefix_cache_of(model, prefix: list[int], device):
 def sequence_logprobs(model, tokenizer, rows: list[list[int]], wanted: list[list[tuple[int, int]]], prefix: int,
                       batch_size: int, progress: bool) -> list[list[float]]:
     """For each row, ``log p(token | earlier tokens)`` at each (position, token) it asks for; the
-    first ``prefix`` tokens (shared by every row) run once and their cache serves every batch."""
+    first ``prefix`` tokens (shared by every row) run once and their cache serves every batch, and
+    the vocabulary projection runs only from a batch's first asked position on."""
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     cache = prefix_cache_of(model, rows[0][:prefix], device) if prefix else None
     keyword = cache_keyword(model)
+    keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     out: list[list[float]] = [[] for _ in rows]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)
     bar = tqdm(total=len(rows), unit="seq", desc="task", disable=not progress, leave=False)
@@ -264,9 +266,12 @@ def sequence_logprobs(model, tokenizer, rows: list[list[int]], wanted: list[list
             batch_cache = copy.deepcopy(cache)
             batch_cache.batch_repeat_interleave(len(batch))
             extra = {keyword: batch_cache, "use_cache": True}
+        first = min(p for i in batch for p, _ in wanted[i]) - prefix if keep_logits else 0
+        if keep_logits:  # the vocabulary projection only from the batch's first asked position on
+            extra["logits_to_keep"] = width - first
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits
         for b, i in enumerate(batch):
-            positions = torch.tensor([p - prefix for p, _ in wanted[i]], device=logits.device)
+            positions = torch.tensor([p - prefix - first for p, _ in wanted[i]], device=logits.device)
             targets = torch.tensor([t for _, t in wanted[i]], device=logits.device)
             logp = torch.log_softmax(logits[b, positions].double(), dim=-1)
             out[i] = logp[torch.arange(len(targets), device=logits.device), targets].tolist()
