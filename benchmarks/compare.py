@@ -1,4 +1,5 @@
-"""``compare``: calibrate on each corpus, prune every (method, ratio, corpus), evaluate on every corpus."""
+"""``compare``: calibrate on each corpus, prune every (method, ratio, corpus), evaluate on every corpus
+(or calibrate on another list of corpora: ``calibration_corpora``)."""
 
 from __future__ import annotations
 
@@ -50,8 +51,10 @@ class Grid:
                  batch_size=4, device=None, dtype="float32", speed=False, second_moment=False, heal_seq_len=256,
                  lm_eval: list[str] | None = None, lm_eval_include: str | None = None, lm_eval_limit: int | None = None,
                  tasks: list[str] | None = None, task_shots: int = 4, task_size: int | None = None, task_seed: int = 0,
-                 task_reference: str | None = DEFAULT_REFERENCE, progress=True):
+                 task_reference: str | None = DEFAULT_REFERENCE, calibration_corpora: list[CorpusSpec] | None = None,
+                 progress=True):
         self.model_name, self.corpora, self.out = model, corpora, Path(out_dir)
+        self.calibration_specs = corpora if calibration_corpora is None else calibration_corpora
         self.data_dir, self.eval_tokens, self.eval_docs, self.seq_len = data_dir, eval_tokens, eval_docs, seq_len
         self.calib_tokens, self.calib_seq_len, self.spread = calib_tokens, calib_seq_len, spread
         self.batch_size, self.progress, self.second_moment = batch_size, progress, second_moment
@@ -85,7 +88,8 @@ class Grid:
         the device is kept for speed figures)."""
         settings = {
             "model": self.model_name, "dtype": str(pick_dtype(self.dtype)).removeprefix("torch."),
-            "corpora": {c.name: c.source for c in self.corpora}, "calib_tokens": self.calib_tokens,
+            "corpora": {c.name: c.source for c in self.corpora + self.calibration_specs},
+            "calib_tokens": self.calib_tokens,
             "calib_seq_len": self.calib_seq_len, "second_moment": self.second_moment,
             "eval_tokens": self.eval_tokens, "eval_docs": self.eval_docs, "seq_len": self.seq_len,
             "allocation_spread": self.spread, "heal_seq_len": self.heal_seq_len,
@@ -112,7 +116,7 @@ class Grid:
 
     def calibration_part(self, corpus: str):
         if corpus not in self.calibration_parts:
-            spec = next(c for c in self.corpora if c.name == corpus)
+            spec = next(c for c in self.calibration_specs if c.name == corpus)
             self.calibration_parts[corpus] = load_corpus(spec.source, part="calibration", data_dir=self.data_dir,
                                                          name=corpus)
         return self.calibration_parts[corpus]
@@ -218,21 +222,37 @@ def labelled_tasks(sources: list[str], data_dir) -> dict[str, tuple[str, object]
     return tasks
 
 
+def check_calibration_corpora(corpora: list[CorpusSpec], calibration: list[CorpusSpec] | None) -> list[CorpusSpec]:
+    """The calibration corpora (default: ``corpora``); a name in both lists must name one source."""
+    if calibration is None:
+        return corpora
+    sources = {c.name: c.source for c in corpora}
+    clash = next((c for c in calibration if sources.get(c.name, c.source) != c.source), None)
+    if clash:
+        raise GluPruneError(f"corpus '{clash.name}' is {sources[clash.name]} in --corpora and {clash.source} in "
+                            f"--calibrate-on: give each name one source")
+    return calibration
+
+
 def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods: list[str], out_dir,
             reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",), heal_steps: int = 0,
-            allocations: list[str] = ("uniform",), **options) -> list[dict]:
+            allocations: list[str] = ("uniform",), calibration_corpora: list[CorpusSpec] | None = None,
+            **options) -> list[dict]:
     """Run (or resume) the grid and write results.{json,csv,md} and plots into ``out_dir``.
 
     Each method is pruned once per entry of ``reconstruct``, of ``schedules`` (one-shot,
     sequential, sequential-dense) and of ``allocations``; a refit makes every corpus calibrate with
     the second moment. ``heal_steps`` adds each pruned model healed (distilled from the base) on its
-    calibration corpus.
+    calibration corpus. ``calibration_corpora`` (default: ``corpora``) are the corpora the models
+    are calibrated on; every model is evaluated on ``corpora``.
     """
     from benchmarks.report import write_reports
 
-    specs = grid_models(methods, ratios, [c.name for c in corpora], reconstruct, schedules, heal_steps, allocations)
+    calibration = check_calibration_corpora(corpora, calibration_corpora)
+    specs = grid_models(methods, ratios, [c.name for c in calibration], reconstruct, schedules, heal_steps,
+                        allocations)
     second_moment = any(needs_second_moment(m, r) for m in methods for r in reconstruct)
-    grid = Grid(model, corpora, out_dir, second_moment=second_moment, **options)
+    grid = Grid(model, corpora, out_dir, second_moment=second_moment, calibration_corpora=calibration, **options)
     rows, extras = grid.run(specs)
     tasks = next((found for name, found in extras.items() if name.startswith(TASK)), [])
     return write_reports(rows, Path(out_dir), extras.get(SPEED, []), extras.get(LM_EVAL, []), tasks)

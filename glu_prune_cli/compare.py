@@ -15,6 +15,9 @@ def add_compare(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     p.add_argument("--corpora", default="wikitext2,sms_spam",
                    help="comma-separated: built-in names and NAME=PATH custom corpora")
+    p.add_argument("--calibrate-on", default=None, metavar="CORPORA",
+                   help="comma-separated corpora to calibrate on, in the form of --corpora (default: the --corpora); "
+                        "every model is evaluated on the --corpora only")
     p.add_argument("--ratios", default="0.2,0.4", help="fractions of neurons removed (default 0.2,0.4)")
     p.add_argument("--methods", default=None, help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--allocation", default="uniform",
@@ -63,6 +66,7 @@ def run_compare(args) -> None:
                    speed=args.speed, lm_eval=parse_list(args.lm_eval, str, "--lm-eval") if args.lm_eval else None,
                    lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
                    tasks=parse_list(args.tasks, str, "--tasks") if args.tasks else None, task_shots=args.task_shots,
-                   task_size=args.task_size, task_seed=args.task_seed, task_reference=args.task_reference)
+                   task_size=args.task_size, task_seed=args.task_seed, task_reference=args.task_reference,
+                   calibration_corpora=parse_corpora(args.calibrate_on) if args.calibrate_on else None)
     print(open(os.path.join(args.out, "results.md")).read())
     print(f"{len(rows)} results in {args.out}/results.{{csv,json,md}}, plots in {args.out}/*.png")

@@ -242,3 +242,21 @@ def test_timing_waits_for_cuda_work_before_reading_the_clock(monkeypatch, device
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
     speed.timed(lambda: events.append("run"), 2, torch.device(device))
     assert events == expected  # the warm-up and each timed run, each followed by a wait on cuda
+
+
+def test_calibration_only_corpora_calibrate_without_being_evaluated(grid_setup, tmp_path):
+    model, corpora = grid_setup
+    law, food = corpora
+    rows = compare(model, [law], [0.25], ["hybrid"], tmp_path / "c", calibration_corpora=[law, food], **OPTIONS)
+    assert {(r["model"], r["eval_corpus"]) for r in rows} == {("base", "law"), ("hybrid-0.25-law", "law"),
+                                                               ("hybrid-0.25-food", "law")}
+    base, tokenizer = load_model(model, dtype="float32")
+    stats = calibrate(base, calibration_batches(tokenizer, food), progress=False)
+    by_food = next(r for r in rows if r["calibration_corpus"] == "food")
+    assert by_food["perplexity"] == evaluated(prune(base, stats, PruneConfig(ratio=0.25, method="hybrid")).model,
+                                              tokenizer, law)
+    only = compare(model, [law], [0.25], ["hybrid"], tmp_path / "d", calibration_corpora=[food], **OPTIONS)
+    assert {r["calibration_corpus"] for r in only} == {"", "food"}
+    with pytest.raises(GluPruneError, match="law.*--calibrate-on"):
+        compare(model, [law], [0.25], ["hybrid"], tmp_path / "e", calibration_corpora=[CorpusSpec("law", food.source)],
+                **OPTIONS)
