@@ -14,6 +14,7 @@ from calibrate.batches import make_batches
 from calibrate.corpora import Corpus
 from calibrate.errors import GluPruneError
 from calibrate.glu import check_layers, glu_layers
+from calibrate.layer_importance import LayerImportance
 from calibrate.layerwise import calibrate_layerwise
 from calibrate.manifest import read_manifest, write_manifest
 from calibrate.offload import offload_model
@@ -168,17 +169,17 @@ def heal_with_corpus(student, teacher, tokenizer, corpus: Corpus, config: HealCo
 
 
 def depth_importance(model, tokenizer, depth: DepthConfig, stats: ActivationStats | None, corpus: Corpus | None,
-                     settings: CalibrationSettings, progress: bool = True):
+                     settings: CalibrationSettings, progress: bool = True) -> tuple[LayerImportance, dict]:
     """(the layer importance ``depth`` chooses by, its provenance): from ``stats`` when they hold it,
     else measured on ``corpus``."""
     skip = depth.score == "skip-loss"
     if stats is not None and stats.depth is not None and (not skip or stats.depth.skip_loss is not None):
         return stats.depth, stats.meta
     if corpus is None:
-        held = "these statistics hold no " + ("skip loss" if stats is not None and stats.depth else "layer importance")
-        raise GluPruneError(f"choosing layers by {depth.score} needs layer importance ("
-                            f"{held if stats is not None else 'none given'}): give a corpus, or statistics from "
-                            f"glu-prune calibrate --layer-importance")
+        lacking = "no statistics" if stats is None else \
+            "these statistics hold no " + ("skip loss" if stats.depth else "layer importance")
+        raise GluPruneError(f"choosing layers by {depth.score} needs layer importance ({lacking}): give a corpus, "
+                            f"or statistics from glu-prune calibrate --layer-importance")
     meta = provenance(getattr(model, "glu_prune_name", model.config.name_or_path), corpus, settings)
     measured = calibrate_corpus(model, calibration_batches(tokenizer, corpus, settings), meta, layer_importance=True,
                                 skip_loss=skip, progress=progress)

@@ -310,3 +310,18 @@ def test_cli_depth_and_width_in_one_command(tmp_path):
     card = (tmp_path / "p" / "README.md").read_text()
     assert "Depth- and width-pruned" in card and "method: `wanda`" in card
     assert json.loads((tmp_path / "p" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+@pytest.mark.slow
+def test_smollm2_remove_two_layers_reloads_and_generates(smollm2, tmp_path):
+    """The real SmolLM2-135M: importance on 512 tokens, the two least important layers removed, a
+    stock reload computing the in-memory model's logits, and cached greedy generation as uncached."""
+    model, tokenizer = smollm2
+    x = tokenizer(["The capital of France is Paris, and the capital of Italy is"], return_tensors="pt")["input_ids"]
+    stats = calibrate(model, [{"input_ids": x}], progress=False, layer_importance=True)
+    result = prune_depth(model, DepthConfig(2), stats.depth, statistics=stats.meta)
+    assert result.model.config.num_hidden_layers == 28 and model.config.num_hidden_layers == 30
+    save_pruned(result.model, tokenizer, tmp_path / "p")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
+    torch.testing.assert_close(logits(again, x), logits(result.model, x), rtol=0, atol=0)
+    assert torch.equal(greedy(again, x, use_cache=True), greedy(again, x, use_cache=False))
