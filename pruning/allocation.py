@@ -4,9 +4,15 @@ OWL (Yin et al., 2024) keeps more of the layers with more outliers: each layer's
 min-max scaled to ``[0, 2·spread]`` and centred on the target kept fraction, so kept fractions
 differ by at most ``2·spread`` and average to the target. The same mapping turns any per-layer
 importance (outlier fraction, perplexity sensitivity) into kept counts.
+
+The ``curve`` allocations start instead from each layer's whole error curve (the error left at
+every kept width, :mod:`pruning.error_curves`) and hand out neurons where they remove the most
+error: :func:`curve_counts`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -65,3 +71,73 @@ def counts_from_fractions(fractions: dict[int, float], sizes: dict[int, int], to
         i = max((i for i in counts if counts[i] > floor[i]), key=lambda i: counts[i] - want[i])
         counts[i] -= multiple_of
     return counts
+
+
+def band_bounds(sizes: dict[int, int], keep_fraction: float, spread: float, min_keep: int,
+                multiple_of: int = 1) -> tuple[dict[int, int], dict[int, int]]:
+    """(fewest, most) neurons each layer may keep: ``keep_fraction ± spread`` of its size, the fewest
+    rounded down and the most rounded up to ``multiple_of``, at least ``min_keep`` (rounded up) and
+    at most the layer size (rounded down)."""
+    check_spread(spread)
+    floor, ceiling = {}, {}
+    for i, size in sizes.items():
+        top = size // multiple_of * multiple_of
+        low = max(-(-max(min_keep, 1) // multiple_of) * multiple_of,
+                  math.floor((keep_fraction - spread) * size) // multiple_of * multiple_of)
+        floor[i] = min(low, top)
+        high = -(-math.ceil((keep_fraction + spread) * size) // multiple_of) * multiple_of
+        ceiling[i] = max(min(high, top), floor[i])
+    return floor, ceiling
+
+
+def lower_hull(values: torch.Tensor) -> torch.Tensor:
+    """The greatest convex function below ``values`` at evenly spaced points (piecewise linear)."""
+    v, hull = values.double().tolist(), []
+    for x in range(len(v)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (v[b] - v[a]) * (x - a) >= (v[x] - v[a]) * (b - a):
+                hull.pop()
+            else:
+                break
+        hull.append(x)
+    out = values.double().clone()
+    for a, b in zip(hull, hull[1:]):
+        t = (torch.arange(a, b + 1, dtype=torch.float64) - a) / (b - a)
+        out[a + 1:b] = v[a] + t[1:-1] * (v[b] - v[a])
+    return out
+
+
+def curve_counts(curves: dict[int, torch.Tensor], sizes: dict[int, int], total_keep: int, min_keep: int,
+                 multiple_of: int = 1, spread: float = 0.5) -> dict[int, int]:
+    """Kept counts that minimise the summed error ``Σ_l curves[l][k_l]`` on each curve's lower convex
+    hull: ``curves[l][k]`` is layer l's error when it keeps k neurons (k = 0 … size). Counts are
+    multiples of ``multiple_of`` within :func:`band_bounds` and sum to ``total_keep`` rounded down to
+    ``multiple_of``: every step of ``multiple_of`` neurons goes, in order of the error it removes,
+    to the layer where it removes the most (equal marginal error across layers; ties: the layer
+    with fewer steps taken, then the lower layer)."""
+    total = total_keep // multiple_of * multiple_of
+    floor, ceiling = band_bounds(sizes, total / sum(sizes.values()), spread, min_keep, multiple_of)
+    if sum(floor.values()) > total or sum(ceiling.values()) < total:
+        raise GluPruneError(f"keeping {total_keep} neurons cannot respect each layer's bounds (at least {min_keep}, "
+                            f"within {spread:g} of the mean kept fraction): remove less or widen the spread")
+    gains, owners, steps = [], [], []
+    for i in sorted(sizes):
+        curve = curves[i].double()
+        if curve.numel() != sizes[i] + 1:
+            raise GluPruneError(f"layer {i}: an error curve of {curve.numel()} points for {sizes[i]} neurons")
+        if not torch.isfinite(curve).all():
+            raise GluPruneError(f"layer {i}: the error curve is not finite: check the statistics (NaN or inf)")
+        grid = curve[floor[i]:ceiling[i] + 1:multiple_of]
+        gain = -lower_hull(grid).diff()
+        gain = gain.flip(0).cummax(0).values.flip(0)  # non-increasing despite rounding, so each layer takes a prefix
+        gains.append(gain)
+        owners.append(torch.full((gain.numel(),), i, dtype=torch.int64))
+        steps.append(torch.arange(gain.numel()))
+    gain, owner, step = torch.cat(gains), torch.cat(owners), torch.cat(steps)
+    # order: largest gain first, then the earlier step, then the lower layer (lexsort by three stable sorts)
+    order = torch.sort(owner, stable=True).indices
+    order = order[torch.sort(step[order], stable=True).indices]
+    order = order[torch.sort(-gain[order], stable=True).indices]
+    chosen = owner[order[: (total - sum(floor.values())) // multiple_of]]
+    return {i: floor[i] + multiple_of * int((chosen == i).sum()) for i in sizes}

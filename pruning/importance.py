@@ -1,5 +1,6 @@
 """Per-layer importance for non-uniform allocation measured on text: the loss cost of pruning one
-layer alone (on calibration batches, the model left unchanged). OWL's outlier fraction, which
+layer alone, and the second moment of the loss gradient at each layer's MLP output (on
+calibration batches, the model left unchanged). OWL's outlier fraction, which
 needs only statistics, is in :mod:`pruning.allocation`."""
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from calibrate.glu import GLULayer, glu_layers
-from calibrate.hooks import HookOwner
+from calibrate.hooks import HookOwner, real_rows
 from calibrate.perplexity import sequence_nll
 from calibrate.run import batch_tensors
 
@@ -61,3 +63,38 @@ def substituted(linear: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tenso
     with HookOwner() as owned:
         owned.forward_hook(linear, lambda _module, args, _out: torch.nn.functional.linear(args[0], weight, bias))
         yield
+
+
+def output_gradient_moments(model, layers: list[int] | None, batches: list[dict], max_tokens: int | None = None,
+                            progress: bool = False) -> dict[int, torch.Tensor]:
+    """``E[g gᵀ]`` (float64, hidden × hidden, on the CPU) over the real tokens of ``batches``, ``g`` the
+    gradient of each sequence's summed next-token NLL with respect to a layer's down_proj output, for
+    the selected ``layers`` (None: all): one forward and one backward pass per batch, stopping after
+    the batch that reaches ``max_tokens``. No parameter gradient is kept; the model is left unchanged."""
+    device = next(model.parameters()).device
+    selected = glu_layers(model, layers)
+    sums = {g.index: torch.zeros(g.down.out_features, g.down.out_features, dtype=torch.float64) for g in selected}
+    outputs: dict[int, torch.Tensor] = {}
+    count = 0
+    with HookOwner() as owned:
+        owned.forward_hook(model.get_input_embeddings(),
+                           lambda _module, _args, out: None if out.requires_grad else out.detach().requires_grad_())
+        for layer in selected:
+            owned.forward_hook(layer.down, lambda _module, _args, out, i=layer.index: outputs.__setitem__(i, out))
+        for batch in tqdm(batches, desc="output gradients", unit="batch", disable=not progress):
+            input_ids, mask = batch_tensors(batch, device)
+            with torch.enable_grad():
+                logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+                keep = mask[:, 1:].bool()
+                logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+                losses = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+                order = sorted(outputs)
+                grads = torch.autograd.grad(losses[keep].sum(), [outputs[i] for i in order])
+            for i, grad in zip(order, grads):
+                rows = real_rows(grad.detach(), mask).to("cpu", torch.float64)
+                sums[i].addmm_(rows.T, rows)
+            count += int(mask.sum())
+            outputs.clear()
+            if max_tokens is not None and count >= max_tokens:
+                break
+    return {i: s / max(count, 1) for i, s in sums.items()}

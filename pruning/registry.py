@@ -73,6 +73,11 @@ ALLOCATIONS: dict[str, Allocation] = {
     "owl": Allocation("more kept where the down projection has more activation outliers (OWL)", needs_stats=True),
     "sensitivity": Allocation("more kept where pruning that layer alone costs more loss on held-out calibration "
                               "text", needs_text=True, streamable=False),
+    "curve": Allocation("equal marginal refit error across layers, from each layer's closed-form error curve "
+                        "(second moments) measured in the loss gradient's metric (one backward pass over "
+                        "held-out calibration text)", needs_stats=True, needs_text=True, streamable=False),
+    "curve-output": Allocation("equal marginal refit error across layers, from each layer's closed-form error "
+                               "curve (second moments), the plain output error", needs_stats=True),
 }
 
 RECONSTRUCTIONS: dict[str, Reconstruction] = {
