@@ -132,7 +132,7 @@ def summarise(v: Variant, turns: list[dict]) -> dict:
     row.update(median_figures([{k: t[k] for k in ("prefill_tps", "ttft_ms", "decode_tps")} for t in turns]))
     row["peak_bytes"] = statistics.median(t["peak_bytes"] for t in turns)
     row["floor_bytes"] = statistics.median(t["floor_bytes"] for t in turns)
-    row["turns"] = len(turns)
+    row["turns"] = turns  # every turn's figures, in the order they ran, for the spread between turns
     return row
 
 

@@ -282,6 +282,7 @@ def test_cli_measures_tiny_models_and_refuses_to_overwrite(tmp_path, capsys):
     assert results["models"]["r50-m8"]["intermediate_sizes"] == [32] * 3
     assert pruned["kept_fraction"] == 0.5 and pruned["params"] < rows[("base", "hf-f32")]["params"]
     assert pruned["ratios"]["predicted_params"] > 1
+    assert len(pruned["turns"]) == 1 and pruned["turns"][0]["decode_tps"] == pruned["decode_tps"]
     assert (tmp_path / "out" / "deploy_speed.png").stat().st_size > 0
     assert "| r50-m8 | 0.500 |" in (tmp_path / "out" / "results.md").read_text()
     capsys.readouterr()
