@@ -29,6 +29,12 @@ def check_output(path: str | Path, force: bool = False) -> Path:
     return path
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on any error it is removed."""
@@ -41,6 +47,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; an output gets the usual mode
         os.replace(tmp, path)
     except OSError as exc:
         raise GluPruneError(f"could not write {path} ({exc.strerror or exc}); nothing was written") from None
@@ -70,6 +77,7 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
             from None
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
         replace_dir(tmp, out)
     except OSError as exc:
         raise GluPruneError(f"could not save to {out} ({exc.strerror or exc}); nothing was written") from None
