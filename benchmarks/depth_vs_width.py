@@ -115,11 +115,12 @@ class Study:
         return " ".join(parts + ["--out OUT"])
 
     def cells(self):
-        """(key, plan or None for the base, calibration corpus) in the order they run: corpus, ratio, kind."""
+        """(key, plan or None for the base, calibration corpus) in the order they run: corpus, kind, ratio
+        (depth and width share one calibration; both calibrates again after its layer removal)."""
         yield "base", None, ""
         for c in self.calibration:
-            for ratio in parse_list(self.args.param_ratios, float, "--param-ratios"):
-                for kind in parse_list(self.args.kinds, str, "--kinds"):
+            for kind in parse_list(self.args.kinds, str, "--kinds"):
+                for ratio in parse_list(self.args.param_ratios, float, "--param-ratios"):
                     yield f"{kind}-{ratio:g}-{c.name}", plan(self.profile, ratio, kind), c.name
 
     def model(self, key: str, p: EqualSizePlan | None, name: str):
@@ -242,7 +243,8 @@ def plot(rows: list[dict], corpora: list[str], path: Path) -> None:
                 pts.sort()
                 ax.plot(*zip(*pts), marker="o", label=f"{kind}, calibrated on {calib}")
         ax.set(title=f"evaluated on {corpus}", xlabel="parameters (M)", ylabel="perplexity", yscale="log")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
