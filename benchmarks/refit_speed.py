@@ -1,15 +1,21 @@
-"""Least-squares refit speed: the per-ridge Cholesky search against one eigendecomposition per layer.
+"""Least-squares refit speed: the ridge search as it was, as it is, and by one eigendecomposition.
 
-Both refit the same layers from the same statistics, taking turns layer by layer (which one goes
-first alternates), so that load from elsewhere on the machine hits them alike. Prints, per kept
-fraction, the time of each, the ratio old/new, the largest absolute and relative difference of the
-refitted weights (relative: to the layer's largest old weight) and of the held-out errors, and
-whether every layer chose the same ridge; with ``--obs``, the OBS removal order's time before and
-after its in-place update, and whether the orders agree. The statistics (second moments and a held-out eighth, as
-``glu-prune prune`` calibrates them) are computed once and kept in ``--stats``.
+Three searches over ``RIDGE_GRID`` refit the same layers from the same statistics, taking turns
+layer by layer (the order rotates), so that load from elsewhere on the machine hits them alike:
+``old`` (per ridge: a Cholesky refit, its target term and its held-out error from scratch), ``new``
+(:func:`pruning.reconstruct.reconstruct_layer`: the ridge-independent products once, per ridge a
+factorisation, a solve and one product) and ``eigen`` (one eigendecomposition of ``S[K, K]`` gives
+every ridge's held-out error in closed form, the chosen ridge's weights by Cholesky). Prints, per
+kept fraction, each one's time and its speed ratio to ``old``, the largest absolute and relative
+weight difference to ``old`` (relative: to the layer's largest weight), the held-out errors'
+relative difference, and whether every layer chose the same ridge; with ``--obs``, the OBS removal
+order's time before and after its in-place update, and whether the orders agree. The statistics
+(second moments and a held-out eighth, as ``glu-prune prune`` calibrates them) are computed once
+and kept in ``--stats``.
 
     python -m benchmarks.refit_speed [--model smollm2-135m] [--corpus wikitext2] [--tokens 65536]
-        [--ratios 0.2,0.4] [--layers 0,5,10] [--stats out/refit_speed/wikitext2-65536.stats.safetensors]
+        [--ratios 0.2,0.4] [--layers 0,5,10] [--threads 1] [--obs]
+        [--stats out/refit_speed/wikitext2-65536.stats.safetensors]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,14 +34,24 @@ from calibrate.models import load_model
 from calibrate.stats import ActivationStats, LayerStats, PairedStats
 from pruning.config import PruneConfig
 from pruning.decide import allocate, score_layer
-from pruning.reconstruct import RIDGE_GRID, lstsq_refit, moments, obs_removal_order, reconstruct_layer, refit_error
+from pruning.reconstruct import (
+    RIDGE_GRID,
+    lstsq_refit,
+    moments,
+    obs_removal_order,
+    reconstruct_layer,
+    refit_error,
+    ridge_scale,
+    ridge_solve,
+    target_term,
+)
 from pruning.workflow import CalibrationSettings, calibrate_corpus, calibration_batches, provenance
 
 
 def ridge_candidates(method: str, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, holdout: LayerStats,
                      pairs: list[PairedStats] | None = None) -> list[tuple]:
-    """The refit as it was before the eigendecomposition: a Cholesky refit and its held-out error
-    per ridge of ``RIDGE_GRID``, as (error, alpha, weight, bias); the search took the least error."""
+    """The search as it was: per ridge of ``RIDGE_GRID`` a Cholesky refit (its target term formed
+    again) and its held-out error from scratch, as (error, alpha, weight, bias); the least error won."""
     w = weight.double()
     centred = method == "lstsq-centred"
     second, mean = moments(fit, centred)
@@ -80,6 +97,91 @@ def obs_order_by_copies(weight: torch.Tensor, second: torch.Tensor, damping: flo
     return order
 
 
+@dataclass(frozen=True)
+class RidgePath:
+    """The refit at every ridge of a grid from one eigendecomposition ``S[K, K] = Q diag(e) Qᵀ``:
+    ``W'(λ) = P diag(1/(e + λ)) Qᵀ`` with ``P = T Q`` and ``T`` the target term
+    (:func:`pruning.reconstruct.target_term`)."""
+
+    alphas: tuple[float, ...]
+    ridges: torch.Tensor  # λ of each α
+    values: torch.Tensor  # e
+    basis: torch.Tensor  # Q
+    projected: torch.Tensor  # P
+    target: torch.Tensor  # T
+    s_kk: torch.Tensor
+
+    @property
+    def shrink(self) -> torch.Tensor:
+        """``1/(e + λ)`` (|K| × ridges); a column is inf or negative where ``S[K, K] + λI`` is singular."""
+        return 1 / (self.values[:, None] + self.ridges[None, :])
+
+    @property
+    def regular(self) -> torch.Tensor:
+        """Which ridges leave ``S[K, K] + λI`` positive definite."""
+        return self.values.min() + self.ridges > 0
+
+    def weight(self, index: int) -> torch.Tensor:
+        """``W'`` (hidden × |K|) at ridge ``alphas[index]``, from the eigenbasis."""
+        return (self.projected * self.shrink[:, index]) @ self.basis.T
+
+    def refit(self, index: int) -> torch.Tensor:
+        """``W'`` at ridge ``alphas[index]`` by Cholesky: ``lstsq_refit``'s result, bit for bit."""
+        return ridge_solve(self.target, self.s_kk, self.ridges[index], self.alphas[index])
+
+    def times(self, vector: torch.Tensor) -> torch.Tensor:
+        """``W'(λ) v`` at every ridge (hidden × ridges), for ``v`` of length |K|."""
+        return self.projected @ (self.shrink * (self.basis.T @ vector)[:, None])
+
+
+def ridge_path(weight: torch.Tensor, second: torch.Tensor, keep: torch.Tensor, alphas: tuple[float, ...],
+               cross: torch.Tensor | None = None) -> RidgePath:
+    """``lstsq_refit`` at every ``alpha`` from one eigendecomposition of ``S[K, K]``, float64."""
+    s_kk = second[keep][:, keep]
+    values, basis = torch.linalg.eigh(s_kk)
+    target = target_term(weight, second, keep, cross)
+    ridges = torch.tensor(alphas, dtype=torch.float64) * ridge_scale(s_kk)
+    return RidgePath(tuple(alphas), ridges, values, basis, target @ basis, target, s_kk)
+
+
+def path_errors(path: RidgePath, weight: torch.Tensor, keep: torch.Tensor, holdout: LayerStats,
+                pairs: PairedStats | None = None, fit_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``refit_error`` of every ridge of ``path`` (inf where singular), without forming a refit: with
+    ``H`` the held-out second moment, ``A`` its cross term (``W H[:, K]``, or ``W E[d x_Kᵀ]`` with
+    ``pairs``) and ``D = diag(1/(e + λ))``, the error is
+    ``tr(W H Wᵀ) − 2 tr(P D Qᵀ Aᵀ) + tr(P D (Qᵀ H[K, K] Q) D Pᵀ)``. ``fit_mean`` (centred refits)
+    adds the bias ``W mean − W' mean_K``."""
+    second, mean = moments(holdout, centred=False)
+    w = weight.double()
+    q, p, shrink = path.basis, path.projected, path.shrink
+    if pairs is None:
+        wh = w @ second
+        total, across = (wh * w).sum(), wh[:, keep]
+    else:
+        cross, dense_second = pairs.means()
+        total, across = ((w @ dense_second) * w).sum(), w @ cross[keep].T
+    linear = (p * (across @ q)).sum(0)
+    quadratic = (q.T @ (second[keep][:, keep] @ q)) * (p.T @ p)
+    errors = total - 2 * linear @ shrink + ((quadratic @ shrink) * shrink).sum(0)
+    if fit_mean is not None:
+        bias = (w @ fit_mean)[:, None] - path.times(fit_mean[keep])
+        held = (w @ mean)[:, None] - path.times(mean[keep])
+        errors = errors - 2 * (bias * held).sum(0) + bias.square().sum(0)
+    return torch.where(path.regular & errors.isfinite(), errors, torch.inf)
+
+
+def eigen_search(method: str, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, holdout: LayerStats):
+    """(weight, alpha, error) of the search by one eigendecomposition: every ridge's held-out error
+    from :func:`path_errors`, the least one's weights by Cholesky."""
+    w = weight.double()
+    centred = method == "lstsq-centred"
+    second, mean = moments(fit, centred)
+    path = ridge_path(w, second, keep, RIDGE_GRID)
+    errors = path_errors(path, w, keep, holdout, None, mean if centred else None)
+    best = int(errors.argmin())
+    return path.refit(best), RIDGE_GRID[best], float(errors[best])
+
+
 def statistics_for(model, tokenizer, args) -> ActivationStats:
     """The cached statistics in ``args.stats``, or a calibration written there."""
     path = Path(args.stats)
@@ -100,48 +202,58 @@ def timed(fn, *args):
     return result, time.perf_counter() - start
 
 
+def library_search(method: str, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, holdout: LayerStats):
+    """(weight, alpha, error) of :func:`pruning.reconstruct.reconstruct_layer`."""
+    new, _, info = reconstruct_layer(method, weight, keep, fit, holdout)
+    return new, info["ridge"], info["holdout_error"]
+
+
+SEARCHES = {"old": per_ridge, "new": library_search, "eigen": eigen_search}
+
+
 def compare(model, stats: ActivationStats, ratio: float, method: str, reconstruct: str,
-            layers: list[int] | None) -> dict:
-    """Old and new refit of every selected layer at ``ratio``, taking turns."""
+            layers: list[int] | None) -> list[dict]:
+    """Every search on every selected layer at ``ratio``, taking turns (the order rotates)."""
     config = PruneConfig(ratio=ratio, method=method, reconstruct=reconstruct, layers=layers)
     selected = glu_layers(model, config.layer_list)
     scores = {g.index: score_layer(g, config, stats.layers[g.index]) for g in selected}
     plan = allocate(scores, model.config.hidden_size, config, None)
-    rows = []
+    names, rows = list(SEARCHES), []
     for turn, layer in enumerate(selected):
         weight, keep = layer.down_weight().detach().cpu(), plan[layer.index]
         fit, held = stats.layers[layer.index], stats.holdout[layer.index]
-        runs = {"old": per_ridge, "new": reconstruct_layer}
-        out = {name: timed(runs[name], reconstruct, weight, keep, fit, held)
-               for name in (("old", "new") if turn % 2 == 0 else ("new", "old"))}
-        (old_w, old_alpha, old_error), old_s = out["old"]
-        (new_w, _, info), new_s = out["new"]
-        diff = float((new_w - old_w).abs().max())
-        rows.append({"layer": layer.index, "kept": len(keep), "old_s": old_s, "new_s": new_s, "abs": diff,
-                     "rel": diff / float(old_w.abs().max()), "same_ridge": info["ridge"] == old_alpha,
-                     "ridge": info["ridge"], "old_ridge": old_alpha,
-                     "error_rel": abs(info["holdout_error"] - old_error) / abs(old_error)})
-    return {"rows": rows}
+        order = names[turn % len(names):] + names[: turn % len(names)]
+        out = {name: timed(SEARCHES[name], reconstruct, weight, keep, fit, held) for name in order}
+        (old_w, old_alpha, old_error), _ = out["old"]
+        row = {"layer": layer.index, "kept": len(keep)}
+        for name, ((new_w, alpha, error), seconds) in out.items():
+            diff = float((new_w - old_w).abs().max())
+            row[name] = {"s": seconds, "abs": diff, "rel": diff / float(old_w.abs().max()), "ridge": alpha,
+                         "same": alpha == old_alpha, "error_rel": abs(error - old_error) / abs(old_error)}
+        rows.append(row)
+    return rows
 
 
 def report(ratio: float, rows: list[dict]) -> None:
-    old, new = sum(r["old_s"] for r in rows), sum(r["new_s"] for r in rows)
     kept = sorted({r["kept"] for r in rows})
-    same = sum(r["same_ridge"] for r in rows)
-    chosen = {}
+    old = sum(r["old"]["s"] for r in rows)
+    print(f"\nratio {ratio}: {len(rows)} layers, kept {','.join(map(str, kept))} of each; old {old:.2f} s")
+    for name in SEARCHES:
+        mine = [r[name] for r in rows]
+        seconds = sum(m["s"] for m in mine)
+        same = sum(m["same"] for m in mine)
+        median = statistics.median(r["old"]["s"] / r[name]["s"] for r in rows)
+        print(f"  {name:5} {seconds:8.2f} s  old/{name} {old / seconds:5.2f}x (median per layer {median:.2f}x)  "
+              f"weights vs old: max abs {max(m['abs'] for m in mine):.2e}, rel {max(m['rel'] for m in mine):.2e}; "
+              f"held-out error rel {max(m['error_rel'] for m in mine):.1e}; same ridge {same}/{len(rows)}")
+    chosen: dict[float, int] = {}
     for r in rows:
-        chosen[r["ridge"]] = chosen.get(r["ridge"], 0) + 1
-    print(f"\nratio {ratio}: {len(rows)} layers, kept {','.join(map(str, kept))} of each")
-    print(f"  old (7 Cholesky refits + errors) {old:8.2f} s   new (1 eigendecomposition) {new:8.2f} s")
-    print(f"  speed ratio old/new {old / new:.2f}x (median per layer "
-          f"{statistics.median(r['old_s'] / r['new_s'] for r in rows):.2f}x)")
-    print(f"  largest weight difference: absolute {max(r['abs'] for r in rows):.3e}, relative "
-          f"{max(r['rel'] for r in rows):.3e}; held-out error, relative {max(r['error_rel'] for r in rows):.3e}")
-    print(f"  same ridge on every layer: {'yes' if same == len(rows) else 'no'} ({same}/{len(rows)}); chosen: "
-          + ", ".join(f"{alpha:g} x{count}" for alpha, count in sorted(chosen.items())))
+        chosen[r["old"]["ridge"]] = chosen.get(r["old"]["ridge"], 0) + 1
+    print("  ridges chosen (old): " + ", ".join(f"{alpha:g} x{count}" for alpha, count in sorted(chosen.items())))
     for r in rows:
-        if not r["same_ridge"]:
-            print(f"    layer {r['layer']}: old {r['old_ridge']:g}, new {r['ridge']:g}")
+        for name in SEARCHES:
+            if not r[name]["same"]:
+                print(f"    layer {r['layer']}: old {r['old']['ridge']:g}, {name} {r[name]['ridge']:g}")
 
 
 def compare_obs(model, stats: ActivationStats, layers: list[int] | None) -> list[dict]:
@@ -187,7 +299,7 @@ def main() -> None:
     print(f"{args.model}, {args.corpus}, {stats.tokens} calibration tokens ({args.stats}), {args.method} "
           f"+{args.reconstruct}, {torch.get_num_threads()} threads")
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        report(ratio, compare(model, stats, ratio, args.method, args.reconstruct, layers)["rows"])
+        report(ratio, compare(model, stats, ratio, args.method, args.reconstruct, layers))
     if args.obs:
         compare_obs(model, stats, layers)
 

@@ -11,11 +11,9 @@ For a down projection ``y = W x`` (W: hidden × intermediate) that keeps the neu
   ``W' = W E[d x_Kᵀ] (S[K, K] + λI)⁻¹``.
 
 The ridge ``λ = α · mean(diag S[K, K])`` takes the α from ``RIDGE_GRID`` that leaves the least
-error on held-out statistics. One eigendecomposition ``S[K, K] = Q diag(e) Qᵀ`` gives the refit at
-every ridge, ``W'(λ) = P diag(1/(e + λ)) Qᵀ`` with ``P = W S[:, K] Q`` (:func:`ridge_path`), and
-each one's held-out error in closed form (:func:`path_errors`); :func:`lstsq_refit` solves one
-ridge by Cholesky. Pure functions on tensors; :func:`reconstruct_layer` returns the new down weight
-and bias for one layer.
+error on held-out statistics (:class:`HeldOut`: the error of any refit from products formed once).
+Pure functions on tensors; :func:`reconstruct_layer` returns the new down weight and bias for one
+layer.
 """
 
 from __future__ import annotations
@@ -102,76 +100,38 @@ def refit_error(weight: torch.Tensor, new_weight: torch.Tensor, bias: torch.Tens
 
 
 @dataclass(frozen=True)
-class RidgePath:
-    """The refit at every ridge of a grid from ``S[K, K] = Q diag(e) Qᵀ``:
-    ``W'(λ) = P diag(1/(e + λ)) Qᵀ`` with ``P = T Q`` and ``T`` the target term
-    (:func:`target_term`)."""
+class HeldOut:
+    """What the held-out error of any refit of one layer needs, computed once:
+    ``E||W x − W' x_K − b||² = tr(W H Wᵀ) − 2⟨W', W H[:, K]⟩ + ⟨W' H[K, K], W'⟩`` with ``H`` the
+    held-out second moment, plus ``−2 bᵀ(W m − W' m_K) + |b|²`` for a bias (``m`` the held-out mean).
+    Toward the dense outputs ``W d``: ``tr(W E[d dᵀ] Wᵀ)`` and ``W E[d x_Kᵀ]`` instead."""
 
-    alphas: tuple[float, ...]
-    ridges: torch.Tensor  # λ of each α
-    values: torch.Tensor  # e
-    basis: torch.Tensor  # Q
-    projected: torch.Tensor  # P
-    target: torch.Tensor  # T
-    s_kk: torch.Tensor
+    total: torch.Tensor  # tr(W H Wᵀ)
+    across: torch.Tensor  # W H[:, K]
+    s_kk: torch.Tensor  # H[K, K]
+    mean_k: torch.Tensor  # m_K
+    output_mean: torch.Tensor  # W m
 
-    @property
-    def shrink(self) -> torch.Tensor:
-        """``1/(e + λ)`` (|K| × ridges); a column is inf or negative where ``S[K, K] + λI`` is singular."""
-        return 1 / (self.values[:, None] + self.ridges[None, :])
-
-    @property
-    def regular(self) -> torch.Tensor:
-        """Which ridges leave ``S[K, K] + λI`` positive definite."""
-        return self.values.min() + self.ridges > 0
-
-    def weight(self, index: int) -> torch.Tensor:
-        """``W'`` (hidden × |K|) at ridge ``alphas[index]``, from the eigenbasis."""
-        return (self.projected * self.shrink[:, index]) @ self.basis.T
-
-    def refit(self, index: int) -> torch.Tensor:
-        """``W'`` at ridge ``alphas[index]`` by Cholesky: :func:`lstsq_refit`'s result, bit for bit."""
-        return ridge_solve(self.target, self.s_kk, self.ridges[index], self.alphas[index])
-
-    def times(self, vector: torch.Tensor) -> torch.Tensor:
-        """``W'(λ) v`` at every ridge (hidden × ridges), for ``v`` of length |K|."""
-        return self.projected @ (self.shrink * (self.basis.T @ vector)[:, None])
+    def error(self, new_weight: torch.Tensor, bias: torch.Tensor | None = None) -> float:
+        """The held-out error of the refit ``new_weight`` (and ``bias``): :func:`refit_error`'s value."""
+        error = self.total - 2 * (new_weight * self.across).sum() + ((new_weight @ self.s_kk) * new_weight).sum()
+        if bias is not None:
+            error = error - 2 * bias @ (self.output_mean - new_weight @ self.mean_k) + bias @ bias
+        return float(error)
 
 
-def ridge_path(weight: torch.Tensor, second: torch.Tensor, keep: torch.Tensor, alphas: tuple[float, ...],
-               cross: torch.Tensor | None = None) -> RidgePath:
-    """:func:`lstsq_refit` at every ``alpha`` from one eigendecomposition of ``S[K, K]``, float64."""
-    s_kk = second[keep][:, keep]
-    values, basis = torch.linalg.eigh(s_kk)
-    target = target_term(weight, second, keep, cross)
-    ridges = torch.tensor(alphas, dtype=torch.float64) * ridge_scale(s_kk)
-    return RidgePath(tuple(alphas), ridges, values, basis, target @ basis, target, s_kk)
-
-
-def path_errors(path: RidgePath, weight: torch.Tensor, keep: torch.Tensor, holdout: LayerStats,
-                pairs: PairedStats | None = None, fit_mean: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`refit_error` of every ridge of ``path`` (inf where the refit is singular), without
-    forming a refit: with ``H`` the held-out second moment, ``A`` its cross term (``W H[:, K]``, or
-    ``W E[d x_Kᵀ]`` with ``pairs``) and ``D = diag(1/(e + λ))``, the error is
-    ``tr(W H Wᵀ) − 2 tr(P D Qᵀ Aᵀ) + tr(P D (Qᵀ H[K, K] Q) D Pᵀ)``. ``fit_mean`` (centred refits)
-    adds the bias ``W mean − W' mean_K``."""
+def held_out(weight: torch.Tensor, keep: torch.Tensor, holdout: LayerStats,
+             pairs: PairedStats | None = None) -> HeldOut:
+    """:class:`HeldOut` of ``weight`` keeping ``keep`` (``pairs``: toward the dense outputs)."""
     second, mean = moments(holdout, centred=False)
     w = weight.double()
-    q, p, shrink = path.basis, path.projected, path.shrink
     if pairs is None:
         wh = w @ second
         total, across = (wh * w).sum(), wh[:, keep]
     else:
         cross, dense_second = pairs.means()
         total, across = ((w @ dense_second) * w).sum(), w @ cross[keep].T
-    linear = (p * (across @ q)).sum(0)
-    quadratic = (q.T @ (second[keep][:, keep] @ q)) * (p.T @ p)
-    errors = total - 2 * linear @ shrink + ((quadratic @ shrink) * shrink).sum(0)
-    if fit_mean is not None:
-        bias = (w @ fit_mean)[:, None] - path.times(fit_mean[keep])
-        held = (w @ mean)[:, None] - path.times(mean[keep])
-        errors = errors - 2 * (bias * held).sum(0) + bias.square().sum(0)
-    return torch.where(path.regular & errors.isfinite(), errors, torch.inf)
+    return HeldOut(total, across, second[keep][:, keep], mean[keep], w @ mean)
 
 
 def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats,
@@ -181,7 +141,9 @@ def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit
 
     ``pairs`` (fit, then held-out; see :class:`calibrate.stats.PairedStats`) make ``lstsq`` fit the
     dense model's outputs instead of the layer's own. With ``holdout`` the ridge of ``RIDGE_GRID``
-    with the least held-out error is taken (one eigendecomposition for all), else ``FIXED_RIDGE``.
+    with the least held-out error is taken, else ``FIXED_RIDGE``. The products that do not depend on
+    the ridge (the target term, the held-out terms of :class:`HeldOut`) are formed once; each ridge
+    costs one Cholesky factorisation, one solve and one product with ``H[K, K]``.
     """
     if method not in ("none", "bias", "lstsq", "lstsq-centred"):
         raise GluPruneError(f"unknown reconstruction '{method}'")
@@ -195,21 +157,22 @@ def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit
     centred = method == "lstsq-centred"
     second, mean = moments(fit, centred)
     cross = pairs[0].means()[0] if pairs else None
-    if holdout is None:
+    target, s_kk = target_term(w, second, keep, cross), second[keep][:, keep]
+    scale = ridge_scale(s_kk)
+    held = held_out(w, keep, holdout, pairs[1] if pairs and len(pairs) > 1 else None) if holdout is not None else None
+    best = None
+    for alpha in RIDGE_GRID if held is not None else (FIXED_RIDGE,):
         try:
-            new = lstsq_refit(w, second, keep, FIXED_RIDGE, cross)
+            new = ridge_solve(target, s_kk, alpha * scale, alpha)
         except GluPruneError:
-            raise GluPruneError("every ridge left the refit singular: use more calibration tokens") from None
-        alpha, error = FIXED_RIDGE, 0.0
-    else:
-        path = ridge_path(w, second, keep, RIDGE_GRID, cross)
-        errors = path_errors(path, w, keep, holdout, pairs[1] if pairs and len(pairs) > 1 else None,
-                             mean if centred else None)
-        if not errors.isfinite().any():
-            raise GluPruneError("every ridge left the refit singular: use more calibration tokens")
-        best = int(errors.argmin())  # the first of equal errors: the smallest ridge, as before
-        new, alpha, error = path.refit(best), RIDGE_GRID[best], float(errors[best])
-    bias = w @ mean - new @ mean[keep] if centred else None
+            continue
+        bias = w @ mean - new @ mean[keep] if centred else None
+        error = held.error(new, bias) if held is not None else 0.0
+        if best is None or error < best[0]:  # the first of equal errors: the smallest ridge
+            best = (error, alpha, new, bias)
+    if best is None:
+        raise GluPruneError("every ridge left the refit singular: use more calibration tokens")
+    error, alpha, new, bias = best
     return new, bias, {"ridge": alpha, "holdout_error": error}
 
 
