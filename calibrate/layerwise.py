@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from calibrate.hooks import TOKEN_BLOCK, HookOwner, real_rows, recording
 from calibrate.offload import ResidentLoader
 from calibrate.resources import check_memory, human_bytes, second_moment_bytes
 from calibrate.run import batch_tensors, finish_stats
+from calibrate.spill import SpilledLayers
 from calibrate.stats import ActivationStats, LayerStats, PairedStats
 
 log = logging.getLogger("glu_prune")
@@ -167,7 +169,8 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
                         layers: list[int] | None = None, second_moment: bool = False,
                         max_tokens: int | None = None, after_layer: AfterLayer | None = None,
                         progress: bool = True, meta: dict | None = None, loader=None,
-                        device: torch.device | None = None, dense_pairs: bool = False):
+                        device: torch.device | None = None, dense_pairs: bool = False,
+                        spill: str | Path | None = None):
     """Statistics of the selected layers, computed one decoder layer at a time.
 
     Without ``after_layer`` the result equals :func:`calibrate.run.calibrate`. With it,
@@ -177,7 +180,8 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
     were before any change, and ``pairs`` holds :class:`PairedStats` (fit, then held-out) pairing the
     two streams' down_proj inputs; otherwise ``pairs`` is None.
     With a ``loader`` (:mod:`calibrate.offload`) only the embeddings, then one decoder layer at a
-    time, are in memory; ``device`` is where they run.
+    time, are in memory; ``device`` is where they run. With ``spill`` (a folder) each finished
+    layer's statistics are kept in files there (:class:`calibrate.spill.SpilledLayers`), not in memory.
     """
     count = len(decoder_layers(model))
     selected = check_layers(layers, count)
@@ -193,7 +197,8 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
         groups = [fit] + ([capture_inputs(model, holdout_batches, device=device)] if holdout_batches is not None
                           else [])
     runner = LayerRunner(model, groups, dense=dense_pairs)
-    stats, holdout = {}, {}
+    stats, holdout = ({}, {}) if spill is None else (SpilledLayers(Path(spill) / "fit"),
+                                                     SpilledLayers(Path(spill) / "holdout"))
     for index in tqdm(range(selected[-1] + 1), unit="layer", desc="calibrate (layer by layer)", disable=not progress):
         with loader.loaded(runner.layers[index]):
             if index not in selected:
@@ -205,7 +210,7 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
                 holdout[index] = results[1]
             if after_layer is not None:
                 pairs = runner.pairs(index) if dense_pairs else None
-                after_layer(index, stats[index], holdout.get(index), pairs)
+                after_layer(index, results[0], results[1] if len(results) > 1 else None, pairs)
                 runner.advance(index, dense=False)
     result = ActivationStats(stats, dict(meta or {}), holdout or None)
     finish_stats(model, result, sum(b.tokens for b in fit), selected, second_moment, loader)

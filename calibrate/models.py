@@ -1,8 +1,8 @@
 """Resolve ``--model`` (hub id, local directory, ``.gguf`` file, alias) and load model + tokenizer.
 
-A GGUF file is parsed once by transformers and its dense weights are cached as a safetensors
-directory keyed by the file's path, size, modification time and head/tail bytes, so a changed
-file gets a new cache entry.
+A GGUF file is converted once, tensor by tensor, and its dense float32 weights are cached as a
+safetensors directory keyed by the file's path, size, modification time and head/tail bytes, so
+a changed file gets a new cache entry.
 """
 
 from __future__ import annotations
@@ -101,26 +101,40 @@ def detach_gguf_quantizer(model) -> None:
 
 
 def convert_gguf(path: Path) -> Path:
-    """The safetensors cache directory of a GGUF file, converting it on first use."""
+    """The safetensors cache directory of a GGUF file, converting it on first use: tensor by tensor
+    (:mod:`calibrate.from_gguf`, a few tensors in memory), or through transformers for the few
+    architectures whose conversion needs the whole model."""
     target = cache_dir() / "gguf" / gguf_key(path)
     if (target / "config.json").is_file():
         return target
     check_gguf(path)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from calibrate.from_gguf import NotStreamable, convert_streamed
 
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except Exception as exc:  # transformers raises many types for a broken file
+        with atomic_dir(target, force=True) as tmp:
+            try:
+                convert_streamed(path, tmp)
+            except NotStreamable:
+                convert_whole(path, tmp)
+    except GluPruneError:
+        raise
+    except Exception as exc:  # transformers and gguf raise many types for a broken file
         raise GluPruneError(f"{path} could not be read as a GGUF model ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}): is the file complete?") from exc
-    detach_gguf_quantizer(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(target, force=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
     return target
+
+
+def convert_whole(path: Path, folder: Path) -> None:
+    """The .gguf loaded whole by transformers (every tensor dequantised at once) and saved in ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    detach_gguf_quantizer(model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
 
 
 def model_source(model: str) -> str:
@@ -159,9 +173,13 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(model_source(model))
 
 
-def checkpoint_size(model: str) -> int | None:
-    """Bytes of ``model``'s weights when it is local (roughly, float32, for a .gguf), else None."""
-    return checkpoint_bytes(*reversed(resolve(model)))
+def checkpoint_size(model: str, dtype: torch.dtype | None = None) -> int | None:
+    """Bytes of ``model``'s weights (its floating tensors in ``dtype`` when given) when it is local,
+    else None; a .gguf is measured on its safetensors conversion."""
+    kind, path = resolve(model)
+    if kind == "gguf":
+        kind, path = "dir", convert_gguf(path)
+    return checkpoint_bytes(path, kind, dtype.itemsize if dtype is not None else None)
 
 
 def load_resized(path: str | Path, sizes: list[int], dtype: torch.dtype | None = None,

@@ -7,16 +7,18 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from calibrate import resources
 from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
 from calibrate.manifest import layer_sizes
 from calibrate.models import checkpoint_size, model_source
-from calibrate.resources import available_memory, human_bytes
+from calibrate.resources import human_bytes, second_moment_bytes
 
 log = logging.getLogger("glu_prune")
 
@@ -129,13 +131,43 @@ def offload_model(model_name: str, device: torch.device, dtype: torch.dtype):
     return model, LayerLoader(model, CheckpointWeights(source), device, dtype), AutoTokenizer.from_pretrained(source)
 
 
-def should_offload(model_name: str, asked: bool = False) -> bool:
-    """``asked``, or a local checkpoint larger than 80% of the available memory (said on the log)."""
+@dataclass(frozen=True)
+class OffloadChoice:
+    """Whether to work one decoder layer at a time, and why: how a result is computed, never which."""
+
+    offload: bool
+    why: str
+
+    def __bool__(self) -> bool:
+        return self.offload
+
+    @property
+    def note(self) -> dict:
+        """The manifest's record of how the run went."""
+        return {"run": {"offload": self.offload, "why": self.why}}
+
+
+def should_offload(model_name: str, asked: bool = False, dtype: torch.dtype = torch.float32,
+                   second_moment: bool = False, layers: list[int] | None = None) -> OffloadChoice:
+    """``asked``, or offload when the in-memory run would need more than 80% of the effective memory
+    limit (:func:`calibrate.resources.memory_limit`): the local checkpoint's weights in ``dtype``,
+    plus, with ``second_moment``, the selected layers' second moments and their held-out slice's
+    (offloaded, one layer's at a time). Said on the log when it offloads."""
     if asked:
-        return True
-    size, free = checkpoint_size(model_name), available_memory()
-    if size and free and size > 0.8 * free:
-        log.info("the model (%s) would not fit in %s of memory: working one layer at a time (offload)",
-                 human_bytes(size), human_bytes(free))
-        return True
-    return False
+        return OffloadChoice(True, "asked (--offload)")
+    size = checkpoint_size(model_name, dtype)
+    if not size:
+        return OffloadChoice(False, "not a local checkpoint")
+    limit = resources.memory_limit()
+    if limit is None:
+        return OffloadChoice(False, "no memory limit known")
+    needed, what = size, f"the model ({human_bytes(size)} in {str(dtype).replace('torch.', '')})"
+    if second_moment:
+        sizes = [g.intermediate_size for g in glu_layers(empty_model(model_source(model_name), dtype), layers)]
+        moments = 2 * second_moment_bytes(sizes)
+        needed, what = needed + moments, f"{what} and its second moments ({human_bytes(moments)})"
+    if needed > 0.8 * limit.bytes:
+        why = f"{what} would not fit in {limit.text}"
+        log.info("%s: working one layer at a time (offload)", why)
+        return OffloadChoice(True, why)
+    return OffloadChoice(False, f"{what} would fit in {limit.text}")

@@ -10,7 +10,7 @@ from calibrate.errors import GluPruneError
 from calibrate.files import check_output
 from calibrate.glu import glu_layers, parse_layers
 from calibrate.models import load_model, pick_device, pick_dtype
-from calibrate.offload import offload_model, should_offload
+from calibrate.offload import OffloadChoice, offload_model, should_offload
 from calibrate.perplexity import perplexity
 from calibrate.prompts import DEFAULT_REFERENCE
 from calibrate.stats import ActivationStats, summary
@@ -116,9 +116,14 @@ def run_calibrate(args) -> None:
     distributed.init_from_env(args.device)
     device = distributed.device_for_rank(args.device)
     loader = None
-    if should_offload(args.model, args.offload):
-        if distributed.world_size() > 1 or args.device_map is not None:
-            raise GluPruneError("--offload runs in one process on one device: drop torchrun or --device-map")
+    alone = distributed.world_size() == 1 and args.device_map is None
+    if args.offload and not alone:
+        raise GluPruneError("--offload runs in one process on one device: drop torchrun or --device-map")
+    run = should_offload(args.model, args.offload, pick_dtype(args.dtype), second_moment=args.second_moment,
+                         layers=layers) if alone else OffloadChoice(False, "torchrun or --device-map")
+    if run and not args.offload and args.layer_importance:
+        run = OffloadChoice(False, f"{run.why}, but --layer-importance runs in memory only")
+    if run:
         device = pick_device(device)
         model, loader, tokenizer = offload_model(args.model, device, pick_dtype(args.dtype))
     else:
@@ -129,6 +134,7 @@ def run_calibrate(args) -> None:
                              provenance(args.model, corpus, settings), second_moment=args.second_moment,
                              layers=layers, loader=loader, device=device if loader else None,
                              layer_importance=args.layer_importance)
+    stats.meta["run"] = ("offloaded: " if run else "in memory: ") + run.why
     if distributed.world_size() > 1:
         stats.meta["processes"] = str(distributed.world_size())
     if distributed.is_main():

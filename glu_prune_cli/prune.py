@@ -8,7 +8,7 @@ import time
 from calibrate.errors import GluPruneError
 from calibrate.files import check_output
 from calibrate.models import load_model, pick_device, pick_dtype
-from calibrate.offload import should_offload
+from calibrate.offload import OffloadChoice
 from calibrate.stats import ActivationStats
 from glu_prune_cli.options import (
     add_calibration_options,
@@ -23,7 +23,7 @@ from glu_prune_cli.options import (
     settings_from_args,
 )
 from pruning.save import save_pruned
-from pruning.workflow import prune_depth_with_corpus, prune_offloaded, prune_with_corpus
+from pruning.workflow import offload_choice, prune_depth_with_corpus, prune_offloaded, prune_with_corpus
 
 
 def add_prune(p: argparse.ArgumentParser) -> None:
@@ -46,19 +46,22 @@ def run_prune(args) -> None:
     if depth is not None:
         run_depth(args, config, depth, corpus, start)
         return
-    if should_offload(args.model, args.offload):
-        if args.device_map is not None:
-            raise GluPruneError("--offload runs on one device: drop --device-map")
+    if args.offload and args.device_map is not None:
+        raise GluPruneError("--offload runs on one device: drop --device-map")
+    run = offload_choice(args.model, config, calibrating=args.stats is None and corpus is not None,
+                         dtype=pick_dtype(args.dtype), asked=args.offload) if args.device_map is None \
+        else OffloadChoice(False, "--device-map")
+    if run:
         stats = ActivationStats.load(args.stats) if args.stats is not None else None
         manifest = prune_offloaded(args.model, args.out, config, stats=stats, corpus=corpus,
                                    settings=settings_from_args(args), device=pick_device(args.device),
-                                   dtype=pick_dtype(args.dtype), force=args.force)
+                                   dtype=pick_dtype(args.dtype), force=args.force, notes=run.note)
         report(args, manifest, None, start)
         return
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     stats = ActivationStats.load(args.stats, model=model) if args.stats is not None else None
     result = prune_with_corpus(model, tokenizer, config, stats=stats, corpus=corpus,
-                               settings=settings_from_args(args), inplace=True)
+                               settings=settings_from_args(args), inplace=True, notes=run.note)
     save_pruned(result.model, tokenizer, args.out, force=args.force)
     report(args, result.manifest, sum(p.numel() for p in result.model.parameters()), start)
 

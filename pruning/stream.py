@@ -7,13 +7,11 @@ Peak memory is about one shard (plus one layer while scoring). The output is the
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from calibrate.errors import ConfigError
@@ -21,6 +19,7 @@ from calibrate.files import atomic_dir
 from calibrate.glu import glu_layers
 from calibrate.manifest import write_manifest
 from calibrate.offload import LayerLoader
+from calibrate.shards import MAX_SHARD_BYTES, ShardWriter
 from calibrate.stats import ActivationStats
 from pruning.config import PruneConfig
 from pruning.decide import decide
@@ -28,8 +27,6 @@ from pruning.prune import make_manifest, prepare
 from pruning.registry import ALLOCATIONS, RECONSTRUCTIONS
 from pruning.save import model_card
 from pruning.surgery import apply_plan
-
-MAX_SHARD_BYTES = 128 * 1024 * 1024
 
 
 def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: dict[int, torch.Tensor]) -> dict[str, callable]:
@@ -77,44 +74,20 @@ def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path,
     return record
 
 
-def write_shard(folder: Path, number: int, tensors: dict[str, torch.Tensor]) -> tuple[str, list[str], int]:
-    name = f"shard-{number:05d}.safetensors"
-    save_file(tensors, folder / name, metadata={"format": "pt"})
-    return name, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def finish_shards(folder: Path, shards: list[tuple[str, list[str], int]]) -> None:
-    """Name the shards as transformers does and write the index when there is more than one."""
-    if len(shards) == 1:
-        (folder / shards[0][0]).rename(folder / "model.safetensors")
-        return
-    weight_map = {}
-    for k, (name, tensors, _) in enumerate(shards):
-        final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        (folder / name).rename(folder / final)
-        weight_map.update({t: final for t in tensors})
-    index = {"metadata": {"total_size": sum(s[2] for s in shards)}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-
-
 def write_checkpoint(loader: LayerLoader, rules: dict, config, tokenizer, out: str | Path, record: dict,
                      progress: bool, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
     """Every tensor read, changed by ``rules`` and written into shards of about ``max_shard_bytes``
-    in a temporary folder renamed to ``out``: memory holds one output shard at most."""
+    in a temporary folder renamed to ``out``: memory holds one output shard at most. Floating
+    tensors are written in the loader's dtype, as the in-memory path saves the model it loaded."""
     weights = loader.weights
     with atomic_dir(out, force=force) as tmp:
         names = [name for file_names in weights.files().values() for name in file_names]
-        shards, pending, size = [], {}, 0
+        shards = ShardWriter(tmp, max_shard_bytes)
         for name in tqdm(names, desc="rewrite", unit="tensor", disable=not progress):
             tensor = weights.get(name)
-            pending[name] = (rules[name](tensor) if name in rules else tensor).contiguous()
-            size += pending[name].numel() * pending[name].element_size()
-            if size >= max_shard_bytes:
-                shards.append(write_shard(tmp, len(shards), pending))
-                pending, size = {}, 0
-        if pending or not shards:
-            shards.append(write_shard(tmp, len(shards), pending))
-        finish_shards(tmp, shards)
+            tensor = tensor.to(loader.dtype) if tensor.is_floating_point() else tensor
+            shards.add(name, rules[name](tensor) if name in rules else tensor)
+        shards.finish()
         config.save_pretrained(tmp)
         for extra in ("generation_config.json",):
             if (weights.directory / extra).is_file():

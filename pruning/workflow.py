@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -13,11 +14,12 @@ import torch
 from calibrate.batches import make_batches
 from calibrate.corpora import Corpus
 from calibrate.errors import GluPruneError
+from calibrate.files import check_output
 from calibrate.glu import check_layers, glu_layers
 from calibrate.layer_importance import LayerImportance
 from calibrate.layerwise import calibrate_layerwise
 from calibrate.manifest import read_manifest, write_manifest
-from calibrate.offload import offload_model
+from calibrate.offload import OffloadChoice, offload_model, should_offload
 from calibrate.perplexity import protocol_perplexity
 from calibrate.run import calibrate, split_holdout
 from calibrate.stats import ActivationStats, library_version
@@ -25,6 +27,7 @@ from pruning.config import PruneConfig, resolve_reconstruct
 from pruning.depth import DepthConfig, measure_skip_loss, prune_depth
 from pruning.heal import HealConfig, heal, training_batches
 from pruning.prune import PruneResult, prune, prune_sequential
+from pruning.registry import ALLOCATIONS, AUTO, RECONSTRUCTIONS
 from pruning.stream import prune_checkpoint
 
 log = logging.getLogger("glu_prune")
@@ -54,9 +57,11 @@ def provenance(model_name: str, corpus: Corpus, settings: CalibrationSettings) -
 
 def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: bool = False,
                      layers: list[int] | None = None, loader=None, device: torch.device | None = None,
-                     progress: bool = True, layer_importance: bool = False, skip_loss: bool = True) -> ActivationStats:
+                     progress: bool = True, layer_importance: bool = False, skip_loss: bool = True,
+                     spill: str | Path | None = None) -> ActivationStats:
     """Statistics of ``batches`` (with second moments: and of a held-out slice for the refit's
-    ridge); with a ``loader``, one decoder layer at a time from the checkpoint. ``layer_importance``
+    ridge); with a ``loader``, one decoder layer at a time from the checkpoint, each layer's
+    statistics kept in files under ``spill`` when given (not in memory). ``layer_importance``
     adds every layer's input-output cosine (same pass) and, with ``skip_loss``, each layer's skip
     loss on the held-out slice (:func:`pruning.depth.measure_skip_loss`); in memory only."""
     holdout = HOLDOUT if second_moment else 0.0
@@ -71,7 +76,7 @@ def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: b
         return stats
     fit, held = split_holdout(batches, holdout) if holdout else (batches, None)
     return calibrate_layerwise(model, fit, holdout_batches=held, layers=layers, second_moment=second_moment,
-                               meta=meta, loader=loader, device=device, progress=progress)
+                               meta=meta, loader=loader, device=device, progress=progress, spill=spill)
 
 
 def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrating: bool) -> tuple[PruneConfig, dict]:
@@ -96,12 +101,35 @@ def check_data(config: PruneConfig, stats: ActivationStats | None, corpus: Corpu
         raise GluPruneError("the sequential schedule calibrates as it prunes: give a corpus, not statistics")
 
 
+def runs_offloaded(config: PruneConfig) -> bool:
+    """Whether ``config`` can prune an offloaded checkpoint (one-shot, streamable choices)."""
+    return (config.schedule == "one-shot" and ALLOCATIONS[config.allocation].streamable
+            and (config.reconstruct == AUTO or RECONSTRUCTIONS[config.reconstruct].streamable))
+
+
+def offload_choice(model_name: str, config: PruneConfig, *, calibrating: bool, dtype: torch.dtype,
+                   asked: bool = False) -> OffloadChoice:
+    """How to prune ``model_name``: offloaded when asked, or when the in-memory run (its weights, and
+    the second moments it would calibrate when ``calibrating`` on a corpus) would not fit the memory
+    limit and ``config`` runs offloaded. It changes how the model is computed, never which comes out."""
+    second = calibrating and config.schedule == "one-shot" and (config.needs_second_moment
+                                                                or config.reconstruct == AUTO)
+    choice = should_offload(model_name, asked, dtype, second_moment=second, layers=config.layer_list)
+    if choice and not asked and not runs_offloaded(config):
+        log.info("these settings do not run offloaded (one-shot, a streamable allocation and reconstruction "
+                 "do): working in memory")
+        return OffloadChoice(False, f"{choice.why}, but these settings run in memory only")
+    return choice
+
+
 def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: ActivationStats | None = None,
                       corpus: Corpus | None = None, settings: CalibrationSettings = CalibrationSettings(),
-                      inplace: bool = False, progress: bool = True) -> PruneResult:
+                      inplace: bool = False, progress: bool = True, notes: dict | None = None) -> PruneResult:
     """Prune ``model``: with the given ``stats``, or calibrating on ``corpus`` first when the config
-    needs statistics (with second moments for a refit), or calibrating as it prunes (sequential)."""
-    config, notes = resolve(config, model, stats, calibrating=corpus is not None)
+    needs statistics (with second moments for a refit), or calibrating as it prunes (sequential).
+    ``notes`` go into the manifest (e.g. :attr:`OffloadChoice.note`)."""
+    config, auto = resolve(config, model, stats, calibrating=corpus is not None)
+    notes = {**auto, **(notes or {})}
     check_data(config, stats, corpus)
     batches = calibration_batches(tokenizer, corpus, settings) if corpus is not None else []
     meta = provenance(getattr(model, "glu_prune_name", model.config.name_or_path), corpus, settings) if corpus \
@@ -118,20 +146,25 @@ def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: Activatio
 
 def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, *, stats: ActivationStats | None = None,
                     corpus: Corpus | None = None, settings: CalibrationSettings = CalibrationSettings(),
-                    device: torch.device, dtype: torch.dtype, force: bool = False, progress: bool = True) -> dict:
+                    device: torch.device, dtype: torch.dtype, force: bool = False, progress: bool = True,
+                    notes: dict | None = None) -> dict:
     """Prune a local checkpoint into ``out`` without ever building the whole model: calibration one
-    decoder layer at a time, then the checkpoint rewritten shard by shard. Returns the manifest."""
+    decoder layer at a time (each layer's statistics kept in files beside ``out`` until the cut),
+    then the checkpoint rewritten shard by shard. Returns the manifest."""
+    check_output(out, force)
     model, loader, tokenizer = offload_model(model_name, device, dtype)
-    config, notes = resolve(config, model, stats, calibrating=corpus is not None)
+    config, auto = resolve(config, model, stats, calibrating=corpus is not None)
+    notes = {**auto, **(notes or {})}
     check_data(config, stats, corpus)
-    if config.needs_stats and stats is None:
-        batches = calibration_batches(tokenizer, corpus, settings)
-        stats = calibrate_corpus(model, batches, provenance(model_name, corpus, settings),
-                                 second_moment=config.needs_second_moment,
-                                 layers=config.layer_list, loader=loader, device=device,
-                                 progress=progress)
-    return prune_checkpoint(model, loader, tokenizer, out, stats, config, force=force, progress=progress,
-                            notes=notes)
+    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.stats-", dir=Path(out).absolute().parent) as spill:
+        if config.needs_stats and stats is None:
+            batches = calibration_batches(tokenizer, corpus, settings)
+            stats = calibrate_corpus(model, batches, provenance(model_name, corpus, settings),
+                                     second_moment=config.needs_second_moment,
+                                     layers=config.layer_list, loader=loader, device=device,
+                                     progress=progress, spill=spill)
+        return prune_checkpoint(model, loader, tokenizer, out, stats, config, force=force, progress=progress,
+                                notes=notes)
 
 
 def heal_with_corpus(student, teacher, tokenizer, corpus: Corpus, config: HealConfig, *, teacher_name: str,

@@ -8,6 +8,7 @@ from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
 from calibrate.hooks import recording
 from calibrate.identity import fingerprint, weight_sample
+from calibrate.resources import MemoryLimit
 from calibrate.run import calibrate
 from calibrate.stats import ActivationStats, LayerStats, merge, summary
 
@@ -163,7 +164,7 @@ def test_empty_calibration_is_an_error_and_memory_is_checked(monkeypatch):
     model = tiny_model("llama")
     with pytest.raises(GluPruneError, match="no tokens"):
         calibrate(model, [], progress=False)
-    monkeypatch.setattr("calibrate.resources.available_memory", lambda: 1000)
+    monkeypatch.setattr("calibrate.resources.memory_limit", lambda: MemoryLimit(1000, "a test's limit"))
     with pytest.raises(GluPruneError, match="need .* but only"):
         calibrate(model, [{"input_ids": torch.randint(3, 120, (1, 6))}], second_moment=True, progress=False)
 

@@ -54,7 +54,7 @@ def test_reconstruct_auto_is_decided_by_the_model_never_by_free_memory(monkeypat
     config = PruneConfig(ratio=0.2, reconstruct="auto")
     small, why = resolve_reconstruct(config, [1536] * 30)
     assert small.reconstruct == "lstsq" and "auto: lstsq" in why
-    monkeypatch.setattr(resources, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(resources, "memory_limit", lambda: resources.MemoryLimit(1 << 20, "a test's limit"))
     assert resolve_reconstruct(config, [1536] * 30)[0].reconstruct == "lstsq"
     assert resolve_reconstruct(config, [65536])[0].reconstruct == "none"  # 32 GiB for one layer's x xᵀ
     assert resolve_reconstruct(config, [1536], has_second_moment=False)[0].reconstruct == "none"
@@ -62,30 +62,35 @@ def test_reconstruct_auto_is_decided_by_the_model_never_by_free_memory(monkeypat
                                                                    "auto: none (no calibration data)")
 
 
-def test_cli_prune_gives_the_same_model_with_little_free_memory(tmp_path, monkeypatch):
-    """The same command on a machine with little memory: offloaded (how), but the same refit (what).
-    glu-prune 0.1 chose reconstruct none here. The offloaded path writes the checkpoint's float32
-    where the in-memory one writes the float64 it loaded, hence the comparison in float64."""
+def test_cli_prune_gives_the_same_model_under_a_memory_limit(tmp_path, monkeypatch):
+    """The same command in a container with little memory (a faked cgroup v2 limit; the machine
+    itself has plenty): offloaded (how), but the same refit and the same weights, bit for bit (what).
+    glu-prune 0.1 chose reconstruct none here."""
     from safetensors.torch import load_file
+    from tiny import fake_proc
 
-    from calibrate import offload
     from glu_prune_cli.main import main
 
     tiny_workspace(tmp_path)
     command = (f"prune --model {tmp_path}/m --corpus {tmp_path}/c.txt --part all --seq-len 32 --dtype float64 "
                "--method hybrid --ratio 0.25").split()
     assert main(command + ["--out", str(tmp_path / "roomy")]) == 0
-    monkeypatch.setattr(offload, "available_memory", lambda: 100 << 10)  # the weights do not fit, one layer does
-    monkeypatch.setattr(resources, "available_memory", lambda: 100 << 10)
+    # the weights (282 KiB in float64) and every layer's second moments do not fit, one layer does
+    proc, _ = fake_proc(tmp_path / "root", limit=(300 << 10) + (1 << 20), usage=1 << 20)
+    monkeypatch.setattr(resources, "PROC", proc)
+    assert "cgroup v2 memory.max" in resources.memory_limit().source
     assert main(command + ["--out", str(tmp_path / "tight")]) == 0
     roomy, tight = (load_file(tmp_path / name / "model.safetensors") for name in ("roomy", "tight"))
     assert roomy.keys() == tight.keys()
     for name in roomy:
-        torch.testing.assert_close(roomy[name].double(), tight[name].double(), rtol=1e-6, atol=1e-7)
+        assert roomy[name].dtype == tight[name].dtype == torch.float64 and torch.equal(roomy[name], tight[name]), name
 
     manifests = [saved_manifest(tmp_path / n) for n in ("roomy", "tight")]
     assert [m["reconstruct"] for m in manifests] == ["lstsq", "lstsq"]
     assert manifests[0]["reconstruct_auto"].startswith("auto: lstsq")
+    assert [m["run"]["offload"] for m in manifests] == [False, True]
+    assert "would not fit in" in manifests[1]["run"]["why"] and "cgroup v2" in manifests[1]["run"]["why"]
+    assert manifests[0]["kept_indices"] == manifests[1]["kept_indices"]
 
 
 def test_statistics_of_the_same_checkpoint_in_another_dtype_are_accepted():

@@ -127,3 +127,35 @@ def saved_manifest(folder) -> dict:
     from pathlib import Path
 
     return json.loads((Path(folder) / "config.json").read_text())["glu_prune"]
+
+
+def fake_proc(folder, *, version: str = "v2", limit: int | str | None = None, usage: int = 0, inactive: int = 0,
+              available: int = 64 << 30, cgroup: str = "/job", mount_root: str = "/"):
+    """A stand-in for /proc under ``folder``: MemAvailable ``available``, and this process in the
+    memory cgroup ``cgroup`` (``version`` 'v1' or 'v2') whose limit is ``limit`` (a number, 'max',
+    or None for no limit file) with ``usage`` bytes in use, ``inactive`` of them reclaimable file cache.
+    Returns (the proc folder, the cgroup folder) for :func:`calibrate.resources.memory_limit`."""
+    from pathlib import Path
+
+    proc, mount = Path(folder) / "proc", Path(folder) / "sys" / "fs" / "cgroup"
+    (proc / "self").mkdir(parents=True, exist_ok=True)
+    (proc / "meminfo").write_text(f"MemTotal: {available // 512} kB\nMemAvailable: {available // 1024} kB\n")
+    relative = cgroup[len(mount_root):] if cgroup.startswith(mount_root) else cgroup
+    if version == "v1":
+        mount = mount / "memory"
+        (proc / "self" / "cgroup").write_text(f"5:cpu,cpuacct:/\n4:memory:{cgroup}\n1:name=systemd:/\n")
+        (proc / "self" / "mountinfo").write_text(
+            f"31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+            f"35 31 0:32 {mount_root} {mount} rw,relatime - cgroup cgroup rw,memory\n")
+        names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    else:
+        (proc / "self" / "cgroup").write_text(f"0::{cgroup}\n")
+        (proc / "self" / "mountinfo").write_text(f"41 23 0:38 {mount_root} {mount} rw - cgroup2 cgroup2 rw\n")
+        names = ("memory.max", "memory.current", "inactive_file")
+    group = mount / relative.lstrip("/")
+    group.mkdir(parents=True, exist_ok=True)
+    if limit is not None:
+        (group / names[0]).write_text(f"{limit}\n")
+    (group / names[1]).write_text(f"{usage}\n")
+    (group / "memory.stat").write_text(f"cache 0\n{names[2]} {inactive}\nrss {usage}\n")
+    return proc, group
