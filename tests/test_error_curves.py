@@ -192,8 +192,8 @@ def test_a_layer_whose_errors_weigh_more_keeps_no_fewer(draws, fraction, factor,
 def test_identical_layers_keep_the_same_counts_within_one_step(draw, layers, fraction, multiple_of):
     curves = {i: any_curve(draw) for i in range(layers)}
     sizes = {i: len(draw) for i in range(layers)}
-    total = max(int(fraction * len(draw) * layers), multiple_of * layers)
-    counts = curve_counts(curves, sizes, total, 1, multiple_of, 0.5)
+    per_layer = max(int(fraction * len(draw)) // multiple_of * multiple_of, multiple_of)  # a feasible total
+    counts = curve_counts(curves, sizes, per_layer * layers, 1, multiple_of, 0.5)
     assert max(counts.values()) - min(counts.values()) <= multiple_of
 
 
