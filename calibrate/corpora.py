@@ -4,7 +4,9 @@ Built-in parts follow PROTOCOL.md: ``wikitext2`` calibrates on the validation sp
 on the test split; ``sms_spam`` calibrates on messages with index i % 5 != 4 and evaluates on
 i % 5 == 4. ``sms_spam:task`` is the same messages written as the few-shot
 prompts of the ``sms_spam`` task (calibrate/prompts.py: shots from the calibration part only, each
-message followed by its label word) and ``sms_spam:mix`` half raw messages, half those prompts.
+message followed by its label word) and ``sms_spam:mix`` half raw messages, half those prompts;
+``sms_spam:task-ref`` and ``sms_spam:mix-ref`` end each prompt with the content-free query the task's
+choice subtracts (``Message: N/A`` and ``Label:``, no label word).
 Custom corpora (a ``.txt`` file of blank-line separated documents, a folder of ``.txt``
 files, ``.jsonl``/``.json``/``.csv``/``.parquet`` with a text field, or a hub dataset
 ``name[:config]``) use the same fixed hold-out: document i is in the evaluation part when
@@ -21,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibrate.errors import ConfigError, GluPruneError
-from calibrate.prompts import DEFAULT_SEED, DEFAULT_SHOTS, SMS_FORMAT, TaskFormat, mix_documents, task_documents
+from calibrate.prompts import (
+    DEFAULT_REFERENCE,
+    DEFAULT_SEED,
+    DEFAULT_SHOTS,
+    SMS_FORMAT,
+    TaskFormat,
+    mix_documents,
+    task_documents,
+)
 
 PARTS = ("calibration", "evaluation", "all")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
@@ -67,7 +77,7 @@ BUILTINS = {
 }
 # built-in corpora whose rows carry labels: their label order (the last is the positive one) and prompt format
 LABELLED: dict[str, tuple[tuple[str, ...], TaskFormat]] = {"sms_spam": (("ham", "spam"), SMS_FORMAT)}
-TASK_FORMS = ("task", "mix")
+TASK_FORMS = ("task", "mix", "task-ref", "mix-ref")
 BUILTIN = set(BUILTINS) | {f"{name}:{form}" for name in LABELLED for form in TASK_FORMS}
 
 
@@ -175,7 +185,8 @@ def hub_labelled(name: str, split: str) -> tuple[list[tuple[str, str]], str]:
 
 def task_corpus(name: str, form: str, part: str | None, split: str | None, data_dir) -> Corpus:
     """``NAME:task`` (few-shot prompts with their labels) or ``NAME:mix`` (half raw messages, half
-    prompts) of a labelled built-in corpus; shots always come from the calibration part."""
+    prompts) of a labelled built-in corpus, each prompt followed by the content-free query in the
+    ``-ref`` forms; shots always come from the calibration part."""
     if split is not None or part not in ("calibration", "evaluation"):
         raise ConfigError("part", split or part, f"corpus '{name}:{form}' has fixed parts: use calibration or "
                                                  f"evaluation")
@@ -183,10 +194,12 @@ def task_corpus(name: str, form: str, part: str | None, split: str | None, data_
     pool_texts, pool_labels, source = labelled_part(name, "calibration", data_dir)
     texts, labels = (pool_texts, pool_labels) if part == "calibration" else labelled_part(name, part, data_dir)[:2]
     documents = task_documents(fmt, texts, labels, (pool_texts, pool_labels), list(order), DEFAULT_SHOTS,
-                               DEFAULT_SEED, same_part=part == "calibration")
-    if form == "mix":
+                               DEFAULT_SEED, same_part=part == "calibration",
+                               reference=DEFAULT_REFERENCE if form.endswith("-ref") else None)
+    if form.startswith("mix"):
         documents = mix_documents(texts, documents)
-    where = f"{source} ({part} part as {DEFAULT_SHOTS}-shot {name} prompts, seed {DEFAULT_SEED})"
+    query = f", each then asking for the label of {DEFAULT_REFERENCE!r}" if form.endswith("-ref") else ""
+    where = f"{source} ({part} part as {DEFAULT_SHOTS}-shot {name} prompts{query}, seed {DEFAULT_SEED})"
     return Corpus(f"{name}:{form}", "documents", documents, where, part)
 
 

@@ -91,18 +91,20 @@ def fixed_shots(labels: list[str], order: list[str], shots: int = DEFAULT_SHOTS,
 
 def task_documents(fmt: TaskFormat, texts: list[str], labels: list[str], pool: tuple[list[str], list[str]],
                    order: list[str], shots: int = DEFAULT_SHOTS, seed: int = DEFAULT_SEED,
-                   same_part: bool = True) -> list[str]:
+                   same_part: bool = True, reference: str | None = None) -> list[str]:
     """Each (text, label) as the model sees it in the task: ``shots`` shots from ``pool`` (the
     calibration part's texts and labels), the text, its label word. Every document draws its own
     balanced shots (seeded), so that a few messages do not fill the statistics; with
-    ``same_part`` (``texts`` is the pool itself) a document never shows its own text as a shot."""
+    ``same_part`` (``texts`` is the pool itself) a document never shows its own text as a shot.
+    With ``reference``, each document then asks for the label of that content-free text (no label
+    word follows): the query whose scores the few-shot choice subtracts (calibrate/tasks.py)."""
     pool_texts, pool_labels = pool
     rng = random.Random(seed)
     documents = []
     for i, (text, label) in enumerate(zip(texts, labels)):
         picked = balanced_shots(pool_labels, order, shots, rng, exclude=i if same_part else None)
-        documents.append(fmt.prompt([(pool_texts[j], pool_labels[j]) for j in picked], text) +
-                         fmt.label_words[label])
+        document = fmt.prompt([(pool_texts[j], pool_labels[j]) for j in picked], text) + fmt.label_words[label]
+        documents.append(document if reference is None else fmt.separator.join([document, fmt.example(reference)]))
     return documents
 
 

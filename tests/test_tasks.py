@@ -14,7 +14,7 @@ from benchmarks.compare import compare
 from calibrate.batches import with_bos
 from calibrate.corpora import labelled_part, load_corpus
 from calibrate.errors import GluPruneError
-from calibrate.prompts import SMS_FORMAT, fixed_shots, mix_documents
+from calibrate.prompts import DEFAULT_REFERENCE, SMS_FORMAT, fixed_shots, mix_documents
 from calibrate.task_metrics import auc, bootstrap_intervals
 from calibrate.tasks import balanced_subset, evaluate_task, load_task
 from glu_prune_cli.main import main
@@ -149,6 +149,21 @@ def test_no_evaluation_text_in_shots_or_in_task_formatted_calibration_text(data_
     assert all(line in calibration for d in mix.texts[1::2] for line in d.split("\n"))
     assert "fixed parts" in str(pytest.raises(GluPruneError, load_corpus, "sms_spam:task", part="all",
                                               data_dir=data_dir).value)
+
+
+def test_ref_forms_end_every_prompt_with_the_content_free_query_the_choice_subtracts(data_dir):
+    task = load_task("sms_spam", data_dir=data_dir)
+    query = SMS_FORMAT.separator + SMS_FORMAT.example(DEFAULT_REFERENCE)
+    assert query == "\n\nMessage: N/A\nLabel:"
+    for part in ("calibration", "evaluation"):
+        plain = load_corpus("sms_spam:task", part=part, data_dir=data_dir).texts
+        with_query = load_corpus("sms_spam:task-ref", part=part, data_dir=data_dir).texts
+        assert with_query == [d + query for d in plain]
+    mix = load_corpus("sms_spam:mix-ref", part="calibration", data_dir=data_dir).texts
+    formatted = load_corpus("sms_spam:task-ref", part="calibration", data_dir=data_dir).texts
+    assert mix[0::2] == formatted[: len(mix[0::2])]
+    calibration = set(task.calibration.texts)
+    assert all(line in calibration for d in mix[1::2] for line in d.split("\n"))
 
 
 def test_mix_alternates_formatted_documents_and_raw_blocks_of_the_same_length():
