@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from calibrate.batches import pad_id, with_bos
-from calibrate.corpora import LABELLED, is_evaluation, labelled_part, table_rows
+from calibrate.corpora import LABELLED, Corpus, is_evaluation, labelled_part, table_rows
 from calibrate.errors import ConfigError, GluPruneError
 from calibrate.prompts import (
     DEFAULT_REFERENCE,
@@ -54,6 +54,7 @@ from calibrate.prompts import (
     by_label,
     custom_format,
     fixed_shots,
+    task_documents,
 )
 from calibrate.task_metrics import BOOTSTRAP, LEVEL, auc, bootstrap_intervals, recalls
 
@@ -181,6 +182,21 @@ def without_repeats(task: Task) -> Task:
     task.repeats = len(task.evaluation.texts) - len(kept)
     task.evaluation = Labelled([t for t, _ in kept], [label for _, label in kept])
     return task
+
+
+def task_calibration_corpus(task: Task, reference: str | None = DEFAULT_REFERENCE) -> Corpus:
+    """The calibration part of ``task`` as the few-shot prompts the task runs: each example with
+    its own balanced shots and its label word, then (with ``reference``) the query for the
+    content-free text; for ``sms_spam`` the same documents as the corpus ``sms_spam:task-ref``."""
+    check_task(task)
+    part = task.calibration
+    documents = task_documents(task.format, part.texts, part.labels, (part.texts, part.labels), list(task.labels),
+                               DEFAULT_SHOTS, DEFAULT_SEED, same_part=True, reference=reference)
+    query = f", each then asking for the label of {reference!r}" if reference is not None else ""
+    form = "task-ref" if reference is not None else "task"
+    return Corpus(f"{task.name}:{form}", "documents", documents,
+                  f"{task.source} (calibration part as {DEFAULT_SHOTS}-shot {task.name} prompts{query}, "
+                  f"seed {DEFAULT_SEED})", "calibration")
 
 
 def split_of(row: dict, index: int, path: Path) -> str:

@@ -99,7 +99,7 @@ def run_eval(args) -> None:
 
 def add_calibrate(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
-    add_corpus_options(p, part="calibration")
+    add_corpus_options(p, part="calibration", task=True)
     add_calibration_options(p)
     p.add_argument("--layers", default=None, help="only these layers, e.g. 0-3,10")
     p.add_argument("--layer-importance", action="store_true",

@@ -8,6 +8,7 @@ from calibrate.corpora import Corpus, load_corpus
 from calibrate.errors import GluPruneError
 from calibrate.glu import parse_layers
 from calibrate.layer_importance import SCORES
+from calibrate.tasks import load_task, task_calibration_corpus
 from pruning.allocation import DEFAULT_SPREAD
 from pruning.config import PruneConfig
 from pruning.depth import DepthConfig, parse_removal
@@ -41,10 +42,18 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="spread the model over several GPUs with accelerate (e.g. auto) instead of --device")
 
 
-def add_corpus_options(p: argparse.ArgumentParser, part: str, required: bool = True) -> None:
-    p.add_argument("--corpus", required=required,
+def add_corpus_options(p: argparse.ArgumentParser, part: str, required: bool = True, task: bool = False) -> None:
+    """--corpus and its part options; with ``task``, --task (a labelled task's prompts) instead of --corpus."""
+    p.add_argument("--corpus", required=required and not task,
                    help="wikitext2, sms_spam, a .txt/.jsonl/.json/.csv/.parquet file, a folder of .txt, "
                         "or a hub dataset name[:config]")
+    if task:
+        p.add_argument("--task", default=None,
+                       help="instead of --corpus: calibrate on a labelled task as its few-shot prompts, each then "
+                            "asking for the label of 'N/A' (sms_spam, the same as --corpus sms_spam:task-ref, or a "
+                            ".csv/.jsonl/.json/.parquet file; docs/tasks.md)")
+        p.add_argument("--label-field", default=None, help="label column of a --task file (default: label)")
+        p.set_defaults(task_calibration=True)
     p.add_argument("--part", default=None, help=f"calibration, evaluation or all (default: {part})")
     p.add_argument("--split", default=None, help="a raw split name instead of --part (e.g. test, validation)")
     p.add_argument("--data-dir", default=None,
@@ -53,8 +62,24 @@ def add_corpus_options(p: argparse.ArgumentParser, part: str, required: bool = T
 
 
 def corpus_from_args(args, default_part: str) -> Corpus:
+    if getattr(args, "task_calibration", False) and args.task is not None:
+        if args.corpus is not None:
+            raise GluPruneError("give --corpus or --task, not both")
+        if args.split is not None or args.part not in (None, "calibration"):
+            raise GluPruneError("--task calibrates on the task's calibration part: drop --part and --split")
+        task = load_task(args.task, data_dir=args.data_dir, text_field=args.text_field, label_field=args.label_field)
+        return task_calibration_corpus(task)
+    if args.corpus is None:
+        raise GluPruneError("give --corpus (or --task for a labelled task's prompts)")
     part = args.part if args.part or args.split else default_part
     return load_corpus(args.corpus, part=part, split=args.split, data_dir=args.data_dir, text_field=args.text_field)
+
+
+def corpus_or_none(args, default_part: str) -> Corpus | None:
+    """The corpus of --corpus or --task, or None when neither is given."""
+    if args.corpus is None and getattr(args, "task", None) is None:
+        return None
+    return corpus_from_args(args, default_part)
 
 
 def add_calibration_options(p: argparse.ArgumentParser, second_moment: bool = True) -> None:

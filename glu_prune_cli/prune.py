@@ -18,7 +18,7 @@ from glu_prune_cli.options import (
     add_output_options,
     add_prune_options,
     config_from_args,
-    corpus_from_args,
+    corpus_or_none,
     depth_from_args,
     settings_from_args,
 )
@@ -29,7 +29,7 @@ from pruning.workflow import offload_choice, prune_depth_with_corpus, prune_offl
 def add_prune(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     p.add_argument("--stats", default=None, help="statistics file from glu-prune calibrate")
-    add_corpus_options(p, part="calibration", required=False)
+    add_corpus_options(p, part="calibration", required=False, task=True)
     add_calibration_options(p, second_moment=False)
     add_prune_options(p)
     add_offload_option(p, "never build the whole model: calibrate layer by layer and rewrite the checkpoint shard "
@@ -41,7 +41,7 @@ def run_prune(args) -> None:
     check_output(args.out, args.force)
     config = config_from_args(args)  # a bad setting fails before anything loads
     depth = depth_from_args(args)
-    corpus = corpus_from_args(args, "calibration") if args.corpus is not None else None
+    corpus = corpus_or_none(args, "calibration")
     start = time.perf_counter()
     if depth is not None:
         run_depth(args, config, depth, corpus, start)

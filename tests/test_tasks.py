@@ -11,12 +11,14 @@ import torch
 from tiny import GRID_OPTIONS, save_tiny, tiny_model, tiny_tokenizer
 
 from benchmarks.compare import compare
-from calibrate.batches import with_bos
+from calibrate.batches import make_batches, with_bos
 from calibrate.corpora import labelled_part, load_corpus
 from calibrate.errors import GluPruneError
 from calibrate.prompts import DEFAULT_REFERENCE, SMS_FORMAT, fixed_shots, mix_documents
+from calibrate.run import calibrate
+from calibrate.stats import ActivationStats
 from calibrate.task_metrics import auc, bootstrap_intervals
-from calibrate.tasks import balanced_subset, evaluate_task, load_task
+from calibrate.tasks import balanced_subset, evaluate_task, load_task, task_calibration_corpus
 from glu_prune_cli.main import main
 
 WORDS = {"a": "apple pear plum fig", "b": "brick stone slab tile"}
@@ -164,6 +166,33 @@ def test_ref_forms_end_every_prompt_with_the_content_free_query_the_choice_subtr
     assert mix[0::2] == formatted[: len(mix[0::2])]
     calibration = set(task.calibration.texts)
     assert all(line in calibration for d in mix[1::2] for line in d.split("\n"))
+
+
+def test_a_task_calibration_corpus_is_the_ref_form_for_sms_spam(data_dir):
+    corpus = task_calibration_corpus(load_task("sms_spam", data_dir=data_dir))
+    assert corpus.name == "sms_spam:task-ref" and corpus.kind == "documents"
+    assert corpus.texts == load_corpus("sms_spam:task-ref", part="calibration", data_dir=data_dir).texts
+
+
+def test_calibrate_and_prune_with_task_use_the_task_prompts(tmp_path, capsys):
+    save_tiny(tmp_path / "m")
+    path = write_csv(tmp_path / "t.csv")
+    task = load_task(str(path), text_field="body", label_field="tag")
+    corpus = task_calibration_corpus(task)
+    assert len(corpus.texts) == len(task.calibration.texts)
+    assert all(d.endswith("\nText: N/A\nLabel:") for d in corpus.texts)
+    flags = ["--task", str(path), "--text-field", "body", "--label-field", "tag", "--seq-len", "32", "--max-tokens",
+             "512"]
+    assert main(["calibrate", "--model", str(tmp_path / "m"), *flags, "--out", str(tmp_path / "s.st")]) == 0
+    stats = ActivationStats.load(tmp_path / "s.st")
+    assert stats.meta["corpus"] == "t:task-ref"
+    direct = calibrate(tiny_model("llama"), list(make_batches(tiny_tokenizer(), corpus, seq_len=32, max_tokens=512)),
+                       progress=False)
+    for i, layer in direct.layers.items():
+        torch.testing.assert_close(stats.layers[i].sq_sum, layer.sq_sum)
+    assert main(["prune", "--model", str(tmp_path / "m"), *flags, "--ratio", "0.25", "--out", str(tmp_path / "p")]) == 0
+    manifest = json.loads((tmp_path / "p" / "config.json").read_text())["glu_prune"]
+    assert "t:task-ref" in json.dumps(manifest)
 
 
 def test_mix_alternates_formatted_documents_and_raw_blocks_of_the_same_length():
