@@ -16,6 +16,7 @@ from calibrate.files import atomic_file
 from calibrate.glu import glu_layers
 from calibrate.identity import same_checkpoint, weight_sample
 from calibrate.layer_importance import LayerImportance
+from calibrate.resources import human_bytes
 
 FORMAT_VERSION = 1
 FIELDS = ("sum", "abs_sum", "sq_sum", "max_abs")
@@ -250,12 +251,33 @@ def merge(a: ActivationStats, b: ActivationStats) -> ActivationStats:
     return a.merge(b)
 
 
+def moment_bytes(layers: dict[int, LayerStats]) -> tuple[int, int]:
+    """(how many of ``layers`` hold x xᵀ sums, their bytes)."""
+    held = [s.second_moment for s in layers.values() if s.second_moment is not None]
+    return len(held), sum(m.numel() * m.element_size() for m in held)
+
+
+def storage_lines(stats: ActivationStats) -> list[str]:
+    """Whether the file holds second moments and a held-out slice, and their sizes."""
+    count, size = moment_bytes(stats.layers)
+    lines = [f"second moments: {count} of {len(stats.layers)} layers, {human_bytes(size)} (float64 x xᵀ)" if count
+             else "second moments: none (glu-prune calibrate --second-moment stores them)"]
+    if not stats.holdout:
+        return lines + ["held-out slice: none"]
+    held, held_size = moment_bytes(stats.holdout)
+    moments_text = f", second moments of {held} layers, {human_bytes(held_size)}" if held else ", no second moments"
+    return lines + [f"held-out slice: {next(iter(stats.holdout.values())).count} tokens, {len(stats.holdout)} "
+                    f"layers{moments_text}"]
+
+
 def summary(stats: ActivationStats) -> str:
-    """Provenance, token count, per-layer quantiles of mean |x| and count of never-active neurons."""
+    """Provenance, token count, second moments and held-out slice (with their sizes), per-layer
+    quantiles of mean |x| and count of never-active neurons."""
     keys = ("model", "model_type", "fingerprint", "corpus", "source", "part", "seq_len", "dtype", "date",
             "library_version", "format_version")
     lines = [f"{k}: {stats.meta[k]}" for k in keys if k in stats.meta]
     lines.append(f"tokens: {stats.tokens}, layers: {len(stats.layers)}")
+    lines += storage_lines(stats)
     lines.append(f"{'layer':>5} {'size':>6} {'min':>9} {'q25':>9} {'median':>9} {'q75':>9} {'max':>9} {'dead':>5}"
                  "   (mean |x| quantiles; dead = never active)")
     q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)

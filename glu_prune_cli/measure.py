@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from calibrate import distributed
 from calibrate.errors import GluPruneError
@@ -13,6 +14,7 @@ from calibrate.models import load_model, pick_device, pick_dtype
 from calibrate.offload import OffloadChoice, offload_model, should_offload
 from calibrate.perplexity import perplexity
 from calibrate.prompts import DEFAULT_REFERENCE
+from calibrate.resources import human_bytes
 from calibrate.stats import ActivationStats, summary
 from calibrate.tasks import TaskResult, evaluate_task, load_task
 from glu_prune_cli.options import (
@@ -149,3 +151,4 @@ def add_stats(p: argparse.ArgumentParser) -> None:
 
 def run_stats(args) -> None:
     print(summary(ActivationStats.load(args.file)))
+    print(f"file: {human_bytes(Path(args.file).stat().st_size)}")

@@ -8,7 +8,7 @@ from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
 from calibrate.hooks import recording
 from calibrate.identity import fingerprint, weight_sample
-from calibrate.resources import MemoryLimit
+from calibrate.resources import MemoryLimit, human_bytes
 from calibrate.run import calibrate
 from calibrate.stats import ActivationStats, LayerStats, merge, summary
 
@@ -150,6 +150,28 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         ActivationStats.load(tmp_path / "missing.safetensors")
     text = summary(loaded)
     assert "tokens: 12" in text and "dead" in text and "corpus: c" in text
+
+
+def test_stats_command_says_whether_second_moments_and_a_holdout_are_held(tmp_path, capsys):
+    from glu_prune_cli.main import main
+
+    model = tiny_model("llama")
+    batches, _ = random_batches(n_rows=16, seq=6, batch=4)
+    for second, holdout in ((False, 0.0), (True, 0.25)):
+        stats = calibrate(model, batches, progress=False, second_moment=second, holdout=holdout)
+        path = stats.save(tmp_path / f"s-{second}.safetensors")
+        assert main(["stats", str(path)]) == 0
+        printed = capsys.readouterr().out
+        size = glu_layers(model)[0].intermediate_size
+        if not second:
+            assert "second moments: none" in printed and "held-out slice: none" in printed
+        else:
+            held_tokens = next(iter(stats.holdout.values())).count
+            assert 0 < held_tokens < 96 and held_tokens + stats.tokens == 96
+            each = human_bytes(3 * size * size * 8)
+            assert f"second moments: 3 of 3 layers, {each} (float64" in printed
+            assert f"held-out slice: {held_tokens} tokens, 3 layers, second moments of 3 layers, {each}" in printed
+        assert f"file: {human_bytes(path.stat().st_size)}" in printed
 
 
 def test_nonfinite_activations_name_the_layer():
