@@ -1,0 +1,128 @@
+"""The arithmetic of docs/scale.md's 8B/70B plan (pure): model shapes, bytes, a fitted power law,
+and times from FLOPs at a stated rate. No measurement here: :mod:`benchmarks.scale_costs` measures
+the rates this module is given."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+F64 = 8  # bytes of one float64
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-style decoder: ``kv_width`` is the k/v projections' output width (kv heads × head dim)."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    kv_width: int
+    tied: bool
+
+    @property
+    def layer_params(self) -> int:
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_width
+        return attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.embedding_params + self.hidden
+
+    @property
+    def body_flops_per_token(self) -> int:
+        """2 × the decoder layers' parameters: the forward that calibration runs (no lm_head; the
+        attention's sequence-length term, 4 · seq · hidden per layer, left out)."""
+        return 2 * self.layers * self.layer_params
+
+    @property
+    def moment_bytes(self) -> int:
+        """One layer's float64 x xᵀ (intermediate²)."""
+        return self.intermediate**2 * F64
+
+    @property
+    def moment_flops_per_token(self) -> int:
+        """The x xᵀ update of every layer for one token (addmm: the full square, 2 I² per layer)."""
+        return 2 * self.layers * self.intermediate**2
+
+    def stats_file_bytes(self, second_moment: bool) -> int:
+        """A statistics file: four float64 sums per neuron and layer; with second moments, each layer's
+        x xᵀ for the fit and the held-out slice (and the slice's sums)."""
+        sums = 4 * self.intermediate * F64 * self.layers
+        return 2 * (sums + self.layers * self.moment_bytes) if second_moment else sums
+
+    def refitted_down_bytes(self, ratio: float) -> int:
+        """Every layer's refitted down_proj in float64, as an offloaded prune holds them until it rewrites."""
+        return self.layers * self.hidden * kept(self.intermediate, ratio) * F64
+
+
+SMOLLM2_135M = Shape("SmolLM2-135M", 30, 576, 1536, 49152, 192, True)
+LLAMA_8B = Shape("Llama-3.1-8B", 32, 4096, 14336, 128256, 1024, False)
+LLAMA_70B = Shape("Llama-3.1-70B", 80, 8192, 28672, 128256, 1024, False)
+SHAPES = (SMOLLM2_135M, LLAMA_8B, LLAMA_70B)
+
+
+def kept(size: int, ratio: float) -> int:
+    return size - round(size * ratio)
+
+
+@dataclass(frozen=True)
+class PowerLaw:
+    """A time law of a size ``n``: the cubic ``coefficient · n³`` through the largest measured point
+    (``__call__``), and the free power law ``free_coefficient · n**exponent`` of a log-log
+    least-squares line (:meth:`free`). Where a library's speed still rises with the size, the free
+    exponent is below 3 and the two bracket an extrapolation: the cubic from above."""
+
+    coefficient: float
+    exponent: float
+    free_coefficient: float
+
+    def __call__(self, n: float) -> float:
+        return self.coefficient * n**3
+
+    def free(self, n: float) -> float:
+        return self.free_coefficient * n**self.exponent
+
+
+def fit_cubic(sizes: list[int], seconds: list[float]) -> PowerLaw:
+    """:class:`PowerLaw` of the measured ``seconds`` at ``sizes`` (the free law needs two sizes or more)."""
+    if len(sizes) != len(seconds) or not sizes:
+        raise ValueError("fit_cubic needs one time per size")
+    largest = max(range(len(sizes)), key=sizes.__getitem__)
+    coefficient = seconds[largest] / sizes[largest] ** 3
+    if len(set(sizes)) < 2:
+        return PowerLaw(coefficient, float("nan"), float("nan"))
+    xs, ys = [math.log(n) for n in sizes], [math.log(t) for t in seconds]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return PowerLaw(coefficient, slope, math.exp(my - slope * mx))
+
+
+def seconds_at(flops: float, rate: float) -> float:
+    """Time of ``flops`` at ``rate`` FLOP/s."""
+    return flops / rate
+
+
+def offload_peak_bytes(shape: Shape, tokens: int, act_bytes: int, batch_tokens: int, refit_extra: float,
+                       ratio: float, refit: bool) -> dict[str, int]:
+    """What an offloaded ``glu-prune prune`` holds at most, by part (an upper bound: the parts are
+    added although the recording and the refit of a layer do not overlap): the input embeddings
+    (while the layers' inputs are captured) or one decoder layer's weights, whichever is larger,
+    every calibration token's hidden state, one batch's GLU activations (gate, up and
+    their product), the fit's and the held-out slice's x xᵀ of one layer, the refit's temporaries
+    (``refit_extra`` × one x xᵀ, measured) and, with a refit, every layer's refitted down_proj."""
+    parts = {
+        "weights": max(shape.layer_params, shape.vocab * shape.hidden) * act_bytes,
+        "hidden states": tokens * shape.hidden * act_bytes,
+        "batch activations": 3 * batch_tokens * shape.intermediate * act_bytes,
+        "second moments": 2 * shape.moment_bytes if refit else 0,
+        "refit temporaries": round(refit_extra * shape.moment_bytes) if refit else 0,
+        "refitted downs": shape.refitted_down_bytes(ratio) if refit else 0,
+    }
+    return {**parts, "total": sum(parts.values())}
