@@ -51,7 +51,11 @@ def test_ctrl_c_delivered_to_the_cli_process(tmp_path):
     (tmp_path / "big.txt").write_text("\n\n".join(f"a long document {i} " * 40 for i in range(300)))
     out = tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-c", "import sys; from glu_prune_cli.main import main; sys.exit(main(sys.argv[1:]))",
+    # A background job of a non-interactive shell (CI under nohup, `make test &`) inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: restore the handler a terminal's process has.
+    child = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from glu_prune_cli.main import main; sys.exit(main(sys.argv[1:]))")
+    command = [sys.executable, "-c", child,
                "calibrate", "--model", str(tmp_path / "m"), "--corpus", str(tmp_path / "big.txt"), "--part", "all",
                "--max-tokens", "5000000", "--seq-len", "128", "--out", str(out / "s.safetensors")]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
