@@ -165,6 +165,20 @@ class LayerRunner:
 AfterLayer = Callable[[int, LayerStats, "LayerStats | None", "list[PairedStats] | None"], None]
 
 
+def check_layerwise_memory(sizes: list[int], streams: int, spilled: bool) -> None:
+    """Refuse a layer-by-layer calibration whose second moments would not fit: one layer's when
+    finished layers are spilled to files, else every layer's (all are held until the file is written)."""
+    if spilled:
+        needed = streams * second_moment_bytes([max(sizes)])
+        log.info("second moment: %s per layer (one layer at a time)", human_bytes(needed))
+        check_memory(needed)
+        return
+    needed = streams * second_moment_bytes(sizes)
+    log.info("second moment: %s for %d layers, held until the statistics are written", human_bytes(needed), len(sizes))
+    check_memory(needed, hint="calibrate fewer layers per file (--layers), or let prune calibrate "
+                              "(glu-prune prune --offload --corpus ...: one layer's second moments at a time)")
+
+
 def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iterable[dict] | None = None,
                         layers: list[int] | None = None, second_moment: bool = False,
                         max_tokens: int | None = None, after_layer: AfterLayer | None = None,
@@ -188,9 +202,8 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
     if dense_pairs and after_layer is None:
         raise GluPruneError("dense pairs are for sequential pruning: pass after_layer")
     if second_moment:
-        needed = second_moment_bytes([max(g.intermediate_size for g in glu_layers(model, selected))])
-        log.info("second moment: %s per layer (one layer at a time)", human_bytes(needed))
-        check_memory(needed)
+        check_layerwise_memory([g.intermediate_size for g in glu_layers(model, selected)],
+                               streams=1 + (holdout_batches is not None), spilled=spill is not None)
     loader = loader or ResidentLoader()
     with loader.loaded(decoder(model).get_input_embeddings()):
         fit = capture_inputs(model, batches, max_tokens, device)

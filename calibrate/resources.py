@@ -192,12 +192,12 @@ def second_moment_bytes(sizes: list[int]) -> int:
     return sum(8 * s * s for s in sizes)
 
 
-def check_memory(needed: int, what: str = "the second-moment matrices") -> None:
+def check_memory(needed: int, what: str = "the second-moment matrices",
+                 hint: str = "calibrate fewer layers at a time (--layers) or one layer at a time (--offload)") -> None:
     """Refuse work whose buffers need more than 80% of what this process may still allocate."""
     limit = memory_limit()
     if limit is not None and needed > 0.8 * limit.bytes:
-        raise GluPruneError(f"{what} need {human_bytes(needed)} but only {limit.text} is available: "
-                            f"calibrate fewer layers at a time (--layers) or one layer at a time (--offload)")
+        raise GluPruneError(f"{what} need {human_bytes(needed)} but only {limit.text} is available: {hint}")
 
 
 def safetensors_numel(path: Path) -> dict[str, int]:

@@ -133,3 +133,15 @@ def test_spilled_statistics_equal_the_in_memory_ones(tmp_path):
             assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("sum", "abs_sum", "sq_sum", "max_abs"))
     assert spilled.layers[0] is not spilled.layers[0]  # read again on each access, held by no one
     assert spilled.meta["holdout_tokens"] == memory.meta["holdout_tokens"]
+
+
+def test_layerwise_second_moments_are_checked_for_what_is_held(monkeypatch):
+    """Without spill files every layer's x xᵀ (and its held-out one) is held until the file is written."""
+    from calibrate.layerwise import check_layerwise_memory
+
+    one = 8 * 100 * 100  # a 100-neuron layer's float64 second moment
+    monkeypatch.setattr(resources, "memory_limit", lambda: MemoryLimit(10 * one, "cgroup v2 memory.max"))
+    check_layerwise_memory([100] * 12, streams=2, spilled=True)  # 2 matrices at a time: fits
+    check_layerwise_memory([100] * 4, streams=2, spilled=False)  # 8 matrices: fits
+    with pytest.raises(GluPruneError, match=r"prune --offload --corpus"):
+        check_layerwise_memory([100] * 6, streams=2, spilled=False)  # 12 matrices: refused
