@@ -137,6 +137,7 @@ class Study:
         if count(model) != p.parameters:
             raise RuntimeError(f"{key}: {count(model)} parameters, {p.parameters} predicted")
         if p.kind == "both" and len(self.corpora) > 1:
+            saved.parent.mkdir(parents=True, exist_ok=True)
             save_pruned(model, self.tok, saved)
             write_text(saved / "prune_seconds", f"{seconds:.1f}")
         return model, seconds
