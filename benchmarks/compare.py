@@ -5,30 +5,36 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import cached_property
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from benchmarks.grid import CorpusSpec, ModelSpec, grid_models
+from benchmarks.grid import CorpusSpec, ModelSpec, equal_size_method, equal_size_models, grid_models
 from benchmarks.lm_eval_tasks import harness, lm_eval_scores
 from benchmarks.speed import device_name, measure_speed
 from benchmarks.store import ResultStore, record_settings
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.errors import GluPruneError
+from calibrate.manifest import read_manifest
 from calibrate.models import load_model, pick_device, pick_dtype
 from calibrate.perplexity import protocol_perplexity
 from calibrate.prompts import DEFAULT_REFERENCE
-from calibrate.run import calibrate, split_holdout
+from calibrate.run import split_holdout
 from calibrate.stats import ActivationStats
 from calibrate.tasks import evaluate_task, load_task
 from pruning.allocation import DEFAULT_SPREAD
+from pruning.equal_size import EqualSizePlan, SizeProfile, plan, size_profile
+from pruning.equal_size_models import build_plan
 from pruning.heal import HealConfig
 from pruning.prune import prune, prune_sequential
 from pruning.registry import needs_second_moment
-from pruning.workflow import HOLDOUT, heal_with_corpus
+from pruning.workflow import HOLDOUT, CalibrationSettings, calibrate_corpus, heal_with_corpus
 
 DEFAULT_METHODS = ["ppm", "hybrid", "wanda"]
+DEFAULT_RATIOS = [0.2, 0.4]
+EQUAL_SIZE_METHODS = ["depth-cosine", "hybrid", "both-hybrid"]  # the default methods with param_ratios
 SPEED = "(speed)"
 LM_EVAL = "(lm-eval)"
 TASK = "task:"  # a labelled task's cells: "task:sms_spam"
@@ -52,13 +58,14 @@ class Grid:
                  lm_eval: list[str] | None = None, lm_eval_include: str | None = None, lm_eval_limit: int | None = None,
                  tasks: list[str] | None = None, task_shots: int = 4, task_size: int | None = None, task_seed: int = 0,
                  task_reference: str | None = DEFAULT_REFERENCE, calibration_corpora: list[CorpusSpec] | None = None,
-                 progress=True):
+                 layer_importance: bool = False, skip_loss: bool = False, loaded: tuple | None = None, progress=True):
         self.model_name, self.corpora, self.out = model, corpora, Path(out_dir)
         self.calibration_specs = corpora if calibration_corpora is None else calibration_corpora
         self.data_dir, self.eval_tokens, self.eval_docs, self.seq_len = data_dir, eval_tokens, eval_docs, seq_len
         self.calib_tokens, self.calib_seq_len, self.spread = calib_tokens, calib_seq_len, spread
         self.batch_size, self.progress, self.second_moment = batch_size, progress, second_moment
         self.heal_seq_len, self.dtype = heal_seq_len, dtype
+        self.layer_importance, self.skip_loss = layer_importance, layer_importance and skip_loss
         self.speed_device = device_name(pick_device(device)) if speed else None
         self.lm_eval = {"tasks": lm_eval, "include": lm_eval_include, "limit": lm_eval_limit} if lm_eval else None
         if lm_eval:
@@ -77,7 +84,7 @@ class Grid:
         task_store = ResultStore(self.out, "tasks.json")  # one file, one cell per (model, task)
         for name in self.tasks:
             self.extras[TASK + name] = (task_store, lambda m, name=name: self.task_scores(m, name))
-        self.base, self.tokenizer = load_model(model, device=device, dtype=dtype)
+        self.base, self.tokenizer = loaded or load_model(model, device=device, dtype=dtype)
         self.eval_parts = {c.name: load_corpus(c.source, part="evaluation", data_dir=data_dir, name=c.name)
                            for c in corpora}
         self.stats: dict[str, ActivationStats] = {}
@@ -125,19 +132,27 @@ class Grid:
         """Calibration statistics of ``corpus``, computed once and kept in DIR/stats/ under a name
         that holds the calibration settings.
 
-        With ``second_moment`` they also hold x xᵀ and a held-out eighth of the batches (for refits).
+        With ``second_moment`` they also hold x xᵀ and a held-out eighth of the batches (for refits);
+        with ``layer_importance`` every layer's cosine (and with ``skip_loss`` its skip loss on the
+        last eighth), for depth cells.
         """
         if corpus not in self.stats:
             name = f"{corpus}-{self.calib_tokens}tokens-seq{self.calib_seq_len}"
-            path = self.out / "stats" / f"{name}{'-second-moment' if self.second_moment else ''}.safetensors"
+            name += "-second-moment" if self.second_moment else ""
+            name += ("-layer-importance" + ("-skip-loss" if self.skip_loss else "")) if self.layer_importance else ""
+            path = self.out / "stats" / f"{name}.safetensors"
             if path.is_file():
                 self.stats[corpus] = ActivationStats.load(path, model=self.base)
             else:
                 batches = self.calibration_batches(corpus)
+                if (self.second_moment or self.skip_loss) and len(batches) < 2:
+                    raise GluPruneError(f"the held-out slice of a refit or a skip loss needs 2 calibration batches of "
+                                        f"8 rows: {corpus} gave {len(batches)}; raise --calib-tokens to at least "
+                                        f"{16 * self.calib_seq_len}, or use a larger corpus")
                 meta = {"corpus": corpus, "source": self.calibration_part(corpus).source, "part": "calibration",
                         "seq_len": str(self.calib_seq_len), "model": self.model_name}
-                stats = calibrate(self.base, batches, second_moment=self.second_moment,
-                                  holdout=HOLDOUT if self.second_moment else 0.0, progress=False, meta=meta)
+                stats = calibrate_corpus(self.base, batches, meta, second_moment=self.second_moment, progress=False,
+                                         layer_importance=self.layer_importance, skip_loss=self.skip_loss)
                 path.parent.mkdir(exist_ok=True)
                 stats.save(path)
                 self.stats[corpus] = stats
@@ -148,8 +163,10 @@ class Grid:
         if spec.method is None:
             return self.base, 0.0
         start = time.perf_counter()
-        config = spec.config(self.spread)
-        if config.schedule == "sequential":
+        config = None if spec.param_ratio is not None else spec.config(self.spread)
+        if config is None:
+            model = self.equal_size(spec).model
+        elif config.schedule == "sequential":
             model = prune_sequential(self.base, self.calibration_batches(spec.calibration), config).model
         else:
             stats = self.statistics(spec.calibration) if spec.calibration else None
@@ -161,6 +178,26 @@ class Grid:
             model, _ = heal_with_corpus(model, self.base, self.tokenizer, part, HealConfig(steps=spec.heal_steps),
                                         teacher_name=self.model_name, seq_len=self.heal_seq_len, progress=False)
         return model, time.perf_counter() - start
+
+    @cached_property
+    def profile(self) -> SizeProfile:
+        """The base model's sizes, for equal-size plans."""
+        return size_profile(self.base)
+
+    def equal_size_plan(self, spec: ModelSpec) -> EqualSizePlan:
+        """The :mod:`pruning.equal_size` plan of an equal-size cell on the base model."""
+        return plan(self.profile, spec.param_ratio, spec.plan_kind[0])
+
+    def equal_size(self, spec: ModelSpec):
+        """An equal-size cell's model: its plan built from the base, calibrated on its corpus."""
+        _, score, method = spec.plan_kind
+        part = self.calibration_part(spec.calibration) if spec.calibration else None
+        settings = CalibrationSettings(seq_len=self.calib_seq_len, max_tokens=self.calib_tokens, batch_size=8,
+                                       packing=True)  # as calibration_batches
+        return build_plan(self.base, self.tokenizer, self.equal_size_plan(spec), layer_score=score or "cosine",
+                          method=method or "hybrid", reconstruct=spec.reconstruct,
+                          stats=self.statistics(spec.calibration) if spec.calibration else None, corpus=part,
+                          settings=settings)
 
     def evaluate(self, model, corpus: str):
         """Perplexity on the evaluation part: the first eval_tokens of documents, the first eval_docs messages."""
@@ -196,19 +233,33 @@ class Grid:
                     continue
                 result = self.evaluate(model, corpus)
                 self.store.add({
-                    "model": spec.key, "method": spec.method or "base", "ratio": spec.ratio or 0.0,
+                    "model": spec.key, "method": spec.method or "base",
+                    "ratio": None if spec.param_ratio is not None else spec.ratio or 0.0,
                     "calibration_corpus": spec.calibration or "", "reconstruct": spec.reconstruct,
                     "schedule": spec.schedule, "heal_steps": spec.heal_steps,
                     "allocation": spec.allocation if spec.method else "", "eval_corpus": corpus,
                     "perplexity": result.perplexity, "tokens": result.tokens,
                     "parameters": parameter_count(model), "prune_seconds": round(prune_seconds, 3),
-                    "eval_seconds": round(result.seconds, 2),
+                    "eval_seconds": round(result.seconds, 2), **self.equal_size_figures(spec, model),
                 })
                 bar.update()
             if model is not self.base:
                 del model
         bar.close()
         return self.store.rows, {name: store.rows for name, (store, _) in self.extras.items()}
+
+
+    def equal_size_figures(self, spec: ModelSpec, model) -> dict:
+        """An equal-size cell's target and shape: the fraction of all parameters, the layers removed
+        (count and original indices) and the neurons kept per remaining layer; nothing for other cells."""
+        if spec.param_ratio is None:
+            return {}
+        p = self.equal_size_plan(spec)
+        removed = (read_manifest(model.config) or {}).get("depth", {}).get("removed_layers", [])
+        return {"param_ratio": spec.param_ratio, "remove_layers": len(removed),
+                "removed_layers": ",".join(map(str, removed)),
+                "intermediate_size": p.intermediate_size or self.profile.intermediate,
+                "predicted_parameters": p.parameters}
 
 
 def labelled_tasks(sources: list[str], data_dir) -> dict[str, tuple[str, object]]:
@@ -234,25 +285,48 @@ def check_calibration_corpora(corpora: list[CorpusSpec], calibration: list[Corpu
     return calibration
 
 
-def compare(model: str, corpora: list[CorpusSpec], ratios: list[float], methods: list[str], out_dir,
+def compare(model: str, corpora: list[CorpusSpec], ratios: list[float] | None, methods: list[str], out_dir,
             reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",), heal_steps: int = 0,
             allocations: list[str] = ("uniform",), calibration_corpora: list[CorpusSpec] | None = None,
-            **options) -> list[dict]:
+            param_ratios: list[float] | None = None, **options) -> list[dict]:
     """Run (or resume) the grid and write results.{json,csv,md} and plots into ``out_dir``.
 
-    Each method is pruned once per entry of ``reconstruct``, of ``schedules`` (one-shot,
-    sequential, sequential-dense) and of ``allocations``; a refit makes every corpus calibrate with
-    the second moment. ``heal_steps`` adds each pruned model healed (distilled from the base) on its
-    calibration corpus. ``calibration_corpora`` (default: ``corpora``) are the corpora the models
-    are calibrated on; every model is evaluated on ``corpora``.
+    Each method is pruned once per entry of ``ratios`` (fractions of GLU neurons; default
+    0.2 and 0.4), of ``reconstruct``, of ``schedules`` (one-shot, sequential, sequential-dense) and
+    of ``allocations``; a refit makes every corpus calibrate with the second moment. ``heal_steps``
+    adds each pruned model healed (distilled from the base) on its calibration corpus.
+    ``calibration_corpora`` (default: ``corpora``) are the corpora the models are calibrated on;
+    every model is evaluated on ``corpora``.
+
+    ``param_ratios`` instead of ``ratios``: every cell removes that fraction of the model's total
+    parameters by the equal-size plans of :mod:`pruning.equal_size`: 'depth-cosine' and
+    'depth-skip-loss' whole layers, a width method uniform neurons (refit by ``reconstruct``),
+    'both-<method>' half by layers (cosine), the rest by that method's neurons.
     """
     from benchmarks.report import write_reports
 
+    if ratios and param_ratios:
+        raise GluPruneError("--ratios (fractions of GLU neurons) and --param-ratios (fractions of all parameters) "
+                            "are exclusive: give one of them")
     calibration = check_calibration_corpora(corpora, calibration_corpora)
-    specs = grid_models(methods, ratios, [c.name for c in calibration], reconstruct, schedules, heal_steps,
-                        allocations)
-    second_moment = any(needs_second_moment(m, r) for m in methods for r in reconstruct)
-    grid = Grid(model, corpora, out_dir, second_moment=second_moment, calibration_corpora=calibration, **options)
+    names = [c.name for c in calibration]
+    if not param_ratios:
+        specs = grid_models(methods, ratios or DEFAULT_RATIOS, names, reconstruct, schedules, heal_steps, allocations)
+        second_moment = any(needs_second_moment(m, r) for m in methods for r in reconstruct)
+        grid = Grid(model, corpora, out_dir, second_moment=second_moment, calibration_corpora=calibration, **options)
+    else:
+        if list(schedules) != ["one-shot"] or list(allocations) != ["uniform"]:
+            raise GluPruneError("--param-ratios prunes neurons uniformly, one-shot: drop --schedule and --allocation")
+        specs = equal_size_models(methods, param_ratios, names, reconstruct, heal_steps)
+        kinds = [equal_size_method(m) for m in methods]
+        second_moment = any(needs_second_moment(w, r) for kind, _, w in kinds if kind == "width" for r in reconstruct)
+        loaded = load_model(model, device=options.get("device"), dtype=options.get("dtype", "float32"))
+        profile = size_profile(loaded[0])
+        for spec in specs[1:]:
+            plan(profile, spec.param_ratio, spec.plan_kind[0])  # a plan refused before anything is written
+        grid = Grid(model, corpora, out_dir, second_moment=second_moment, calibration_corpora=calibration,
+                    layer_importance=any(kind != "width" for kind, _, _ in kinds),
+                    skip_loss=any(score == "skip-loss" for _, score, _ in kinds), loaded=loaded, **options)
     rows, extras = grid.run(specs)
     tasks = next((found for name, found in extras.items() if name.startswith(TASK)), [])
     return write_reports(rows, Path(out_dir), extras.get(SPEED, []), extras.get(LM_EVAL, []), tasks)

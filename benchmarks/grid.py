@@ -6,8 +6,10 @@ from dataclasses import dataclass, replace
 
 from calibrate.corpora import BUILTIN
 from calibrate.errors import GluPruneError
+from calibrate.layer_importance import SCORES
 from pruning.allocation import DEFAULT_SPREAD
 from pruning.config import PruneConfig
+from pruning.equal_size import check_param_ratio
 from pruning.registry import ALLOCATIONS, METHODS, choice
 
 
@@ -30,12 +32,14 @@ class ModelSpec:
     schedule: str = "one-shot"
     heal_steps: int = 0
     allocation: str = "uniform"
+    param_ratio: float | None = None  # an equal-size cell: this fraction of all parameters removed
 
     @property
     def key(self) -> str:
         if self.method is None:
             return "base"
-        parts = [self.method, f"{self.ratio:g}", self.calibration or "static"]
+        target = f"{self.ratio:g}" if self.param_ratio is None else f"p{self.param_ratio:g}"
+        parts = [self.method, target, self.calibration or "static"]
         if self.reconstruct != "none":
             parts.append(self.reconstruct)
         if self.schedule != "one-shot":
@@ -45,6 +49,11 @@ class ModelSpec:
         if self.heal_steps:
             parts.append(f"heal{self.heal_steps}")
         return "-".join(parts)
+
+    @property
+    def plan_kind(self) -> tuple[str, str | None, str | None]:
+        """(equal-size plan, layer score, width method) of an equal-size cell (:func:`equal_size_method`)."""
+        return equal_size_method(self.method)
 
     def config(self, spread: float) -> PruneConfig:
         """The pruning configuration of this (pruned) model."""
@@ -96,6 +105,9 @@ def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
     if bad:
         raise GluPruneError(f"unknown schedule '{bad[0]}': choose from {', '.join(SCHEDULES)}")
     for method in methods:
+        if method.startswith(("depth-", "both-")):
+            raise GluPruneError(f"method '{method}' removes layers: give --param-ratios (fractions of all "
+                                f"parameters), not --ratios (fractions of neurons)")
         choice(METHODS, "method", method)
     for allocation in allocations:
         choice(ALLOCATIONS, "allocation", allocation)
@@ -114,6 +126,51 @@ def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
     models = list(dict.fromkeys(models))
     for model in models[1:]:
         model.config(DEFAULT_SPREAD)  # every combination is valid before any work
+    if heal_steps:
+        models += [replace(m, calibration=c, heal_steps=heal_steps) for m in models if m.method
+                   for c in ([m.calibration] if m.calibration else corpora)]
+    return models
+
+
+DEPTH_METHODS = tuple(f"depth-{score}" for score in SCORES)  # depth-cosine, depth-skip-loss
+BOTH_LAYER_SCORE = "cosine"  # the layer score of both-<method> cells
+
+
+def equal_size_method(method: str) -> tuple[str, str | None, str | None]:
+    """'depth-cosine' -> ('depth', 'cosine', None); 'hybrid' -> ('width', None, 'hybrid');
+    'both-hybrid' -> ('both', 'cosine', 'hybrid'): the equal-size plan of a grid method, the layer
+    score that chooses its layers and the width method that scores its neurons."""
+    if method.startswith("depth-"):
+        if method not in DEPTH_METHODS:
+            raise GluPruneError(f"unknown depth method '{method}': choose {' or '.join(DEPTH_METHODS)}")
+        return "depth", method.removeprefix("depth-"), None
+    if method.startswith("both-"):
+        width = method.removeprefix("both-")
+        if width not in METHODS:
+            raise GluPruneError(f"method '{method}': '{width}' is not a width method; choose both- followed by one "
+                                f"of {', '.join(METHODS)}")
+        return "both", BOTH_LAYER_SCORE, width
+    choice(METHODS, "method", method)
+    return "width", None, method
+
+
+def equal_size_models(methods: list[str], param_ratios: list[float], corpora: list[str],
+                      reconstruct: list[str] = ("none",), heal_steps: int = 0) -> list[ModelSpec]:
+    """The base, then per fraction of all parameters: every method's equal-size cell, once per
+    calibration corpus when it reads data (layers chosen by importance always do; a static width
+    method without a refit once), width and both once per reconstruction (depth: no refit); with
+    ``heal_steps`` each also healed, as :func:`grid_models` does."""
+    for ratio in param_ratios:
+        check_param_ratio(ratio)
+    models = [ModelSpec()]
+    for ratio in param_ratios:
+        for method in methods:
+            kind, _, width = equal_size_method(method)
+            for rec in ["none"] if kind == "depth" else reconstruct:
+                data = kind != "width" or METHODS[width].data or rec != "none"
+                models += [ModelSpec(method, calibration=c, reconstruct=rec, param_ratio=ratio)
+                           for c in (corpora if data else [None])]
+    models = list(dict.fromkeys(models))
     if heal_steps:
         models += [replace(m, calibration=c, heal_steps=heal_steps) for m in models if m.method
                    for c in ([m.calibration] if m.calibration else corpora)]

@@ -1,5 +1,5 @@
 """Tables and plots of grid results: results.csv, results.md, perplexity.png, heatmap.png (and
-speed.png, tasks.png when the grid measured them)."""
+speed.png, tasks.png when the grid measured them; equal_size.png for equal-size cells)."""
 
 from __future__ import annotations
 
@@ -45,9 +45,23 @@ def label(row: dict) -> str:
     return f"{variant(row)} ({row['calibration_corpus'] or 'static'})"
 
 
+def equal_size(row: dict) -> bool:
+    """Whether ``row`` is an equal-size cell (a fraction of all parameters removed)."""
+    return row.get("param_ratio") is not None
+
+
+def share(row: dict) -> str:
+    """What a pruned row removed: '20%' of the GLU neurons, or '20% of parameters'."""
+    return f"{row['param_ratio']:.0%} of parameters" if equal_size(row) else f"{row['ratio']:.0%}"
+
+
 def markdown_tables(rows: list[dict]) -> str:
     """One table per ratio: models × evaluation corpora; best pruned model per column in bold, and
-    the calibration-domain diagonal marked with a dagger."""
+    the calibration-domain diagonal marked with a dagger. Equal-size cells: :func:`equal_size_tables`."""
+    sized = [r for r in rows if equal_size(r)]
+    rows = [r for r in rows if not equal_size(r)]
+    if sized and all(r["model"] == "base" for r in rows):
+        return equal_size_tables(sized, rows)
     corpora = list(dict.fromkeys(r["eval_corpus"] for r in rows))
     ppl = {(label(r), r["ratio"], r["eval_corpus"]): r for r in rows}
     base = [r for r in rows if r["model"] == "base"]
@@ -73,11 +87,48 @@ def markdown_tables(rows: list[dict]) -> str:
                 cells.append(f"**{text}**" if row["perplexity"] == best[c] else text)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    return "\n".join(lines) + ("\n" + equal_size_tables(sized, [r for r in rows if r["model"] == "base"])
+                               if sized else "")
+
+
+def equal_size_tables(rows: list[dict], base: list[dict]) -> str:
+    """One table per fraction of all parameters: each model's layers removed, neurons kept per layer,
+    parameter count and perplexity on every corpus (x the base); best per column in bold."""
+    corpora = list(dict.fromkeys(r["eval_corpus"] for r in base + rows))
+    ppl = {(label(r), r["param_ratio"], r["eval_corpus"]): r for r in rows}
+    base_ppl = {r["eval_corpus"]: r["perplexity"] for r in base}
+    lines = ["Equal parameter counts: perplexity (x base; lower is better). **bold**: best in the column; "
+             "†: evaluated on its own calibration domain.", ""]
+    for ratio in sorted({r["param_ratio"] for r in rows}):
+        group = [r for r in rows if r["param_ratio"] == ratio]
+        best = {c: min((r["perplexity"] for r in group if r["eval_corpus"] == c), default=None) for c in corpora}
+        lines += [f"### {ratio:.0%} of all parameters removed", "",
+                  "| model | layers removed | neurons per layer | parameters | " + " | ".join(corpora) + " |",
+                  "| --- | --- | ---: | ---: |" + " ---: |" * len(corpora)]
+        if base:
+            lines.append(f"| base | - | - | {base[0]['parameters']:,} | " +
+                         " | ".join(f"{base_ppl[c]:.2f}" if c in base_ppl else "" for c in corpora) + " |")
+        for name in dict.fromkeys(label(r) for r in group):
+            first = next(r for r in group if label(r) == name)
+            cells = []
+            for c in corpora:
+                row = ppl.get((name, ratio, c))
+                if row is None:
+                    cells.append("")
+                    continue
+                text = f"{row['perplexity']:.2f}" + (f" ({row['perplexity'] / base_ppl[c]:.2f})" if c in base_ppl
+                                                      else "") + (" †" if row["calibration_corpus"] == c else "")
+                cells.append(f"**{text}**" if row["perplexity"] == best[c] else text)
+            removed = f"{first['remove_layers']} ({first['removed_layers']})" if first["remove_layers"] else "0"
+            lines.append(f"| {name} | {removed} | {first['intermediate_size']} | {first['parameters']:,} | " +
+                         " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
-def plot_perplexity(rows: list[dict], path: Path) -> None:
-    """Perplexity against ratio, one panel per evaluation corpus, one line per method and calibration."""
+def plot_perplexity(rows: list[dict], path: Path, x: str = "ratio",
+                    xlabel: str = "fraction of GLU neurons removed") -> None:
+    """Perplexity against ``x`` (the ratio), one panel per evaluation corpus, one line per method and calibration."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,13 +139,12 @@ def plot_perplexity(rows: list[dict], path: Path) -> None:
     for ax, corpus in zip(axes[0], corpora):
         here = [r for r in rows if r["eval_corpus"] == corpus]
         for name in dict.fromkeys(label(r) for r in here if r["model"] != "base"):
-            points = sorted((r["ratio"], r["perplexity"]) for r in here if label(r) == name)
+            points = sorted((r[x], r["perplexity"]) for r in here if label(r) == name)
             ax.plot(*zip(*points), marker="o", label=name)
         for r in here:
             if r["model"] == "base":
                 ax.axhline(r["perplexity"], color="black", linestyle="--", label="base")
-        ax.set(title=f"evaluated on {corpus}", xlabel="fraction of GLU neurons removed", ylabel="perplexity",
-               yscale="log")
+        ax.set(title=f"evaluated on {corpus}", xlabel=xlabel, ylabel="perplexity", yscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -110,7 +160,7 @@ def plot_heatmap(rows: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     calibrated = [r for r in rows if r["calibration_corpus"] and r["ratio_to_base"] is not None]
-    panels = list(dict.fromkeys((variant(r), r["ratio"]) for r in calibrated))
+    panels = list(dict.fromkeys((variant(r), share(r)) for r in calibrated))
     if not panels:
         return False
     calib = list(dict.fromkeys(r["calibration_corpus"] for r in calibrated))
@@ -121,7 +171,7 @@ def plot_heatmap(rows: list[dict], path: Path) -> bool:
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (name, ratio) in zip(axes.flat, panels):
-        grid = [[next((r["ratio_to_base"] for r in calibrated if (variant(r), r["ratio"], r["calibration_corpus"],
+        grid = [[next((r["ratio_to_base"] for r in calibrated if (variant(r), share(r), r["calibration_corpus"],
                                                                    r["eval_corpus"]) == (name, ratio, c, e)),
                       float("nan")) for e in evals] for c in calib]
         image = ax.imshow(grid, cmap="viridis_r")
@@ -132,7 +182,7 @@ def plot_heatmap(rows: list[dict], path: Path) -> bool:
         ax.set_xticks(range(len(evals)), evals, fontsize=8)
         ax.set_yticks(range(len(calib)), calib, fontsize=8)
         ax.set(xlabel="evaluated on", ylabel="calibrated on",
-               title=f"{name} {ratio:.0%}")
+               title=f"{name} {ratio}")
     fig.suptitle("perplexity / base perplexity (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -259,7 +309,12 @@ def write_reports(rows: list[dict], out_dir: Path, speed: list[dict] = (), lm_ev
     write_text(out_dir / "results.md", "\n".join(sections))
     if any(r["model"] == "base" for r in speed):
         plot_speed(speed, out_dir / "speed.png")
-    plot_perplexity(rows, out_dir / "perplexity.png")
+    base = [r for r in rows if r["model"] == "base"]
+    if any(not equal_size(r) for r in rows if r["model"] != "base") or not any(equal_size(r) for r in rows):
+        plot_perplexity([r for r in rows if not equal_size(r)], out_dir / "perplexity.png")
+    if any(equal_size(r) for r in rows):
+        plot_perplexity(base + [r for r in rows if equal_size(r)], out_dir / "equal_size.png", x="param_ratio",
+                        xlabel="fraction of all parameters removed")
     if tasks:
         plot_tasks(tasks, out_dir / "tasks.png")
     plot_heatmap(rows, out_dir / "heatmap.png")

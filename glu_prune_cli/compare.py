@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from benchmarks.compare import DEFAULT_METHODS, compare
+from benchmarks.compare import DEFAULT_METHODS, EQUAL_SIZE_METHODS, compare
 from benchmarks.grid import parse_corpora, parse_list
 from calibrate.prompts import DEFAULT_REFERENCE
 from glu_prune_cli.options import add_model_options, add_spread_option, positive
@@ -18,8 +18,14 @@ def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate-on", default=None, metavar="CORPORA",
                    help="comma-separated corpora to calibrate on, in the form of --corpora (default: the --corpora); "
                         "every model is evaluated on the --corpora only")
-    p.add_argument("--ratios", default="0.2,0.4", help="fractions of neurons removed (default 0.2,0.4)")
-    p.add_argument("--methods", default=None, help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--ratios", default=None, help="fractions of GLU neurons removed (default 0.2,0.4)")
+    p.add_argument("--param-ratios", default=None, metavar="RATIOS",
+                   help="instead of --ratios: fractions of the model's total parameters removed by every method, "
+                        "at equal size (docs/depth.md): depth-cosine and depth-skip-loss remove whole layers, a "
+                        "width method (e.g. hybrid) uniform neurons, both-METHOD half of each")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}; with --param-ratios: "
+                        f"{','.join(EQUAL_SIZE_METHODS)})")
     p.add_argument("--allocation", default="uniform",
                    help="comma-separated allocations, each a row per method: uniform, global, owl, sensitivity")
     add_spread_option(p)
@@ -56,8 +62,11 @@ def add_compare(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args) -> None:
-    rows = compare(args.model, parse_corpora(args.corpora), parse_list(args.ratios, float, "--ratios"),
-                   parse_list(args.methods, str, "--methods") if args.methods else DEFAULT_METHODS, args.out,
+    methods = EQUAL_SIZE_METHODS if args.param_ratios else DEFAULT_METHODS
+    rows = compare(args.model, parse_corpora(args.corpora),
+                   parse_list(args.ratios, float, "--ratios") if args.ratios else None,
+                   parse_list(args.methods, str, "--methods") if args.methods else methods, args.out,
+                   param_ratios=parse_list(args.param_ratios, float, "--param-ratios") if args.param_ratios else None,
                    reconstruct=parse_list(args.reconstruct, str, "--reconstruct"),
                    schedules=parse_list(args.schedule, str, "--schedule"), heal_steps=args.heal_steps or 0,
                    allocations=parse_list(args.allocation, str, "--allocation"), spread=args.allocation_spread,

@@ -85,20 +85,26 @@ def width_neurons(profile: SizeProfile, layers: int, budget: int) -> int:
     k = nearest(budget / (layers * profile.neuron_params)) if budget > 0 else 0
     if k >= profile.intermediate:
         raise GluPruneError(f"removing {budget} parameters by width needs {k} of {profile.intermediate} neurons "
-                            f"per layer: choose a smaller --param-ratio")
+                            f"per layer: choose a smaller --param-ratios")
     return k
+
+
+def check_param_ratio(param_ratio: float) -> None:
+    """Refuse a fraction of the parameters outside (0, 1)."""
+    if not 0 < param_ratio < 1:
+        raise GluPruneError(f"--param-ratios {param_ratio:g}: must be between 0 and 1 (the fraction of all "
+                            f"parameters removed)")
 
 
 def plan(profile: SizeProfile, param_ratio: float, kind: str) -> EqualSizePlan:
     """The ``kind`` ('depth', 'width' or 'both') plan removing about ``param_ratio`` of the total parameters."""
     if kind not in PLANS:
         raise GluPruneError(f"unknown plan '{kind}': choose from {', '.join(PLANS)}")
-    if not 0 < param_ratio < 1:
-        raise GluPruneError(f"--param-ratio {param_ratio:g} must be between 0 and 1")
+    check_param_ratio(param_ratio)
     depth = max(1, nearest(param_ratio * profile.total / profile.layer_params))
     if depth >= profile.layers:
         raise GluPruneError(f"removing {param_ratio:g} of the parameters by depth takes {depth} of the model's "
-                            f"{profile.layers} layers: choose a smaller --param-ratio")
+                            f"{profile.layers} layers: choose a smaller --param-ratios")
     budget = depth * profile.layer_params
     if kind == "depth":
         layers, k = depth, 0
@@ -107,8 +113,8 @@ def plan(profile: SizeProfile, param_ratio: float, kind: str) -> EqualSizePlan:
     else:
         layers = depth // 2
         if layers == 0:
-            raise GluPruneError(f"--param-ratio {param_ratio:g} is one layer's worth: half of it by depth is no "
-                                f"layer; choose a larger ratio for depth and width together")
+            raise GluPruneError(f"--param-ratios {param_ratio:g} is one layer's worth: half of it by depth is no "
+                                f"layer; choose a larger --param-ratios for depth and width together")
         k = width_neurons(profile, profile.layers - layers, budget - layers * profile.layer_params)
     return EqualSizePlan(kind, param_ratio, layers, profile.intermediate - k if kind != "depth" else None,
                          after(profile, layers, k))

@@ -102,6 +102,16 @@ CASES = [
     ("calibrate with neither --corpus nor --task", "calibrate --model {d}/llama --out {d}/s.st"),
     ("prune --task with an evaluation --part",
      "prune --model {d}/llama --task {d}/task.csv --part evaluation --ratio 0.2 --out {d}/p"),
+    ("compare with both --ratios and --param-ratios",
+     "compare --model {d}/llama --corpora c={d}/c.txt --ratios 0.2 --param-ratios 0.2 --out {d}/p"),
+    ("compare --param-ratios outside (0, 1)",
+     "compare --model {d}/llama --corpora c={d}/c.txt --param-ratios 1.5 --out {d}/p"),
+    ("compare with an unknown depth method",
+     "compare --model {d}/llama --corpora c={d}/c.txt --param-ratios 0.2 --methods depth-random --out {d}/p"),
+    ("compare --param-ratios that would remove every layer",
+     "compare --model {d}/llama --corpora c={d}/c.txt --param-ratios 0.9 --methods depth-cosine --out {d}/p"),
+    ("compare with a depth method and --ratios (fractions of neurons)",
+     "compare --model {d}/llama --corpora c={d}/c.txt --ratios 0.2 --methods depth-cosine --out {d}/p"),
 ]
 
 

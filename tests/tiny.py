@@ -100,11 +100,12 @@ def stats_for(model):
 GRID_OPTIONS = dict(eval_tokens=256, eval_docs=10, seq_len=64, calib_tokens=512, calib_seq_len=32, progress=False)
 
 
-def grid_workspace(folder):
-    """A saved tiny model and two small custom corpora (law, food): (model folder, corpus specs)."""
+def grid_workspace(folder, **overrides):
+    """A saved tiny model (``overrides`` to its config) and two small custom corpora (law, food):
+    (model folder, corpus specs)."""
     from benchmarks.grid import CorpusSpec
 
-    save_tiny(folder / "model")
+    save_tiny(folder / "model", **overrides)
     corpora = []
     for name, word in (("law", "contract court judge"), ("food", "bread salt oven")):
         path = folder / f"{name}.txt"
