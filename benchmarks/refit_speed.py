@@ -36,6 +36,7 @@ from pruning.config import PruneConfig
 from pruning.decide import allocate, score_layer
 from pruning.reconstruct import (
     RIDGE_GRID,
+    held_out,
     lstsq_refit,
     moments,
     obs_removal_order,
@@ -151,21 +152,14 @@ def path_errors(path: RidgePath, weight: torch.Tensor, keep: torch.Tensor, holdo
     ``pairs``) and ``D = diag(1/(e + λ))``, the error is
     ``tr(W H Wᵀ) − 2 tr(P D Qᵀ Aᵀ) + tr(P D (Qᵀ H[K, K] Q) D Pᵀ)``. ``fit_mean`` (centred refits)
     adds the bias ``W mean − W' mean_K``."""
-    second, mean = moments(holdout, centred=False)
-    w = weight.double()
+    h = held_out(weight, keep, holdout, pairs)
     q, p, shrink = path.basis, path.projected, path.shrink
-    if pairs is None:
-        wh = w @ second
-        total, across = (wh * w).sum(), wh[:, keep]
-    else:
-        cross, dense_second = pairs.means()
-        total, across = ((w @ dense_second) * w).sum(), w @ cross[keep].T
-    linear = (p * (across @ q)).sum(0)
-    quadratic = (q.T @ (second[keep][:, keep] @ q)) * (p.T @ p)
-    errors = total - 2 * linear @ shrink + ((quadratic @ shrink) * shrink).sum(0)
+    linear = (p * (h.across @ q)).sum(0)
+    quadratic = (q.T @ (h.s_kk @ q)) * (p.T @ p)
+    errors = h.total - 2 * linear @ shrink + ((quadratic @ shrink) * shrink).sum(0)
     if fit_mean is not None:
-        bias = (w @ fit_mean)[:, None] - path.times(fit_mean[keep])
-        held = (w @ mean)[:, None] - path.times(mean[keep])
+        bias = (weight.double() @ fit_mean)[:, None] - path.times(fit_mean[keep])
+        held = h.output_mean[:, None] - path.times(h.mean_k)
         errors = errors - 2 * (bias * held).sum(0) + bias.square().sum(0)
     return torch.where(path.regular & errors.isfinite(), errors, torch.inf)
 
