@@ -55,6 +55,22 @@ def share(row: dict) -> str:
     return f"{row['param_ratio']:.0%} of parameters" if equal_size(row) else f"{row['ratio']:.0%}"
 
 
+def perplexity_cells(ppl: dict, name: str, ratio: float, corpora: list[str], best: dict,
+                     base_ppl: dict | None = None) -> list[str]:
+    """One table row's perplexity cells: blank where not measured, ``(x base)`` when ``base_ppl`` has
+    the corpus, † on the calibration domain, bold where it is the column's ``best``."""
+    cells = []
+    for c in corpora:
+        row = ppl.get((name, ratio, c))
+        if row is None:
+            cells.append("")
+            continue
+        times = f" ({row['perplexity'] / base_ppl[c]:.2f})" if base_ppl and c in base_ppl else ""
+        text = f"{row['perplexity']:.2f}" + times + (" †" if row["calibration_corpus"] == c else "")
+        cells.append(f"**{text}**" if row["perplexity"] == best[c] else text)
+    return cells
+
+
 def markdown_tables(rows: list[dict]) -> str:
     """One table per ratio: models × evaluation corpora; best pruned model per column in bold, and
     the calibration-domain diagonal marked with a dagger. Equal-size cells: :func:`equal_size_tables`."""
@@ -77,15 +93,7 @@ def markdown_tables(rows: list[dict]) -> str:
             cells = [f"{ppl[('base', 0.0, c)]['perplexity']:.2f}" if ("base", 0.0, c) in ppl else "" for c in corpora]
             lines.append("| base | " + " | ".join(cells) + " |")
         for name in models:
-            cells = []
-            for c in corpora:
-                row = ppl.get((name, ratio, c))
-                if row is None:
-                    cells.append("")
-                    continue
-                text = f"{row['perplexity']:.2f}" + (" †" if row["calibration_corpus"] == c else "")
-                cells.append(f"**{text}**" if row["perplexity"] == best[c] else text)
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(perplexity_cells(ppl, name, ratio, corpora, best)) + " |")
         lines.append("")
     return "\n".join(lines) + ("\n" + equal_size_tables(sized, [r for r in rows if r["model"] == "base"])
                                if sized else "")
@@ -110,15 +118,7 @@ def equal_size_tables(rows: list[dict], base: list[dict]) -> str:
                          " | ".join(f"{base_ppl[c]:.2f}" if c in base_ppl else "" for c in corpora) + " |")
         for name in dict.fromkeys(label(r) for r in group):
             first = next(r for r in group if label(r) == name)
-            cells = []
-            for c in corpora:
-                row = ppl.get((name, ratio, c))
-                if row is None:
-                    cells.append("")
-                    continue
-                text = f"{row['perplexity']:.2f}" + (f" ({row['perplexity'] / base_ppl[c]:.2f})" if c in base_ppl
-                                                      else "") + (" †" if row["calibration_corpus"] == c else "")
-                cells.append(f"**{text}**" if row["perplexity"] == best[c] else text)
+            cells = perplexity_cells(ppl, name, ratio, corpora, best, base_ppl)
             removed = f"{first['remove_layers']} ({first['removed_layers']})" if first["remove_layers"] else "0"
             lines.append(f"| {name} | {removed} | {first['intermediate_size']} | {first['parameters']:,} | " +
                          " | ".join(cells) + " |")
