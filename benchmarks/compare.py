@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from functools import cached_property
@@ -159,12 +160,15 @@ class Grid:
         return self.stats[corpus]
 
     def build(self, spec: ModelSpec):
-        """The model of ``spec`` (the base itself, or a pruned copy) and the seconds pruning took."""
-        if spec.method is None:
+        """The model of ``spec`` (the base itself, a healed copy of it, or a pruned copy) and the seconds
+        building it took."""
+        if spec.method is None and not spec.heal_steps:
             return self.base, 0.0
         start = time.perf_counter()
-        config = None if spec.param_ratio is not None else spec.config(self.spread)
-        if config is None:
+        config = None if spec.param_ratio is not None or spec.method is None else spec.config(self.spread)
+        if spec.method is None:
+            model = copy.deepcopy(self.base)  # healed below: the fair baseline
+        elif config is None:
             model = self.equal_size(spec).model
         elif config.schedule == "sequential":
             model = prune_sequential(self.base, self.calibration_batches(spec.calibration), config).model
@@ -175,7 +179,8 @@ class Grid:
             model = prune(self.base, stats, config, text_batches=text).model
         if spec.heal_steps:
             part = self.calibration_part(spec.calibration)
-            model, _ = heal_with_corpus(model, self.base, self.tokenizer, part, HealConfig(steps=spec.heal_steps),
+            healing = HealConfig(steps=spec.heal_steps, lora_rank=spec.heal_lora)
+            model, _ = heal_with_corpus(model, self.base, self.tokenizer, part, healing,
                                         teacher_name=self.model_name, seq_len=self.heal_seq_len, progress=False)
         return model, time.perf_counter() - start
 
@@ -236,7 +241,7 @@ class Grid:
                     "model": spec.key, "method": spec.method or "base",
                     "ratio": None if spec.param_ratio is not None else spec.ratio or 0.0,
                     "calibration_corpus": spec.calibration or "", "reconstruct": spec.reconstruct,
-                    "schedule": spec.schedule, "heal_steps": spec.heal_steps,
+                    "schedule": spec.schedule, "heal_steps": spec.heal_steps, "heal_lora": spec.heal_lora,
                     "allocation": spec.allocation if spec.method else "", "eval_corpus": corpus,
                     "perplexity": result.perplexity, "tokens": result.tokens,
                     "parameters": parameter_count(model), "prune_seconds": round(prune_seconds, 3),
@@ -288,13 +293,14 @@ def check_calibration_corpora(corpora: list[CorpusSpec], calibration: list[Corpu
 def compare(model: str, corpora: list[CorpusSpec], ratios: list[float] | None, methods: list[str], out_dir,
             reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",), heal_steps: int = 0,
             allocations: list[str] = ("uniform",), calibration_corpora: list[CorpusSpec] | None = None,
-            param_ratios: list[float] | None = None, **options) -> list[dict]:
+            param_ratios: list[float] | None = None, heal_lora: int | None = None, **options) -> list[dict]:
     """Run (or resume) the grid and write results.{json,csv,md} and plots into ``out_dir``.
 
     Each method is pruned once per entry of ``ratios`` (fractions of GLU neurons; default
     0.2 and 0.4), of ``reconstruct``, of ``schedules`` (one-shot, sequential, sequential-dense) and
     of ``allocations``; a refit makes every corpus calibrate with the second moment. ``heal_steps``
-    adds each pruned model healed (distilled from the base) on its calibration corpus.
+    adds each pruned model healed (distilled from the base; by LoRA of rank ``heal_lora`` if given) on
+    its calibration corpus, and the unpruned model healed alike on each corpus (the fair baseline).
     ``calibration_corpora`` (default: ``corpora``) are the corpora the models are calibrated on;
     every model is evaluated on ``corpora``.
 
@@ -311,13 +317,14 @@ def compare(model: str, corpora: list[CorpusSpec], ratios: list[float] | None, m
     calibration = check_calibration_corpora(corpora, calibration_corpora)
     names = [c.name for c in calibration]
     if not param_ratios:
-        specs = grid_models(methods, ratios or DEFAULT_RATIOS, names, reconstruct, schedules, heal_steps, allocations)
+        specs = grid_models(methods, ratios or DEFAULT_RATIOS, names, reconstruct, schedules, heal_steps, allocations,
+                            heal_lora)
         second_moment = any(needs_second_moment(m, r) for m in methods for r in reconstruct)
         grid = Grid(model, corpora, out_dir, second_moment=second_moment, calibration_corpora=calibration, **options)
     else:
         if list(schedules) != ["one-shot"] or list(allocations) != ["uniform"]:
             raise GluPruneError("--param-ratios prunes neurons uniformly, one-shot: drop --schedule and --allocation")
-        specs = equal_size_models(methods, param_ratios, names, reconstruct, heal_steps)
+        specs = equal_size_models(methods, param_ratios, names, reconstruct, heal_steps, heal_lora)
         kinds = [equal_size_method(m) for m in methods]
         second_moment = any(needs_second_moment(w, r) for kind, _, w in kinds if kind == "width" for r in reconstruct)
         loaded = load_model(model, device=options.get("device"), dtype=options.get("dtype", "float32"))

@@ -23,7 +23,7 @@ class CorpusSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model of the grid: the base (method None) or a pruned variant."""
+    """One model of the grid: the base (method None; healed: the fair baseline) or a pruned variant."""
 
     method: str | None = None
     ratio: float | None = None
@@ -31,13 +31,15 @@ class ModelSpec:
     reconstruct: str = "none"
     schedule: str = "one-shot"
     heal_steps: int = 0
+    heal_lora: int | None = None  # LoRA rank of the healing (None: every weight trained)
     allocation: str = "uniform"
     param_ratio: float | None = None  # an equal-size cell: this fraction of all parameters removed
 
     @property
     def key(self) -> str:
+        healed = f"heal{self.heal_steps}" + (f"-lora{self.heal_lora}" if self.heal_lora else "")
         if self.method is None:
-            return "base"
+            return f"base-{self.calibration}-{healed}" if self.heal_steps else "base"
         target = f"{self.ratio:g}" if self.param_ratio is None else f"p{self.param_ratio:g}"
         parts = [self.method, target, self.calibration or "static"]
         if self.reconstruct != "none":
@@ -47,7 +49,7 @@ class ModelSpec:
         if self.allocation != "uniform":
             parts.append(self.allocation)
         if self.heal_steps:
-            parts.append(f"heal{self.heal_steps}")
+            parts.append(healed)
         return "-".join(parts)
 
     @property
@@ -90,12 +92,26 @@ def parse_list(text: str, kind, flag: str) -> list:
 
 
 SCHEDULES = ("one-shot", "sequential", "sequential-dense")
+
+
+def with_healed(models: list[ModelSpec], corpora: list[str], heal_steps: int,
+                heal_lora: int | None = None) -> list[ModelSpec]:
+    """``models``, then (``heal_steps`` > 0) the unpruned model healed alike on every corpus (the fair
+    baseline: tuned as the pruned models are, but not pruned) and every pruned model healed on each
+    corpus it was calibrated on (static ones: on every corpus), by LoRA of ``heal_lora`` if given."""
+    if not heal_steps:
+        return models
+    heal = {"heal_steps": heal_steps, "heal_lora": heal_lora}
+    return models + [ModelSpec(calibration=c, **heal) for c in corpora] + [
+        replace(m, calibration=c, **heal) for m in models if m.method
+        for c in ([m.calibration] if m.calibration else corpora)]
 DATA_ALLOCATIONS = tuple(name for name, a in ALLOCATIONS.items() if a.needs_stats or a.needs_text)
 
 
 def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
                 reconstruct: list[str] = ("none",), schedules: list[str] = ("one-shot",),
-                heal_steps: int = 0, allocations: list[str] = ("uniform",)) -> list[ModelSpec]:
+                heal_steps: int = 0, allocations: list[str] = ("uniform",),
+                heal_lora: int | None = None) -> list[ModelSpec]:
     """The base, then per ratio: static methods once, data-driven ones (and any reconstruction,
     sequential schedule or data-driven allocation) once per calibration corpus, for every schedule,
     reconstruction and allocation (sequential: uniform only; sequential-dense: lstsq only); with
@@ -126,10 +142,7 @@ def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
     models = list(dict.fromkeys(models))
     for model in models[1:]:
         model.config(DEFAULT_SPREAD)  # every combination is valid before any work
-    if heal_steps:
-        models += [replace(m, calibration=c, heal_steps=heal_steps) for m in models if m.method
-                   for c in ([m.calibration] if m.calibration else corpora)]
-    return models
+    return with_healed(models, corpora, heal_steps, heal_lora)
 
 
 DEPTH_METHODS = tuple(f"depth-{score}" for score in SCORES)  # depth-cosine, depth-skip-loss
@@ -155,11 +168,12 @@ def equal_size_method(method: str) -> tuple[str, str | None, str | None]:
 
 
 def equal_size_models(methods: list[str], param_ratios: list[float], corpora: list[str],
-                      reconstruct: list[str] = ("none",), heal_steps: int = 0) -> list[ModelSpec]:
+                      reconstruct: list[str] = ("none",), heal_steps: int = 0,
+                      heal_lora: int | None = None) -> list[ModelSpec]:
     """The base, then per fraction of all parameters: every method's equal-size cell, once per
     calibration corpus when it reads data (layers chosen by importance always do; a static width
     method without a refit once), width and both once per reconstruction (depth: no refit); with
-    ``heal_steps`` each also healed, as :func:`grid_models` does."""
+    ``heal_steps``, :func:`with_healed`."""
     for ratio in param_ratios:
         check_param_ratio(ratio)
     models = [ModelSpec()]
@@ -171,7 +185,4 @@ def equal_size_models(methods: list[str], param_ratios: list[float], corpora: li
                 models += [ModelSpec(method, calibration=c, reconstruct=rec, param_ratio=ratio)
                            for c in (corpora if data else [None])]
     models = list(dict.fromkeys(models))
-    if heal_steps:
-        models += [replace(m, calibration=c, heal_steps=heal_steps) for m in models if m.method
-                   for c in ([m.calibration] if m.calibration else corpora)]
-    return models
+    return with_healed(models, corpora, heal_steps, heal_lora)

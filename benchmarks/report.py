@@ -10,8 +10,9 @@ from pathlib import Path
 
 from calibrate.files import write_text
 
-COLUMNS = ["model", "method", "ratio", "calibration_corpus", "reconstruct", "schedule", "heal_steps", "allocation",
-           "eval_corpus", "perplexity", "tokens", "ratio_to_base", "parameters", "prune_seconds", "eval_seconds"]
+COLUMNS = ["model", "method", "ratio", "calibration_corpus", "reconstruct", "schedule", "heal_steps", "heal_lora",
+           "allocation", "eval_corpus", "perplexity", "tokens", "ratio_to_base", "parameters", "prune_seconds",
+           "eval_seconds"]
 
 
 def with_base_ratio(rows: list[dict]) -> list[dict]:
@@ -36,6 +37,7 @@ def variant(row: dict) -> str:
     schedule = f" {row['schedule']}" if row.get("schedule", "one-shot") != "one-shot" else ""
     allocation = f" {row['allocation']}" if row.get("allocation", "uniform") not in ("uniform", "") else ""
     healed = f" healed {row['heal_steps']}" if row.get("heal_steps") else ""
+    healed += f" LoRA r{row['heal_lora']}" if row.get("heal_lora") else ""
     return f"{row['method']}{rec}{schedule}{allocation}{healed}"
 
 
@@ -67,8 +69,20 @@ def perplexity_cells(ppl: dict, name: str, ratio: float, corpora: list[str], bes
             continue
         times = f" ({row['perplexity'] / base_ppl[c]:.2f})" if base_ppl and c in base_ppl else ""
         text = f"{row['perplexity']:.2f}" + times + (" †" if row["calibration_corpus"] == c else "")
-        cells.append(f"**{text}**" if row["perplexity"] == best[c] else text)
+        cells.append(f"**{text}**" if row["perplexity"] == best.get(c) else text)
     return cells
+
+
+def tuned_base_lines(rows: list[dict], corpora: list[str], lead: str = "") -> list[str]:
+    """Table lines of the unpruned model healed alike (the fair baseline of the healed rows), one per
+    healing; ``lead``: cells between the name and the perplexities."""
+    cells = {(label(r), r["eval_corpus"]): r for r in rows if r["method"] == "base" and r["model"] != "base"}
+    lines = []
+    for name in dict.fromkeys(n for n, _ in cells):
+        texts = [f"{cells[name, c]['perplexity']:.2f}" + (" †" if cells[name, c]["calibration_corpus"] == c else "")
+                 if (name, c) in cells else "" for c in corpora]
+        lines.append(f"| {name} | {lead}" + " | ".join(texts) + " |")
+    return lines
 
 
 def markdown_tables(rows: list[dict]) -> str:
@@ -76,15 +90,15 @@ def markdown_tables(rows: list[dict]) -> str:
     the calibration-domain diagonal marked with a dagger. Equal-size cells: :func:`equal_size_tables`."""
     sized = [r for r in rows if equal_size(r)]
     rows = [r for r in rows if not equal_size(r)]
-    if sized and all(r["model"] == "base" for r in rows):
+    if sized and all(r["method"] == "base" for r in rows):
         return equal_size_tables(sized, rows)
     corpora = list(dict.fromkeys(r["eval_corpus"] for r in rows))
     ppl = {(label(r), r["ratio"], r["eval_corpus"]): r for r in rows}
     base = [r for r in rows if r["model"] == "base"]
     lines = ["Perplexity (lower is better). **bold**: best pruned model in the column; "
              "†: evaluated on its own calibration domain.", ""]
-    for ratio in sorted({r["ratio"] for r in rows if r["model"] != "base"}):
-        group = [r for r in rows if r["ratio"] == ratio and r["model"] != "base"]
+    for ratio in sorted({r["ratio"] for r in rows if r["method"] != "base"}):
+        group = [r for r in rows if r["ratio"] == ratio and r["method"] != "base"]
         models = list(dict.fromkeys(label(r) for r in group))
         best = {c: min((r["perplexity"] for r in group if r["eval_corpus"] == c), default=None) for c in corpora}
         lines += [f"### {ratio:.0%} of GLU neurons removed", "",
@@ -92,16 +106,19 @@ def markdown_tables(rows: list[dict]) -> str:
         if base:
             cells = [f"{ppl[('base', 0.0, c)]['perplexity']:.2f}" if ("base", 0.0, c) in ppl else "" for c in corpora]
             lines.append("| base | " + " | ".join(cells) + " |")
+        lines += tuned_base_lines(rows, corpora)
         for name in models:
             lines.append(f"| {name} | " + " | ".join(perplexity_cells(ppl, name, ratio, corpora, best)) + " |")
         lines.append("")
-    return "\n".join(lines) + ("\n" + equal_size_tables(sized, [r for r in rows if r["model"] == "base"])
+    return "\n".join(lines) + ("\n" + equal_size_tables(sized, [r for r in rows if r["method"] == "base"])
                                if sized else "")
 
 
-def equal_size_tables(rows: list[dict], base: list[dict]) -> str:
+def equal_size_tables(rows: list[dict], unpruned: list[dict]) -> str:
     """One table per fraction of all parameters: each model's layers removed, neurons kept per layer,
-    parameter count and perplexity on every corpus (x the base); best per column in bold."""
+    parameter count and perplexity on every corpus (x the base); best per column in bold.
+    ``unpruned``: the base's rows and those of the base healed alike."""
+    base = [r for r in unpruned if r["model"] == "base"]
     corpora = list(dict.fromkeys(r["eval_corpus"] for r in base + rows))
     ppl = {(label(r), r["param_ratio"], r["eval_corpus"]): r for r in rows}
     base_ppl = {r["eval_corpus"]: r["perplexity"] for r in base}
@@ -116,6 +133,7 @@ def equal_size_tables(rows: list[dict], base: list[dict]) -> str:
         if base:
             lines.append(f"| base | - | - | {base[0]['parameters']:,} | " +
                          " | ".join(f"{base_ppl[c]:.2f}" if c in base_ppl else "" for c in corpora) + " |")
+            lines += tuned_base_lines(unpruned, corpora, f"- | - | {base[0]['parameters']:,} | ")
         for name in dict.fromkeys(label(r) for r in group):
             first = next(r for r in group if label(r) == name)
             cells = perplexity_cells(ppl, name, ratio, corpora, best, base_ppl)

@@ -7,6 +7,7 @@ import os
 
 from benchmarks.compare import DEFAULT_METHODS, EQUAL_SIZE_METHODS, compare
 from benchmarks.grid import parse_corpora, parse_list
+from calibrate.errors import GluPruneError
 from calibrate.prompts import DEFAULT_REFERENCE
 from glu_prune_cli.options import add_model_options, add_spread_option, positive
 
@@ -27,7 +28,8 @@ def add_compare(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}; with --param-ratios: "
                         f"{','.join(EQUAL_SIZE_METHODS)})")
     p.add_argument("--allocation", default="uniform",
-                   help="comma-separated allocations, each a row per method: uniform, global, owl, sensitivity")
+                   help="comma-separated allocations, each a row per method: uniform, global, owl, sensitivity, "
+                        "curve, curve-output (docs/allocation.md)")
     add_spread_option(p)
     p.add_argument("--reconstruct", default="none",
                    help="comma-separated reconstructions, each a row per method (e.g. none,bias,lstsq)")
@@ -36,7 +38,10 @@ def add_compare(p: argparse.ArgumentParser) -> None:
                         "calibrated on the model with earlier layers already pruned) and/or sequential-dense "
                         "(the same, each refit toward the unpruned model's outputs)")
     p.add_argument("--heal-steps", type=positive(int), default=None,
-                   help="also heal every pruned model for N steps on its calibration corpus (distilled from the base)")
+                   help="also heal every pruned model for N steps on its calibration corpus (distilled from the base), "
+                        "and the unpruned model alike (the fair baseline)")
+    p.add_argument("--heal-lora", type=positive(int), default=None, metavar="R",
+                   help="with --heal-steps: train LoRA adapters of rank R (peft) instead of every weight")
     p.add_argument("--eval-tokens", type=positive(int), default=8192, help="tokens per document corpus")
     p.add_argument("--eval-docs", type=positive(int), default=400, help="messages per message corpus")
     p.add_argument("--calib-tokens", type=positive(int), default=8192, help="calibration tokens per corpus")
@@ -62,6 +67,8 @@ def add_compare(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args) -> None:
+    if args.heal_lora and not args.heal_steps:
+        raise GluPruneError("--heal-lora sets how models are healed: give --heal-steps N too")
     methods = EQUAL_SIZE_METHODS if args.param_ratios else DEFAULT_METHODS
     rows = compare(args.model, parse_corpora(args.corpora),
                    parse_list(args.ratios, float, "--ratios") if args.ratios else None,
@@ -69,6 +76,7 @@ def run_compare(args) -> None:
                    param_ratios=parse_list(args.param_ratios, float, "--param-ratios") if args.param_ratios else None,
                    reconstruct=parse_list(args.reconstruct, str, "--reconstruct"),
                    schedules=parse_list(args.schedule, str, "--schedule"), heal_steps=args.heal_steps or 0,
+                   heal_lora=args.heal_lora,
                    allocations=parse_list(args.allocation, str, "--allocation"), spread=args.allocation_spread,
                    data_dir=args.data_dir, eval_tokens=args.eval_tokens, eval_docs=args.eval_docs,
                    calib_tokens=args.calib_tokens, batch_size=args.batch_size, device=args.device, dtype=args.dtype,

@@ -110,6 +110,8 @@ CASES = [
      "compare --model {d}/llama --corpora c={d}/c.txt --param-ratios 0.2 --methods depth-random --out {d}/p"),
     ("compare --param-ratios that would remove every layer",
      "compare --model {d}/llama --corpora c={d}/c.txt --param-ratios 0.9 --methods depth-cosine --out {d}/p"),
+    ("compare --heal-lora without --heal-steps",
+     "compare --model {d}/llama --corpora c={d}/c.txt --heal-lora 4 --out {d}/p"),
     ("compare with a depth method and --ratios (fractions of neurons)",
      "compare --model {d}/llama --corpora c={d}/c.txt --ratios 0.2 --methods depth-cosine --out {d}/p"),
 ]

@@ -175,21 +175,44 @@ def test_compare_rows_per_allocation(grid_setup, tmp_path):
 def test_compare_adds_healed_rows(grid_setup, tmp_path):
     model, corpora = grid_setup
     specs = grid_models(["ppm", "hybrid"], [0.5], ["law", "food"], heal_steps=3)
-    assert [s.key for s in specs if s.heal_steps] == ["ppm-0.5-law-heal3", "ppm-0.5-food-heal3",
-                                                        "hybrid-0.5-law-heal3", "hybrid-0.5-food-heal3"]
+    assert [s.key for s in specs if s.heal_steps] == ["base-law-heal3", "base-food-heal3", "ppm-0.5-law-heal3",
+                                                        "ppm-0.5-food-heal3", "hybrid-0.5-law-heal3",
+                                                        "hybrid-0.5-food-heal3"]
     rows = compare(model, corpora[:1], [0.5], ["hybrid"], tmp_path / "heal", heal_steps=3, heal_seq_len=32,
                    **OPTIONS)
     ppl = {r["model"]: r["perplexity"] for r in rows}
-    assert set(ppl) == {"base", "hybrid-0.5-law", "hybrid-0.5-law-heal3"}
+    assert set(ppl) == {"base", "base-law-heal3", "hybrid-0.5-law", "hybrid-0.5-law-heal3"}
     base, tokenizer = load_model(model, dtype="float32")
     stats = calibrate(base, calibration_batches(tokenizer, corpora[0]), progress=False)
     pruned = prune(base, stats, PruneConfig(ratio=0.5, method="hybrid")).model
     assert ppl["hybrid-0.5-law"] == evaluated(pruned, tokenizer, corpora[0])
     part = load_corpus(corpora[0].source, part="calibration", name="law")
-    healed, _ = heal(pruned, base, training_batches(tokenizer, part, seq_len=32, batch_size=4), HealConfig(steps=3),
-                     progress=False)
+    batches = training_batches(tokenizer, part, seq_len=32, batch_size=4)
+    healed, _ = heal(pruned, base, batches, HealConfig(steps=3), progress=False)
     assert ppl["hybrid-0.5-law-heal3"] == evaluated(healed, tokenizer, corpora[0])
-    assert "hybrid healed 3 (law)" in (tmp_path / "heal" / "results.md").read_text()
+    tuned, _ = heal(load_model(model, dtype="float32")[0], base, batches, HealConfig(steps=3), progress=False)
+    assert ppl["base-law-heal3"] == evaluated(tuned, tokenizer, corpora[0]) != ppl["base"]
+    text = (tmp_path / "heal" / "results.md").read_text()
+    assert "hybrid healed 3 (law)" in text and "| base healed 3 (law) |" in text
+
+
+def test_compare_heals_by_lora(grid_setup, tmp_path):
+    pytest.importorskip("peft")
+    model, corpora = grid_setup
+    specs = grid_models(["hybrid"], [0.5], ["law"], heal_steps=2, heal_lora=4)
+    assert [s.key for s in specs if s.heal_steps] == ["base-law-heal2-lora4", "hybrid-0.5-law-heal2-lora4"]
+    rows = compare(model, corpora[:1], [0.5], ["hybrid"], tmp_path / "lora", heal_steps=2, heal_lora=4,
+                   heal_seq_len=32, **OPTIONS)
+    ppl = {r["model"]: r["perplexity"] for r in rows}
+    base, tokenizer = load_model(model, dtype="float32")
+    part = load_corpus(corpora[0].source, part="calibration", name="law")
+    batches = training_batches(tokenizer, part, seq_len=32, batch_size=4)
+    tuned, _ = heal(load_model(model, dtype="float32")[0], base, batches, HealConfig(steps=2, lora_rank=4),
+                    progress=False)
+    full, _ = heal(load_model(model, dtype="float32")[0], base, batches, HealConfig(steps=2), progress=False)
+    assert ppl["base-law-heal2-lora4"] == evaluated(tuned, tokenizer, corpora[0]) != evaluated(full, tokenizer,
+                                                                                              corpora[0])
+    assert "hybrid healed 2 LoRA r4 (law)" in (tmp_path / "lora" / "results.md").read_text()
 
 
 def test_resume_refuses_a_folder_made_with_other_settings(grid_setup, tmp_path):
