@@ -167,7 +167,8 @@ AfterLayer = Callable[[int, LayerStats, "LayerStats | None", "list[PairedStats] 
 
 def check_layerwise_memory(sizes: list[int], streams: int, spilled: bool) -> None:
     """Refuse a layer-by-layer calibration whose second moments would not fit: one layer's when
-    finished layers are spilled to files, else every layer's (all are held until the file is written)."""
+    finished layers are spilled to files or released after use (sequential pruning), else every
+    layer's (all are held until the file is written)."""
     if spilled:
         needed = streams * second_moment_bytes([max(sizes)])
         log.info("second moment: %s per layer (one layer at a time)", human_bytes(needed))
@@ -192,7 +193,9 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
     complete and before that layer feeds the next one, so it may prune the layer (sequential
     pruning). With ``dense_pairs`` a second stream runs the same batches through the layers as they
     were before any change, and ``pairs`` holds :class:`PairedStats` (fit, then held-out) pairing the
-    two streams' down_proj inputs; otherwise ``pairs`` is None.
+    two streams' down_proj inputs; otherwise ``pairs`` is None. Each layer's second moments are
+    released once ``after_layer`` has returned (the returned statistics keep its other sums), so one
+    layer's at a time is in memory.
     With a ``loader`` (:mod:`calibrate.offload`) only the embeddings, then one decoder layer at a
     time, are in memory; ``device`` is where they run. With ``spill`` (a folder) each finished
     layer's statistics are kept in files there (:class:`calibrate.spill.SpilledLayers`), not in memory.
@@ -203,7 +206,8 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
         raise GluPruneError("dense pairs are for sequential pruning: pass after_layer")
     if second_moment:
         check_layerwise_memory([g.intermediate_size for g in glu_layers(model, selected)],
-                               streams=1 + (holdout_batches is not None), spilled=spill is not None)
+                               streams=1 + (holdout_batches is not None),
+                               spilled=spill is not None or after_layer is not None)
     loader = loader or ResidentLoader()
     with loader.loaded(decoder(model).get_input_embeddings()):
         fit = capture_inputs(model, batches, max_tokens, device)
@@ -224,6 +228,8 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
             if after_layer is not None:
                 pairs = runner.pairs(index) if dense_pairs else None
                 after_layer(index, results[0], results[1] if len(results) > 1 else None, pairs)
+                for result in results:  # used: one layer's x xᵀ at a time is held
+                    result.second_moment = None
                 runner.advance(index, dense=False)
     result = ActivationStats(stats, dict(meta or {}), holdout or None)
     finish_stats(model, result, sum(b.tokens for b in fit), selected, second_moment, loader)

@@ -145,3 +145,27 @@ def test_layerwise_second_moments_are_checked_for_what_is_held(monkeypatch):
     check_layerwise_memory([100] * 4, streams=2, spilled=False)  # 8 matrices: fits
     with pytest.raises(GluPruneError, match=r"prune --offload --corpus"):
         check_layerwise_memory([100] * 6, streams=2, spilled=False)  # 12 matrices: refused
+
+
+def test_sequential_pruning_holds_one_layers_second_moments(monkeypatch):
+    """Each layer's x xᵀ is released after its cut, so a limit that fits one layer's (fit and held-out)
+    but not every layer's lets sequential calibration run; the cut still saw the second moments."""
+    from tiny import INTERMEDIATE, LAYERS, tiny_model
+
+    from calibrate.layerwise import calibrate_layerwise
+
+    one = 8 * INTERMEDIATE * INTERMEDIATE
+    monkeypatch.setattr(resources, "memory_limit", lambda: MemoryLimit(3 * one, "cgroup v2 memory.max"))
+    ids = torch.randint(3, 120, (4, 10), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids[:2], "attention_mask": torch.ones_like(ids[:2])},
+               {"input_ids": ids[2:], "attention_mask": torch.ones_like(ids[2:])}]
+    seen = []
+    stats = calibrate_layerwise(tiny_model(), batches[:1], holdout_batches=batches[1:], second_moment=True,
+                                after_layer=lambda i, fit, held, _: seen.append(
+                                    (fit.second_moment is not None, held.second_moment is not None)),
+                                progress=False)
+    assert seen == [(True, True)] * LAYERS
+    assert all(s.second_moment is None for s in list(stats.layers.values()) + list(stats.holdout.values()))
+    with pytest.raises(GluPruneError, match="second moment"):  # held until written: refused
+        calibrate_layerwise(tiny_model(), batches[:1], holdout_batches=batches[1:], second_moment=True,
+                            progress=False)
