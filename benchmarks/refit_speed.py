@@ -9,13 +9,16 @@ every ridge's held-out error in closed form, the chosen ridge's weights by Chole
 kept fraction, each one's time and its speed ratio to ``old``, the largest absolute and relative
 weight difference to ``old`` (relative: to the layer's largest weight), the held-out errors'
 relative difference, and whether every layer chose the same ridge; with ``--obs``, the OBS removal
-order's time before and after its in-place update, and whether the orders agree. The statistics
+order's time before and after its in-place update, and whether the orders agree; with
+``--floor``, only the cost of each operation a refit is made of, and what that leaves an exact
+search of the ridge grid for a 5x speed-up. The statistics
 (second moments and a held-out eighth, as ``glu-prune prune`` calibrates them) are computed once
 and kept in ``--stats``.
 
     python -m benchmarks.refit_speed [--model smollm2-135m] [--corpus wikitext2] [--tokens 65536]
         [--ratios 0.2,0.4] [--layers 0,5,10] [--threads 1] [--obs]
         [--stats out/refit_speed/wikitext2-65536.stats.safetensors]
+    python -m benchmarks.refit_speed --floor [--ratios 0.2,0.4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -268,6 +271,48 @@ def compare_obs(model, stats: ActivationStats, layers: list[int] | None) -> list
     return rows
 
 
+def operation_costs(hidden: int, size: int, kept: int, repeats: int = 3) -> dict[str, float]:
+    """Seconds of each float64 operation a layer's refit is made of, at SmolLM2's shapes, on random
+    statistics: the ridge-independent products, one factorisation, one solve, one eigendecomposition."""
+    x = torch.randn(4 * size, size, dtype=torch.float64)
+    second, weight = x.T @ x / len(x), torch.randn(hidden, size, dtype=torch.float64)
+    keep = torch.randperm(size)[:kept].sort().values
+    s_kk = second[keep][:, keep]
+    factor = torch.linalg.cholesky(s_kk)
+    target = weight @ second[:, keep]
+    ops = {"target term W S[:, K]": lambda: weight @ second[:, keep],
+           "held-out cross term W H[:, K]": lambda: weight @ second[:, keep],
+           "held-out total W H": lambda: weight @ second,
+           "Cholesky factorisation": lambda: torch.linalg.cholesky(s_kk),
+           "Cholesky solve (hidden right-hand sides)": lambda: torch.cholesky_solve(target.T, factor),
+           "product W' H[K, K]": lambda: target @ s_kk,
+           "eigendecomposition of S[K, K]": lambda: torch.linalg.eigh(s_kk)}
+    costs = {}
+    for name, op in ops.items():
+        op()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            op()
+        costs[name] = (time.perf_counter() - start) / repeats
+    return costs
+
+
+def report_floor(hidden: int, size: int, kept: int) -> None:
+    """What an exact search of the ridge grid cannot go below, from :func:`operation_costs`."""
+    c = operation_costs(hidden, size, kept)
+    for name, seconds in c.items():
+        print(f"    {name:42} {seconds * 1e3:7.1f} ms")
+    ridges = len(RIDGE_GRID)
+    old = ridges * (c["target term W S[:, K]"] + c["Cholesky factorisation"]
+                    + c["Cholesky solve (hidden right-hand sides)"] + c["held-out total W H"])
+    floor = c["target term W S[:, K]"] + c["held-out cross term W H[:, K]"] + c["Cholesky factorisation"] + \
+        c["Cholesky solve (hidden right-hand sides)"]
+    print(f"  kept {kept}: old search about {old * 1e3:.0f} ms; the output alone (target, cross term, one "
+          f"factorisation and solve) {floor * 1e3:.0f} ms, so 5x leaves {(old / 5 - floor) * 1e3:.0f} ms for the "
+          f"{ridges} ridges' errors: {ridges} factorisations take {ridges * c['Cholesky factorisation'] * 1e3:.0f} ms, "
+          f"one eigendecomposition {c['eigendecomposition of S[K, K]'] * 1e3:.0f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -283,7 +328,16 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="e.g. 0,5,10 or 0-9 (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--obs", action="store_true", help="also time the OBS removal order, old and new")
+    parser.add_argument("--floor", action="store_true",
+                        help="only time the operations a refit is made of and print what bounds an exact search")
     args = parser.parse_args()
+    if args.floor:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(f"{torch.get_num_threads()} threads, hidden 576, intermediate 1536 (SmolLM2-135M), random statistics")
+        for ratio in [float(r) for r in args.ratios.split(",")]:
+            report_floor(576, 1536, round(1536 * (1 - ratio)))
+        return
     args.stats = args.stats or f"out/refit_speed/{args.corpus}-{args.tokens}.stats.safetensors"
     if args.threads:
         torch.set_num_threads(args.threads)
