@@ -141,7 +141,7 @@ def report(out: Path) -> None:
     runs = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
     tuned = {(r["corpus"], r["lora"]): r for r in runs if r["ratio"] == 0}
     print("| healed on | model | minutes | steps | tokens | domain ppl | × base | × tuned base | other corpus "
-          "| gap closed per M tokens | train tok/s | peak RSS MiB (+ training) |")
+          "| gap closed (per M tokens) | train tok/s | peak RSS MiB (+ training) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in sorted(runs, key=lambda r: (r["corpus"], -r["ratio"], r["lora"] or 0)):
         domain, other = r["corpus"], next(c for c in CORPORA if c != r["corpus"])
@@ -149,21 +149,22 @@ def report(out: Path) -> None:
         name = ("unpruned" if r["ratio"] == 0 else f"{r['ratio']:.0%} hybrid+lstsq") + \
             (f", LoRA r{r['lora']}" if r["lora"] else ", full")
         baseline = tuned.get((domain, r["lora"])) or tuned.get((domain, None))
-        for point in r["points"]:
+        for mark, point in enumerate(r["points"]):
             ppl = point["perplexity"][domain]
-            versus = mark_value(baseline, point["minutes"], domain) if baseline and r["ratio"] else None
-            gap = (start - ppl) / (start - base) / (point["tokens"] / 1e6) if point["tokens"] and start > base else None
+            versus = mark_value(baseline, mark, domain) if baseline and r["ratio"] else None
+            closed = (start - ppl) / (start - base) if point["tokens"] and start > base else None
+            gap = None if closed is None else f"{closed:.0%} ({closed / (point['tokens'] / 1e6):.1f})"
             print(f"| {domain} | {name} | {point['minutes']:.1f} | {point['steps']} | {point['tokens']} | {ppl:.2f} "
                   f"| {ppl / base:.3f} | {'' if versus is None else f'{ppl / versus:.3f}'} "
                   f"| {point['perplexity'][other]:.2f} (was {r['points'][0]['perplexity'][other]:.2f}) "
-                  f"| {'' if gap is None else f'{gap:.2f}'} | {r['train_tokens_per_second']:.0f} "
+                  f"| {gap or ''} | {r['train_tokens_per_second']:.0f} "
                   f"| {r['rss_peak_mib']:.0f} (+{r['rss_peak_mib'] - r['rss_before_training_mib']:.0f}) |")
 
 
-def mark_value(run: dict, minutes: float, corpus: str) -> float | None:
-    """The perplexity of ``run`` at its mark nearest ``minutes`` (within a minute), or None."""
-    nearest = min(run["points"], key=lambda p: abs(p["minutes"] - minutes))
-    return nearest["perplexity"][corpus] if abs(nearest["minutes"] - minutes) <= 1.0 else None
+def mark_value(run: dict, mark: int, corpus: str) -> float | None:
+    """The perplexity of ``run`` at its ``mark``-th measurement (0: before training; the last one is
+    where its time or its schedule ended), or None."""
+    return run["points"][mark]["perplexity"][corpus] if mark < len(run["points"]) else None
 
 
 if __name__ == "__main__":
