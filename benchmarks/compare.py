@@ -165,24 +165,24 @@ class Grid:
         if spec.method is None and not spec.heal_steps:
             return self.base, 0.0
         start = time.perf_counter()
-        config = None if spec.param_ratio is not None or spec.method is None else spec.config(self.spread)
-        if spec.method is None:
-            model = copy.deepcopy(self.base)  # healed below: the fair baseline
-        elif config is None:
-            model = self.equal_size(spec).model
-        elif config.schedule == "sequential":
-            model = prune_sequential(self.base, self.calibration_batches(spec.calibration), config).model
-        else:
-            stats = self.statistics(spec.calibration) if spec.calibration else None
-            text = split_holdout(self.calibration_batches(spec.calibration), HOLDOUT)[1] if config.needs_text \
-                else None
-            model = prune(self.base, stats, config, text_batches=text).model
+        model = copy.deepcopy(self.base) if spec.method is None else self.pruned(spec)  # a base copy: healed below
         if spec.heal_steps:
             part = self.calibration_part(spec.calibration)
             healing = HealConfig(steps=spec.heal_steps, lora_rank=spec.heal_lora)
             model, _ = heal_with_corpus(model, self.base, self.tokenizer, part, healing,
                                         teacher_name=self.model_name, seq_len=self.heal_seq_len, progress=False)
         return model, time.perf_counter() - start
+
+    def pruned(self, spec: ModelSpec):
+        """The pruned model of ``spec``: an equal-size cell, a sequential or a one-shot prune of the base."""
+        if spec.param_ratio is not None:
+            return self.equal_size(spec).model
+        config = spec.config(self.spread)
+        if config.schedule == "sequential":
+            return prune_sequential(self.base, self.calibration_batches(spec.calibration), config).model
+        stats = self.statistics(spec.calibration) if spec.calibration else None
+        text = split_holdout(self.calibration_batches(spec.calibration), HOLDOUT)[1] if config.needs_text else None
+        return prune(self.base, stats, config, text_batches=text).model
 
     @cached_property
     def profile(self) -> SizeProfile:

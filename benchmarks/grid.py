@@ -92,6 +92,7 @@ def parse_list(text: str, kind, flag: str) -> list:
 
 
 SCHEDULES = ("one-shot", "sequential", "sequential-dense")
+DATA_ALLOCATIONS = tuple(name for name, a in ALLOCATIONS.items() if a.needs_stats or a.needs_text)
 
 
 def with_healed(models: list[ModelSpec], corpora: list[str], heal_steps: int,
@@ -105,7 +106,6 @@ def with_healed(models: list[ModelSpec], corpora: list[str], heal_steps: int,
     return models + [ModelSpec(calibration=c, **heal) for c in corpora] + [
         replace(m, calibration=c, **heal) for m in models if m.method
         for c in ([m.calibration] if m.calibration else corpora)]
-DATA_ALLOCATIONS = tuple(name for name, a in ALLOCATIONS.items() if a.needs_stats or a.needs_text)
 
 
 def grid_models(methods: list[str], ratios: list[float], corpora: list[str],

@@ -22,6 +22,7 @@ import copy
 import gc
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,8 +58,8 @@ def starting_model(base, stats_path: str | None, ratio: float):
 
 def pilot_step_seconds(student, base, batches: list[dict], config: HealConfig) -> float:
     """Seconds per training step, from a few steps on a copy (the first is not counted)."""
-    _, history = heal(copy.deepcopy(student), base, batches, HealConfig(**{**config.__dict__, "steps": PILOT_STEPS,
-                                                                          "max_seconds": None}), progress=False)
+    pilot = replace(config, steps=PILOT_STEPS, max_seconds=None)
+    _, history = heal(copy.deepcopy(student), base, batches, pilot, progress=False)
     return (history[-1]["seconds"] - history[0]["seconds"]) / (len(history) - 1)
 
 
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     lr = args.lr or (1e-3 if args.lora else 2e-4)
     config = HealConfig(steps=10**6, lr=lr, lora_rank=args.lora, max_seconds=marks[-1] * 60)
     step_seconds = pilot_step_seconds(student, base, batches, config)
-    config = HealConfig(**{**config.__dict__, "steps": max(config.warmup_steps + 1,
-                                                           int(marks[-1] * 60 / step_seconds))})
+    config = replace(config, steps=max(config.warmup_steps + 1, int(marks[-1] * 60 / step_seconds)))
 
     def measure() -> dict[str, float]:
         student.eval()

@@ -76,13 +76,9 @@ def perplexity_cells(ppl: dict, name: str, ratio: float, corpora: list[str], bes
 def tuned_base_lines(rows: list[dict], corpora: list[str], lead: str = "") -> list[str]:
     """Table lines of the unpruned model healed alike (the fair baseline of the healed rows), one per
     healing; ``lead``: cells between the name and the perplexities."""
-    cells = {(label(r), r["eval_corpus"]): r for r in rows if r["method"] == "base" and r["model"] != "base"}
-    lines = []
-    for name in dict.fromkeys(n for n, _ in cells):
-        texts = [f"{cells[name, c]['perplexity']:.2f}" + (" †" if cells[name, c]["calibration_corpus"] == c else "")
-                 if (name, c) in cells else "" for c in corpora]
-        lines.append(f"| {name} | {lead}" + " | ".join(texts) + " |")
-    return lines
+    tuned = {(label(r), 0.0, r["eval_corpus"]): r for r in rows if r["method"] == "base" and r["model"] != "base"}
+    return [f"| {name} | {lead}" + " | ".join(perplexity_cells(tuned, name, 0.0, corpora, {})) + " |"
+            for name in dict.fromkeys(name for name, _, _ in tuned)]
 
 
 def markdown_tables(rows: list[dict]) -> str:
