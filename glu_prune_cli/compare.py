@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from benchmarks.compare import DEFAULT_METHODS, EQUAL_SIZE_METHODS, compare
-from benchmarks.grid import parse_corpora, parse_list
+from benchmarks.grid.compare import DEFAULT_METHODS, EQUAL_SIZE_METHODS, compare
+from benchmarks.grid.spec import parse_corpora, parse_list
 from calibrate.errors import GluPruneError
 from calibrate.prompts import DEFAULT_REFERENCE
 from glu_prune_cli.options import add_model_options, add_spread_option, positive

@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from benchmarks.grid import parse_corpora
+from benchmarks.grid.spec import parse_corpora
 from calibrate.corpora import load_corpus
 from calibrate.errors import GluPruneError
 from calibrate.files import check_output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from benchmarks.measures import parameter_count
 from calibrate.errors import GluPruneError
 from calibrate.files import check_output
 from calibrate.models import load_model, pick_device, pick_dtype
@@ -63,7 +64,7 @@ def run_prune(args) -> None:
     result = prune_with_corpus(model, tokenizer, config, stats=stats, corpus=corpus,
                                settings=settings_from_args(args), inplace=True, notes=run.note)
     save_pruned(result.model, tokenizer, args.out, force=args.force)
-    report(args, result.manifest, sum(p.numel() for p in result.model.parameters()), start)
+    report(args, result.manifest, parameter_count(result.model), start)
 
 
 def run_depth(args, config, depth, corpus, start: float) -> None:
@@ -75,7 +76,7 @@ def run_depth(args, config, depth, corpus, start: float) -> None:
     result = prune_depth_with_corpus(model, tokenizer, depth, config, stats=stats, corpus=corpus,
                                      settings=settings_from_args(args), inplace=True)
     save_pruned(result.model, tokenizer, args.out, force=args.force)
-    report(args, result.manifest, sum(p.numel() for p in result.model.parameters()), start, width=config is not None)
+    report(args, result.manifest, parameter_count(result.model), start, width=config is not None)
 
 
 def report(args, manifest: dict, params: int | None, start: float, width: bool = True) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.deploy_run import SpeedSettings, deploy_speed
-from benchmarks.deploy_variants import DEFAULT_ENGINES, ENGINES, BuildSettings, model_specs
-from benchmarks.grid import parse_list
+from benchmarks.deploy.run import SpeedSettings, deploy_speed
+from benchmarks.deploy.variants import DEFAULT_ENGINES, ENGINES, BuildSettings, model_specs
+from benchmarks.grid.spec import parse_list
 from glu_prune_cli.options import positive
 from pruning.registry import METHODS
 

@@ -1,5 +1,8 @@
 """The import contract: layers only point down (calibrate < pruning < benchmarks < glu_prune_cli),
-and no project module imports itself back through others. Every import in a file counts,
+and inside benchmarks/ its rooms only point down too (measures < deploy < grid < studies: the grid
+runs deploy's speed and lm-eval figures, deploy never needs the grid); nothing outside
+benchmarks/studies/ imports a study, and a study imports no other study (studies may import the
+product). No project module imports itself back through others. Every import in a file counts,
 function-local ones too, so no cycle can hide inside a function."""
 
 import ast
@@ -7,6 +10,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = {"calibrate": 0, "pruning": 1, "benchmarks": 2, "glu_prune_cli": 3}  # may import its own and lower
+ROOMS = {"benchmarks.measures": 0, "benchmarks.deploy": 1, "benchmarks.grid": 2, "benchmarks.studies": 3}
+STUDIES = "benchmarks.studies"  # one study per module or package below it
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -43,9 +48,32 @@ def import_graph(root: Path, layers: dict[str, int]) -> dict[str, set[str]]:
     return graph
 
 
-def upward_imports(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+def room(name: str, rooms: dict[str, int]) -> str | None:
+    """The room (a key of ``rooms``) that holds module ``name``, None outside every room."""
+    return next((r for r in rooms if name == r or name.startswith(r + ".")), None)
+
+
+def upward_imports(graph: dict[str, set[str]], layers: dict[str, int], rooms: dict | None = None) -> list[str]:
+    """``a -> b`` for each import of a higher layer, or of a higher room in the same layer (a module of
+    that layer outside every room ranks below its rooms)."""
+    rooms = rooms or {}
+
+    def rank(name: str) -> tuple[int, int]:
+        return layers[name.split(".")[0]], rooms.get(room(name, rooms), -1)
+
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if rank(b) > rank(a))
+
+
+def study_of(name: str, studies: str) -> str | None:
+    """The study holding module ``name`` (the first name below ``studies``), None outside them."""
+    rest = name.removeprefix(studies + ".")
+    return rest.split(".")[0] if rest != name else None
+
+
+def study_imports(graph: dict[str, set[str]], studies: str) -> list[str]:
+    """``a -> b`` for each import of a study from outside it: from the product or from another study."""
     return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
-                  if layers[b.split(".")[0]] > layers[a.split(".")[0]])
+                  if study_of(b, studies) is not None and study_of(a, studies) != study_of(b, studies))
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -86,6 +114,19 @@ def test_layers_only_point_down():
     assert upward_imports(graph, LAYERS) == []
 
 
+def test_rooms_only_point_down_and_every_benchmark_is_in_one():
+    graph = import_graph(REPO, LAYERS)
+    benchmarks = [m for m in graph if m.startswith("benchmarks.")]
+    assert {room(m, ROOMS) for m in benchmarks} == set(ROOMS)  # each room holds modules, none lies outside
+    assert upward_imports(graph, LAYERS, ROOMS) == []
+
+
+def test_nothing_in_the_product_imports_a_study_and_no_study_another():
+    graph = import_graph(REPO, LAYERS)
+    assert len({study_of(m, STUDIES) for m in graph} - {None}) >= 10
+    assert study_imports(graph, STUDIES) == []
+
+
 def test_no_import_cycles():
     assert cycles(import_graph(REPO, LAYERS)) == []
 
@@ -114,9 +155,43 @@ def test_the_checker_catches_an_upward_import_and_a_cycle(tmp_path):
     assert cycles(graph) == [["high.c", "high.d"]]
 
 
+def test_the_checker_catches_a_room_pointing_up_and_a_study_imported(tmp_path):
+    files = {
+        "cli/__init__.py": "",
+        "cli/main.py": "from top.lab.one import x\n",  # the product imports a study
+        "top/__init__.py": "",
+        "top/base/__init__.py": "",
+        "top/base/m.py": "def f():\n    import top.runner.r\n",  # a lower room imports a higher one
+        "top/runner/__init__.py": "",
+        "top/runner/r.py": "from top.base import m\n",  # down: allowed
+        "top/lab/__init__.py": "",
+        "top/lab/one.py": "from top.runner import r\nfrom top.lab.pair import a\n",  # a study imports another
+        "top/lab/pair/__init__.py": "",
+        "top/lab/pair/a.py": "from top.lab.pair import b\n",  # within one study: allowed
+        "top/lab/pair/b.py": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    layers, rooms = {"top": 0, "cli": 1}, {"top.base": 0, "top.runner": 1, "top.lab": 2}
+    graph = import_graph(tmp_path, layers)
+    assert upward_imports(graph, layers, rooms) == ["top.base.m -> top.runner.r"]
+    assert study_imports(graph, "top.lab") == ["cli.main -> top.lab.one", "top.lab.one -> top.lab.pair.a"]
+
+
 def test_the_registry_page_matches_the_registry(capsys):
     """docs/registry.md is what scripts/registry_table.py prints from pruning/registry.py."""
     import runpy
 
     runpy.run_path(str(REPO / "scripts" / "registry_table.py"), run_name="__main__")
     assert (REPO / "docs" / "registry.md").read_text() == capsys.readouterr().out
+
+
+
+def test_the_architecture_page_names_every_module():
+    """docs/architecture.md lists each module that is not a package (its path below its top package,
+    in backticks) with its job."""
+    page = (REPO / "docs" / "architecture.md").read_text()
+    modules = [m for m in import_graph(REPO, LAYERS) if not (REPO / m.replace(".", "/")).is_dir()]
+    assert len(modules) > 60
+    assert [m for m in modules if f"`{m.split('.', 1)[1].replace('.', '/')}`" not in page] == []

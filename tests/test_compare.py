@@ -5,10 +5,10 @@ import torch
 from tiny import GRID_OPTIONS as OPTIONS
 from tiny import HIDDEN, INTERMEDIATE, LAYERS, tiny_model
 
-from benchmarks import compare as compare_module
-from benchmarks import speed
-from benchmarks.compare import compare
-from benchmarks.grid import CorpusSpec, ModelSpec, grid_models, parse_corpora
+from benchmarks.deploy import speed
+from benchmarks.grid import compare as compare_module
+from benchmarks.grid.compare import compare
+from benchmarks.grid.spec import CorpusSpec, ModelSpec, grid_models, parse_corpora
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.errors import GluPruneError

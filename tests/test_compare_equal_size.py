@@ -6,9 +6,9 @@ import pytest
 from tiny import GRID_OPTIONS as OPTIONS
 from tiny import grid_workspace
 
-from benchmarks import compare as compare_module
-from benchmarks.compare import compare
-from benchmarks.grid import equal_size_models, grid_models
+from benchmarks.grid import compare as compare_module
+from benchmarks.grid.compare import compare
+from benchmarks.grid.spec import equal_size_models, grid_models
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.errors import GluPruneError

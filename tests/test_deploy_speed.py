@@ -9,10 +9,8 @@ import pytest
 import torch
 from tiny import VOCAB, tiny_model, tiny_tokenizer, tiny_workspace
 
-from benchmarks import deploy_speed
-from benchmarks.deploy_report import add_ratios, engine_table
-from benchmarks.deploy_run import SpeedSettings, Variant, round_robin
-from benchmarks.deploy_speed import (
+from benchmarks.deploy import engines
+from benchmarks.deploy.engines import (
     LlamaCppEngine,
     TorchEngine,
     decode,
@@ -23,7 +21,9 @@ from benchmarks.deploy_speed import (
     median_figures,
     prompt_ids,
 )
-from benchmarks.deploy_variants import BuildSettings, check_build, model_specs
+from benchmarks.deploy.report import add_ratios, engine_table
+from benchmarks.deploy.run import SpeedSettings, Variant, round_robin
+from benchmarks.deploy.variants import BuildSettings, check_build, model_specs
 from calibrate.errors import ConfigError, GluPruneError
 from glu_prune_cli.main import main
 
@@ -115,7 +115,7 @@ class FakeEngine:
 
 def test_measure_turn_turns_times_into_figures(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr(deploy_speed.time, "perf_counter", clock)
+    monkeypatch.setattr(engines.time, "perf_counter", clock)
     engine = FakeEngine(clock)
     figures = measure_turn(engine, {64: [5] * 64, 16: [5] * 16}, [5] * 32, 20, warmup_tokens=4)
     assert figures["prefill_tps"] == pytest.approx({16: 1000.0, 64: 1000.0})

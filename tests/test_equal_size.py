@@ -72,7 +72,7 @@ def test_depth_vs_width_runs_and_resumes(tmp_path):
 
     from tiny import tiny_workspace
 
-    from benchmarks.depth_vs_width import main
+    from benchmarks.studies.depth_vs_width import main
 
     tiny_workspace(tmp_path, "llama", num_hidden_layers=8)
     args = ["--model", str(tmp_path / "m"), "--param-ratios", "0.2", "--corpora", f"c={tmp_path / 'c.txt'}",

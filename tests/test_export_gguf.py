@@ -20,7 +20,7 @@ import pytest
 import torch
 from tiny import FAMILIES, tiny_model, tiny_tokenizer
 
-from benchmarks.llamacpp import llama_cpp_available, llama_cpp_logits
+from benchmarks.deploy.llamacpp import llama_cpp_available, llama_cpp_logits
 from calibrate.errors import ConfigError, GluPruneError
 from calibrate.glu import glu_layers
 from pruning import PruneConfig, prune
@@ -264,7 +264,7 @@ def test_smollm2_tokenizer_comes_from_its_gguf_or_its_hugging_face_tokenizer(smo
     assert value["tokenizer.ggml.merges"] == source["tokenizer.ggml.merges"]
     assert value["tokenizer.ggml.eos_token_id"] == source["tokenizer.ggml.eos_token_id"]
     if llama_cpp_available():
-        from benchmarks.llamacpp import open_gguf
+        from benchmarks.deploy.llamacpp import open_gguf
 
         text = "The pruned model keeps the neurons its domain uses, in 2 or 3 layers."
         llm = open_gguf(built, n_ctx=64)
@@ -291,7 +291,7 @@ def test_pruned_smollm2_gives_the_same_logits_in_llama_cpp(smollm2_pruned, wiki_
 @needs_llama_cpp
 def test_llama_cpp_perplexity_of_pruned_smollm2_matches_ours(smollm2, smollm2_pruned, data_dir, tmp_path):
     """wikitext2 evaluation, windows of 512, first 1024 tokens: f32 and f16 files within 0.5%."""
-    from benchmarks.llamacpp import llama_cpp_perplexity
+    from benchmarks.deploy.llamacpp import llama_cpp_perplexity
     from calibrate.corpora import load_corpus
     from calibrate.perplexity import perplexity
 

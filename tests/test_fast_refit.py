@@ -1,5 +1,5 @@
 """The ridge search of the least-squares refit, against the search as it was (and the closed-form
-search by one eigendecomposition, kept in :mod:`benchmarks.refit_speed` for comparison).
+search by one eigendecomposition, kept in :mod:`benchmarks.studies.refit_speed` for comparison).
 
 Tolerances come from float64 round-off (``ε``). The library's search solves every ridge exactly as
 before (the same Cholesky solve, so the same weights bit for bit) and only forms its held-out
@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from tiny import random_batches, tiny_model
 
-from benchmarks.refit_speed import obs_order_by_copies, path_errors, ridge_candidates, ridge_path
+from benchmarks.studies.refit_speed import obs_order_by_copies, path_errors, ridge_candidates, ridge_path
 from calibrate.glu import glu_layers
 from calibrate.run import calibrate
 from calibrate.stats import LayerStats, PairedStats

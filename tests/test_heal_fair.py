@@ -1,10 +1,10 @@
-"""benchmarks.heal_fair on a tiny model and the real corpora: the marks, the baseline and the table."""
+"""benchmarks.studies.heal_fair on a tiny model and the real corpora: the marks, the baseline and the table."""
 
 import json
 
 from tiny import save_tiny
 
-from benchmarks import heal_fair
+from benchmarks.studies import heal_fair
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.models import load_model

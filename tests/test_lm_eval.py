@@ -5,7 +5,7 @@ import torch
 from tiny import GRID_OPTIONS as OPTIONS
 from tiny import tiny_model, tiny_tokenizer
 
-from benchmarks.compare import compare
+from benchmarks.grid.compare import compare
 
 pytest.importorskip("lm_eval")
 
@@ -38,7 +38,7 @@ def write_task(folder, model, tokenizer, n=8) -> None:
 
 
 def test_lm_eval_scores_join_the_grid(grid_setup, tmp_path):
-    from benchmarks.lm_eval_tasks import lm_eval_scores
+    from benchmarks.deploy.lm_eval_tasks import lm_eval_scores
     from calibrate.errors import GluPruneError
 
     model_dir, corpora = grid_setup

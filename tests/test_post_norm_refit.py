@@ -1,9 +1,9 @@
-"""benchmarks/post_norm_refit.py: it measures the norm the model applies, on the tokens it sees, and
+"""benchmarks/studies/post_norm_refit.py: it measures the norm the model applies, on the tokens it sees, and
 the first-order post-norm error that docs/post-norm.md derives holds."""
 
 import torch
 
-from benchmarks.post_norm_refit import capture, layer_errors, post_norm, random_model, rms
+from benchmarks.studies.post_norm_refit import capture, layer_errors, post_norm, random_model, rms
 
 
 def test_post_norm_is_the_models_post_feedforward_norm():

@@ -1,11 +1,11 @@
-"""benchmarks.scale_plan: the 8B/70B plan's sizes against published counts and a real model and file."""
+"""benchmarks.studies.scale.plan: the 8B/70B plan's sizes against published counts and a real model and file."""
 
 import math
 
 from safetensors import safe_open
 from tiny import random_batches, tiny_model
 
-from benchmarks.scale_plan import LLAMA_8B, LLAMA_70B, SMOLLM2_135M, Shape, fit_cubic, offload_peak_bytes
+from benchmarks.studies.scale.plan import LLAMA_8B, LLAMA_70B, SMOLLM2_135M, Shape, fit_cubic, offload_peak_bytes
 from calibrate.run import calibrate
 from calibrate.stats import FIELDS
 

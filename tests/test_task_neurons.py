@@ -1,10 +1,10 @@
-"""benchmarks/task_neurons.py: the decision positions, the decision energy against the calibration
+"""benchmarks/studies/task_neurons.py: the decision positions, the decision energy against the calibration
 statistics, and the kept sets against what prune keeps."""
 
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from benchmarks.task_neurons import decision_energy, decision_positions, kept_sets, layer_rows
+from benchmarks.studies.task_neurons import decision_energy, decision_positions, kept_sets, layer_rows
 from calibrate.run import calibrate
 from pruning import PruneConfig, prune
 

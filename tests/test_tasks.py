@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import GRID_OPTIONS, save_tiny, tiny_model, tiny_tokenizer
 
-from benchmarks.compare import compare
+from benchmarks.grid.compare import compare
 from calibrate.batches import make_batches, with_bos
 from calibrate.corpora import labelled_part, load_corpus
 from calibrate.errors import GluPruneError

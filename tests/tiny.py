@@ -103,7 +103,7 @@ GRID_OPTIONS = dict(eval_tokens=256, eval_docs=10, seq_len=64, calib_tokens=512,
 def grid_workspace(folder, **overrides):
     """A saved tiny model (``overrides`` to its config) and two small custom corpora (law, food):
     (model folder, corpus specs)."""
-    from benchmarks.grid import CorpusSpec
+    from benchmarks.grid.spec import CorpusSpec
 
     save_tiny(folder / "model", **overrides)
     corpora = []

@@ -1,9 +1,9 @@
 """Healing measured fairly: pruned models and the unpruned model fine-tuned alike, fully or by LoRA.
 
-    python -m benchmarks.heal_fair --corpus wikitext2 --ratio 0.4 --minutes 10,30 --threads 1 \\
+    python -m benchmarks.studies.heal_fair --corpus wikitext2 --ratio 0.4 --minutes 10,30 --threads 1 \\
         --stats out/select40/stats/<file>.safetensors --out out/heal-fair
-    python -m benchmarks.heal_fair --corpus wikitext2 --ratio 0 ...      # the fair baseline
-    python -m benchmarks.heal_fair --report --out out/heal-fair          # the table
+    python -m benchmarks.studies.heal_fair --corpus wikitext2 --ratio 0 ...      # the fair baseline
+    python -m benchmarks.studies.heal_fair --report --out out/heal-fair          # the table
 
 One run per process, so that its peak memory is its own. ``--ratio`` is the fraction of neurons
 removed by ``hybrid`` + ``lstsq`` from the statistics file (``0``: the unpruned model, fine-tuned
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.calibration_speed import reset_peak_rss, rss_mib
-from benchmarks.grid import parse_list
+from benchmarks.grid.spec import parse_list
+from benchmarks.measures import parameter_count, reset_peak, rss_mib
 from calibrate.corpora import load_corpus
 from calibrate.files import write_text
 from calibrate.models import load_model
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 
     points = [{"minutes": 0.0, "steps": 0, "tokens": 0, "perplexity": measure()}]
     gc.collect()
-    reset_peak_rss()  # the peak from here on is training's (and the marks' measurements)
+    reset_peak()  # the peak from here on is training's (and the marks' measurements)
     rss_before = rss_mib("VmRSS")
     tokens, pending = 0, [m * 60 for m in marks]
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                        "perplexity": measure()})
     result = {"corpus": args.corpus, "ratio": args.ratio, "lora": args.lora, "lr": lr, "threads": args.threads,
               "planned_steps": config.steps, "pilot_step_seconds": step_seconds,
-              "parameters": sum(t.numel() for t in student.parameters()),
+              "parameters": parameter_count(student),
               "base": {n: protocol_perplexity(base, tokenizer, part).perplexity for n, part in parts.items()},
               "points": points, "train_tokens_per_second": tokens / history[-1]["seconds"],
               "rss_before_training_mib": rss_before, "rss_peak_mib": rss_mib("VmHWM"),

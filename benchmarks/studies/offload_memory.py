@@ -1,9 +1,9 @@
 """Peak memory of calibrate + prune with and without ``--offload``, side by side in one run.
 
-    python -m benchmarks.offload_memory --model smollm2-135m --corpus wikitext2 --max-tokens 8192
+    python -m benchmarks.studies.offload_memory --model smollm2-135m --corpus wikitext2 --max-tokens 8192
 
 Each variant runs ``glu-prune prune`` in a fresh process that reports its peak resident memory
-(ru_maxrss); a third process only loads the libraries, the config (an empty model) and the
+(:mod:`benchmarks.measures`); a third process only loads the libraries, the config (an empty model) and the
 tokenizer, to show the memory above that floor.
 The two pruned checkpoints are compared tensor by tensor.
 """
@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.measures import children_peak_bytes, peak_bytes
 
 
 def child(argv: list[str]) -> None:
@@ -35,10 +36,10 @@ def child(argv: list[str]) -> None:
         empty_model(source, torch.float32)
         transformers.AutoTokenizer.from_pretrained(source)
         code = 0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_bytes()
     else:  # the command in a process of its own: its peak alone, without this one's imports
         code = subprocess.run([sys.executable, "-m", "glu_prune_cli.main", *argv]).returncode
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        peak = children_peak_bytes()
     print(json.dumps({"code": code, "peak_bytes": peak, "seconds": time.perf_counter() - start}))
 
 
@@ -47,7 +48,7 @@ def argv_model() -> str:
 
 
 def run_child(argv: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.offload_memory", "--child", *argv],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.studies.offload_memory", "--child", *argv],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"child failed: {' '.join(argv)}\n{done.stderr[-2000:]}")

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.deploy_report import add_ratios, lengths_markdown, plot_ratios, speed_markdown
-from benchmarks.deploy_speed import generated_lengths, kept_fraction, median_figures
-from benchmarks.deploy_variants import (
+from benchmarks.deploy.engines import generated_lengths, kept_fraction, median_figures
+from benchmarks.deploy.report import add_ratios, lengths_markdown, plot_ratios, speed_markdown
+from benchmarks.deploy.variants import (
     ENGINES,
     BuildSettings,
     ModelSpec,
@@ -85,11 +85,11 @@ def worker_spec(v: Variant, s: SpeedSettings) -> dict:
 
 
 def run_worker(spec: dict, timeout_s: float) -> dict:
-    """One turn in a fresh ``python -m benchmarks.deploy_worker`` process; its figures, or ``error``."""
+    """One turn in a fresh ``python -m benchmarks.deploy.worker`` process; its figures, or ``error``."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
            "TOKENIZERS_PARALLELISM": "false"}
     try:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.deploy_worker", json.dumps(spec)], env=env,
+        done = subprocess.run([sys.executable, "-m", "benchmarks.deploy.worker", json.dumps(spec)], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"turn took over {timeout_s:.0f} s"}

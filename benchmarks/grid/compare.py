@@ -11,10 +11,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from benchmarks.grid import CorpusSpec, ModelSpec, equal_size_method, equal_size_models, grid_models
-from benchmarks.lm_eval_tasks import harness, lm_eval_scores
-from benchmarks.speed import device_name, measure_speed
-from benchmarks.store import ResultStore, record_settings
+from benchmarks.deploy.lm_eval_tasks import harness, lm_eval_scores
+from benchmarks.deploy.speed import device_name, measure_speed
+from benchmarks.grid.spec import CorpusSpec, ModelSpec, equal_size_method, equal_size_models, grid_models
+from benchmarks.grid.store import ResultStore, record_settings
+from benchmarks.measures import parameter_count
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.errors import GluPruneError
@@ -41,10 +42,6 @@ LM_EVAL = "(lm-eval)"
 TASK = "task:"  # a labelled task's cells: "task:sms_spam"
 TASK_FIGURES = ("balanced_accuracy", "balanced_accuracy_ci", "accuracy", "recall", "auc", "auc_ci",
                 "plain_balanced_accuracy", "plain_recall", "n", "seconds")
-
-
-def parameter_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 class Grid:
@@ -309,7 +306,7 @@ def compare(model: str, corpora: list[CorpusSpec], ratios: list[float] | None, m
     'depth-skip-loss' whole layers, a width method uniform neurons (refit by ``reconstruct``),
     'both-<method>' half by layers (cosine), the rest by that method's neurons.
     """
-    from benchmarks.report import write_reports
+    from benchmarks.grid.report import write_reports
 
     if ratios and param_ratios:
         raise GluPruneError("--ratios (fractions of GLU neurons) and --param-ratios (fractions of all parameters) "

@@ -1,6 +1,6 @@
 """Perplexity on the calibration domain against healing steps, with the CPU time spent.
 
-    python -m benchmarks.healing --ratios 0.2 --corpora wikitext2,sms_spam --steps 150 --out out/healing
+    python -m benchmarks.studies.healing --ratios 0.2 --corpora wikitext2,sms_spam --steps 150 --out out/healing
 
 For each (ratio, corpus): prune the model with ``hybrid`` (reference settings), heal it on the
 corpus's calibration part, and measure the evaluation part of the calibration corpus every
@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.grid import parse_corpora, parse_list
+from benchmarks.grid.spec import parse_corpora, parse_list
 from calibrate.corpora import load_corpus
 from calibrate.files import write_text
 from calibrate.models import load_model

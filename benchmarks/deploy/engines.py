@@ -14,7 +14,6 @@ import random
 import statistics
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Protocol
 
 
@@ -126,27 +125,6 @@ def median_figures(turns: list[dict]) -> dict:
         else:
             out[key] = statistics.median(t[key] for t in turns)
     return out
-
-
-def read_status(field: str, path: str = "/proc/self/status") -> int | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes, None where there is none."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes."""
-    peak = read_status("VmHWM")
-    if peak is None:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak
 
 
 def generated_lengths(model, tokenizer, messages: Iterable[str], max_new_tokens: int,

@@ -15,10 +15,10 @@ search of the ridge grid for a 5x speed-up. The statistics
 (second moments and a held-out eighth, as ``glu-prune prune`` calibrates them) are computed once
 and kept in ``--stats``.
 
-    python -m benchmarks.refit_speed [--model smollm2-135m] [--corpus wikitext2] [--tokens 65536]
+    python -m benchmarks.studies.refit_speed [--model smollm2-135m] [--corpus wikitext2] [--tokens 65536]
         [--ratios 0.2,0.4] [--layers 0,5,10] [--threads 1] [--obs]
         [--stats out/refit_speed/wikitext2-65536.stats.safetensors]
-    python -m benchmarks.refit_speed --floor [--ratios 0.2,0.4] [--threads 1]
+    python -m benchmarks.studies.refit_speed --floor [--ratios 0.2,0.4] [--threads 1]
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ post-norm error of a token is its pre-norm error scaled by ``g/rms(z_t)``, less 
 reach; wanda's selection only). Weighting output dimensions by ``g_j²`` is not a variant: rows of
 ``W'`` decouple, so it leaves the least-squares solution unchanged.
 
-    python -m benchmarks.post_norm_refit [--family gemma2] [--ratios 0.2,0.5] [--tokens 16384]
-    python -m benchmarks.post_norm_refit --model smollm2-135m --corpus wikitext2 --layers 0,10,20,29 --steps 0
+    python -m benchmarks.studies.post_norm_refit [--family gemma2] [--ratios 0.2,0.5] [--tokens 16384]
+    python -m benchmarks.studies.post_norm_refit --model smollm2-135m --corpus wikitext2 --layers 0,10,20,29 --steps 0
 
 The maths and the measured table (SmolLM2 with ``--tokens 8192``): docs/post-norm.md.
 

@@ -5,34 +5,22 @@
 (``pip install --no-deps optipfair==0.4.2``). Prints tokens/s, ratios to (a) and (b), and the peak
 resident memory above the loaded model, at two token budgets (it must not grow with tokens).
 
-    python -m benchmarks.calibration_speed [--model smollm2-135m] [--tokens 8192,32768]
+    python -m benchmarks.studies.calibration_speed [--model smollm2-135m] [--tokens 8192,32768]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.measures import reset_peak, rss_mib
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.glu import decoder
 from calibrate.models import load_model
 from calibrate.run import calibrate
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark of this process (Linux clear_refs 5)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def rss_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def plain_forward(model, batches):
@@ -71,7 +59,7 @@ def optipfair_available() -> bool:
 
 def measure(fn, model, batches, tokens: int) -> tuple[float, float]:
     """Tokens/s of one run and its peak RSS above the level before it (MiB)."""
-    reset_peak_rss()
+    reset_peak()
     before = rss_mib("VmRSS")
     with torch.inference_mode():
         start = time.perf_counter()

@@ -3,7 +3,7 @@ depth (whole layers, least important by cosine), by width (uniform GLU neurons, 
 refit) or by both (half each, pruning/equal_size.py), calibrated on each corpus, evaluated on every
 corpus by the protocol. Resumable: DIR/results.json keeps every finished cell.
 
-    python -m benchmarks.depth_vs_width --param-ratios 0.1,0.2 --corpora wikitext2,sms_spam --out DIR
+    python -m benchmarks.studies.depth_vs_width --param-ratios 0.1,0.2 --corpora wikitext2,sms_spam --out DIR
 
 Writes DIR/results.md (a table, and the glu-prune command of every row) and DIR/depth_vs_width.png.
 ``--speed`` adds transformers speed (prefill and decode, batch 1), all variants measured in turns.
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.deploy_speed import TorchEngine, measure_turn, prompt_ids
-from benchmarks.grid import parse_corpora, parse_list
-from benchmarks.store import ResultStore, record_settings
+from benchmarks.deploy.engines import TorchEngine, measure_turn, prompt_ids
+from benchmarks.grid.spec import parse_corpora, parse_list
+from benchmarks.grid.store import ResultStore, record_settings
+from benchmarks.measures import parameter_count
 from calibrate.corpora import load_corpus
 from calibrate.files import write_text
 from calibrate.models import load_model, load_pruned
@@ -40,10 +41,6 @@ from pruning.workflow import (
     provenance,
     prune_depth_with_corpus,
 )
-
-
-def count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 class Study:
@@ -134,8 +131,8 @@ class Study:
         start = time.perf_counter()
         model = self.build(p, name)
         seconds = time.perf_counter() - start
-        if count(model) != p.parameters:
-            raise RuntimeError(f"{key}: {count(model)} parameters, {p.parameters} predicted")
+        if parameter_count(model) != p.parameters:
+            raise RuntimeError(f"{key}: {parameter_count(model)} parameters, {p.parameters} predicted")
         if p.kind == "both" and len(self.corpora) > 1:
             saved.parent.mkdir(parents=True, exist_ok=True)
             save_pruned(model, self.tok, saved)
@@ -154,7 +151,8 @@ class Study:
                                              self.args.eval_docs, seq_len=self.args.seq_len)
                 self.store.add({"model": key, "kind": p.kind if p else "base", "param_ratio": p.param_ratio if p
                                 else 0.0, "calibration_corpus": name, "eval_corpus": corpus,
-                                "perplexity": result.perplexity, "tokens": result.tokens, "parameters": count(model),
+                                "perplexity": result.perplexity, "tokens": result.tokens,
+                                "parameters": parameter_count(model),
                                 "remove_layers": p.remove_layers if p else 0,
                                 "intermediate_size": p.intermediate_size if p and p.intermediate_size else
                                 self.profile.intermediate, "prune_seconds": round(seconds, 1),
@@ -191,7 +189,7 @@ class Study:
         for key, turns_ in figures.items():
             prefill = st.median(t["prefill_tps"][prompt] for t in turns_)
             decode_ = st.median(t["decode_tps"] for t in turns_)
-            rows.append({"model": key, "parameters": count(models[key]), "prefill_tps": prefill,
+            rows.append({"model": key, "parameters": parameter_count(models[key]), "prefill_tps": prefill,
                          "decode_tps": decode_, "turns": turns})
         base = rows[0]
         for row in rows:
@@ -254,7 +252,8 @@ def plot(rows: list[dict], corpora: list[str], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.depth_vs_width", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.depth_vs_width",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--param-ratios", default="0.1,0.2", help="fractions of the total parameters removed")
     p.add_argument("--kinds", default=",".join(PLANS), help="comma-separated: depth, width, both")

@@ -1,6 +1,6 @@
 """One measurement turn in a fresh process: load one model in one engine, measure it, print JSON.
 
-    python -m benchmarks.deploy_worker '{"runtime": "llama.cpp", "path": "m.f16.gguf", ...}'
+    python -m benchmarks.deploy.worker '{"runtime": "llama.cpp", "path": "m.f16.gguf", ...}'
 
 A process of its own per turn gives every variant the same start and its own peak memory
 (``peak_bytes``: the process's peak resident set; ``floor_bytes``: its resident set after the
@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks.deploy_speed import LlamaCppEngine, TorchEngine, measure_turn, peak_rss, prompt_ids, read_status
+from benchmarks.deploy.engines import LlamaCppEngine, TorchEngine, measure_turn, prompt_ids
+from benchmarks.measures import peak_bytes, status_bytes
 
 
 def load_engine(spec: dict):
@@ -24,11 +25,11 @@ def load_engine(spec: dict):
         from calibrate.models import DTYPES, load_pruned
 
         torch.set_num_threads(threads)
-        floor = read_status("VmRSS")
+        floor = status_bytes("VmRSS")
         return TorchEngine(load_pruned(spec["path"], dtype=DTYPES[spec["dtype"]], device="cpu")), floor
     from llama_cpp import Llama
 
-    floor = read_status("VmRSS")
+    floor = status_bytes("VmRSS")
     llm = Llama(model_path=spec["path"], n_ctx=spec["n_ctx"], n_threads=threads, n_threads_batch=threads,
                 logits_all=False, verbose=False)
     return LlamaCppEngine(llm), floor
@@ -39,7 +40,7 @@ def run_turn(spec: dict) -> dict:
     vocab, seed = spec["vocab_size"], spec["seed"]
     prompts = {n: prompt_ids(n, vocab, seed) for n in spec["prompt_lengths"]}
     figures = measure_turn(engine, prompts, prompt_ids(spec["decode_prompt"], vocab, seed), spec["new_tokens"])
-    return {**figures, "peak_bytes": peak_rss(), "floor_bytes": floor}
+    return {**figures, "peak_bytes": peak_bytes(), "floor_bytes": floor}
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ method and ratio (uniform allocation, as ``glu-prune prune`` keeps them), and re
   of the calibration part). It is the Wanda score measured only where the task is decided.
 - ``top_missed``: of the 5% of neurons with the most decision energy, how many each set drops.
 
-Run: ``python -m benchmarks.task_neurons --a raw.safetensors --b task.safetensors --out out/task-neurons.json``.
+Run: ``python -m benchmarks.studies.task_neurons --a raw.safetensors --b task.safetensors --out out/task-neurons.json``.
 """
 
 from __future__ import annotations

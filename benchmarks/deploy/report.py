@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.deploy_speed import predicted, speedup
+from benchmarks.deploy.engines import predicted, speedup
 
 MiB = 2**20
 

@@ -1,5 +1,5 @@
 """The arithmetic of docs/scale.md's 8B/70B plan (pure): model shapes, bytes, a fitted power law,
-and times from FLOPs at a stated rate. No measurement here: :mod:`benchmarks.scale_costs` measures
+and times from FLOPs at a stated rate. No measurement here: :mod:`benchmarks.studies.scale.costs` measures
 the rates this module is given."""
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from benchmarks.measures import MIB, parameter_bytes, parameter_count
+
 
 def synchronize(device: torch.device) -> None:
     """Wait until the work queued on ``device`` is done (CUDA runs it asynchronously)."""
@@ -54,11 +56,9 @@ def measure_speed(model, batch: int = 8, prompt_len: int = 128, new_tokens: int 
 
     with torch.inference_mode():
         prefill_s, ttft_s, gen_s = (timed(fn, repeats, device) for fn in (prefill, first_token, generate))
-    params = sum(p.numel() for p in model.parameters())
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
-        "parameters": params,
-        "size_mb": round(size / 2**20, 1),
+        "parameters": parameter_count(model),
+        "size_mb": round(parameter_bytes(model) / MIB, 1),
         "prefill_tokens_per_second": batch * prompt_len / prefill_s,
         "decode_tokens_per_second": (new_tokens - 1) / max(gen_s - ttft_s, 1e-9),
         "ttft_ms": ttft_s * 1000,

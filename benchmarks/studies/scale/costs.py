@@ -11,7 +11,7 @@ synthetic positive-definite matrix at each size, with a Llama-shaped right-hand 
 slice): on SmolLM2's real layer 0 and on synthetic Llama-shaped statistics; time and peak memory
 above its inputs. (d) The 8B/70B table of docs/scale.md, from (a)-(c) and stated GPU assumptions.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.scale_costs --data-dir ../shared/data
+    OMP_NUM_THREADS=1 python -m benchmarks.studies.scale.costs --data-dir ../shared/data
         [--tokens 4096] [--layers 3] [--sizes 1536,4096,8192,14336] [--threads 1,2]
         [--refit-sizes 2048,4096,6144] [--refit-threads 1]
 """
@@ -25,8 +25,8 @@ from contextlib import ExitStack
 
 import torch
 
-from benchmarks.calibration_speed import reset_peak_rss, rss_mib
-from benchmarks.scale_plan import (
+from benchmarks.measures import reset_peak, rss_mib
+from benchmarks.studies.scale.plan import (
     LLAMA_8B,
     LLAMA_70B,
     SHAPES,
@@ -65,7 +65,7 @@ PEAK = [0.0]  # the largest peak resident MiB seen before any reset
 def peak_above(fn, *args, **kwargs) -> tuple[float, float, object]:
     """(seconds, peak resident MiB above the resident memory at the call, result)."""
     PEAK[0] = max(PEAK[0], rss_mib("VmHWM"))
-    reset_peak_rss()
+    reset_peak()
     before = rss_mib("VmRSS")
     seconds, out = timed(fn, *args, **kwargs)
     PEAK[0] = max(PEAK[0], rss_mib("VmHWM"))

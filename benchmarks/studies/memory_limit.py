@@ -1,6 +1,6 @@
 """``glu-prune calibrate`` and ``prune`` with no extra flags under a real cgroup memory limit.
 
-    python -m benchmarks.memory_limit --limit 1100M --data-dir ../shared/data
+    python -m benchmarks.studies.memory_limit --limit 1100M --data-dir ../shared/data
 
 SmolLM2-135M in float64 (1.08 GB of weights), from a model folder and from the .gguf alias (its
 conversion done under the limit, in a fresh cache): each command runs once without a limit and
@@ -22,6 +22,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.measures import children_peak_bytes
 
 MiB = 1 << 20
 
@@ -111,23 +113,16 @@ class Run:
 
 def run(argv: list[str], limit: int | None, env: dict, blind: bool = False) -> Run:
     """``glu-prune argv`` in a child process in a fresh group of ``limit`` bytes."""
-    command = [sys.executable, "-m", "benchmarks.memory_limit", "--blind" if blind else "--child", *argv]
+    command = [sys.executable, "-m", "benchmarks.studies.memory_limit", "--blind" if blind else "--child", *argv]
     with Cgroup(limit, "glu-prune-bench") as group:
         start = time.perf_counter()
         child = subprocess.Popen(command, env=env, preexec_fn=group.join, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         out, err = child.communicate()  # reads both pipes, then waits
         seconds = time.perf_counter() - start
-        result = Run(child.returncode, seconds, group.peak(), child_rss(), group.oom_kills(),
+        result = Run(child.returncode, seconds, group.peak(), children_peak_bytes(), group.oom_kills(),
                      [line for line in (out + err).splitlines() if line.startswith(("note:", "wrote", "glu-prune:"))])
     return result
-
-
-def child_rss() -> int:
-    """The peak RSS of the children waited for: one per waiter process (see :func:`measured`)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
 def child(argv: list[str], blind: bool) -> None:
@@ -157,7 +152,7 @@ def child(argv: list[str], blind: bool) -> None:
 def measured(argv: list[str], limit: int | None, env: dict, blind: bool = False) -> Run:
     """:func:`run` in a fresh waiter process, so that its ru_maxrss is this command's alone."""
     spec = json.dumps({"argv": argv, "limit": limit, "env": env, "blind": blind})
-    done = subprocess.run([sys.executable, "-m", "benchmarks.memory_limit", "--waiter", spec],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.studies.memory_limit", "--waiter", spec],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"benchmark waiter failed: {done.stderr[-2000:]}")
