@@ -20,7 +20,7 @@ def test_heal_fair_measures_pruned_and_baseline_runs_alike(tmp_path, data_dir, c
     stats = calibrate(base, list(make_batches(tokenizer, part, seq_len=32, max_tokens=1024, batch_size=4)),
                       second_moment=True, holdout=0.125, progress=False)
     stats.save(tmp_path / "s.safetensors")
-    common = ["--model", str(tmp_path / "m"), "--corpus", "wikitext2", "--minutes", "0.002,0.004",
+    common = ["--model", str(tmp_path / "m"), "--corpus", "wikitext2", "--steps", "2,4",
               "--data-dir", str(data_dir), "--out", str(tmp_path / "o")]
     heal_fair.main(common + ["--ratio", "0.5", "--stats", str(tmp_path / "s.safetensors")])
     heal_fair.main(common + ["--ratio", "0"])
@@ -33,10 +33,11 @@ def test_heal_fair_measures_pruned_and_baseline_runs_alike(tmp_path, data_dir, c
                                                                                  evaluation).perplexity
     assert tuned["points"][0]["perplexity"] == tuned["base"]  # the baseline starts as the unpruned model
     for run in (pruned, tuned):
+        assert [p["steps"] for p in run["points"]] == [0, 2, 4] and run["planned_steps"] == 4
         minutes = [p["minutes"] for p in run["points"]]
         tokens = [p["tokens"] for p in run["points"]]
-        assert len(minutes) == 3 and minutes == sorted(minutes) and minutes[1] >= 0.002
-        assert tokens == sorted(tokens) and tokens[1] > 0
+        assert minutes == sorted(minutes) and minutes[1] > 0
+        assert 0 < tokens[1] < tokens[2] and tokens[0] == 0
         assert run["points"][-1]["perplexity"]["wikitext2"] != run["points"][0]["perplexity"]["wikitext2"]
     assert pruned["parameters"] < tuned["parameters"]
 
