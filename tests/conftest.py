@@ -33,6 +33,19 @@ def pytest_sessionstart(session):
                     "(make test DATA_DIR=...) or set GLU_DATA_DIR to their folder", returncode=1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def deterministic_cuda_attention():
+    """On a GPU, attention by the math kernel: the fused kernels' backward adds in any order, and tests
+    compare two trainings (resumed and uninterrupted, a grid's and a direct one) exactly."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    yield
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = shared_data_dir()
