@@ -28,8 +28,10 @@ def test_bad_input_gives_one_line_error(fixtures, what, args):
     after = sorted(p.name for p in fixtures.iterdir())
     cleanup_outputs(fixtures)
     assert after == before, "a failed command left files behind"
-    assert table_row(what, args, code, err) == DOCUMENTED.get(what), \
-        "docs/errors.md shows another answer: regenerate it (scripts/error_table.py) if the change is meant"
+    row = table_row(what, args, code, err)
+    assert row == DOCUMENTED.get(what), (f"docs/errors.md shows another answer (regenerate it with "
+                                         f"scripts/error_table.py if the change is meant)\n  ran:  {row}\n"
+                                         f"  docs: {DOCUMENTED.get(what)}")
 
 
 def test_docs_list_exactly_the_cases():

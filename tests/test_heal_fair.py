@@ -48,3 +48,21 @@ def test_heal_fair_measures_pruned_and_baseline_runs_alike(tmp_path, data_dir, c
     last = pruned["points"][-1]["perplexity"]["wikitext2"]
     versus = heal_fair.mark_value(tuned, len(pruned["points"]) - 1, "wikitext2")
     assert f"| {last / versus:.3f} |" in table
+
+
+def test_minute_marks_follow_the_training_clock(tmp_path, data_dir, monkeypatch):
+    """--minutes on a fake clock of one second per step: the pilot measures 1 s a step, the schedule
+    plans max(warm-up + 1, 6) steps and the run stops at its last mark, 6 s."""
+    import importlib
+    import itertools
+    import types
+
+    heal = importlib.import_module("pruning.heal")  # the module (the package also exports its function heal)
+    ticks = itertools.count(0.0, 1.0)  # every step reads the clock twice: 1 s a step
+    monkeypatch.setattr(heal, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    save_tiny(tmp_path / "m")
+    heal_fair.main(["--model", str(tmp_path / "m"), "--corpus", "wikitext2", "--minutes", "0.05,0.1", "--ratio", "0",
+                    "--data-dir", str(data_dir), "--out", str(tmp_path / "o")])
+    run = json.loads((tmp_path / "o" / "wikitext2-r0.json").read_text())
+    assert run["pilot_step_seconds"] == 1.0 and run["planned_steps"] == 11
+    assert [(p["steps"], p["minutes"]) for p in run["points"]] == [(0, 0.0), (3, 0.05), (6, 0.1)]
