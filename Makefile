@@ -14,11 +14,12 @@ $(VENV)/.installed: pyproject.toml scripts/setup-env.sh
 	scripts/setup-env.sh $(VENV)
 	touch $@
 
+# -rs and tests/skip_policy.py: every skip named, with its reason; under CI=1 an unexpected skip fails the run.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

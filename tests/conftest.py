@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from skip_policy import in_ci, pytest_sessionfinish, pytest_terminal_summary  # noqa: E402, F401 (hooks)
+
 # Tests never download: models are built from configs or read from local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -12,11 +14,36 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def shared_data_dir() -> Path | None:
-    """The local corpora: $GLU_DATA_DIR, else ../shared/data beside the checkout."""
+def data_dir_candidate() -> Path:
+    """Where the local corpora are looked for: $GLU_DATA_DIR, else ../shared/data beside the checkout."""
     env = os.environ.get("GLU_DATA_DIR")
-    candidate = Path(env) if env else REPO.parent / "shared" / "data"
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def shared_data_dir() -> Path | None:
+    """The local corpora's folder, or None when it does not exist."""
+    candidate = data_dir_candidate()
     return candidate if candidate.is_dir() else None
+
+
+def pytest_sessionstart(session):
+    """Under CI the corpora are required: without them a third of the integration tests would skip."""
+    if in_ci() and shared_data_dir() is None:
+        pytest.exit(f"CI: no local corpora at {data_dir_candidate()}: put WikiText-2 and SMS spam there "
+                    "(make test DATA_DIR=...) or set GLU_DATA_DIR to their folder", returncode=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deterministic_cuda_attention():
+    """On a GPU, attention by the math kernel: the fused kernels' backward adds in any order, and tests
+    compare two trainings (resumed and uninterrupted, a grid's and a direct one) exactly."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,19 @@ import io
 import json
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
+from calibrate.resources import MemoryLimit
 from calibrate.run import calibrate
 from glu_prune_cli.main import main
+
+ERRORS_MD = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+# The one place where the cases' machine is fixed, so that docs/errors.md reads the same on every machine:
+# CUDA is absent and this process may still allocate 16 GiB (MemAvailable); the fixtures folder reads DIR.
+MACHINE_MEMORY = MemoryLimit(16 << 30, "MemAvailable, the machine's available memory")
 
 TEXT = "\n\n".join(f"Document {i}: the pruned model keeps the neurons this domain uses." for i in range(40))
 
@@ -169,14 +176,29 @@ def make_fixtures(d: Path) -> None:
 
 
 def run_case(args: str, d: Path) -> tuple[int, str]:
-    """Exit code and stderr of ``glu-prune args`` run in this process."""
+    """Exit code and stderr (the fixtures folder written DIR) of ``glu-prune args`` run in this
+    process on the fixed machine of :data:`MACHINE_MEMORY`."""
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+            mock.patch("torch.cuda.is_available", return_value=False), \
+            mock.patch("calibrate.resources.memory_limit", return_value=MACHINE_MEMORY):
         try:
             code = main(args.format(d=d).split())
         except SystemExit as exc:  # argparse refusals
             code = exc.code
     return code, err.getvalue().strip().replace(str(d), "DIR")
+
+
+def table_row(what: str, args: str, code: int, err: str) -> str:
+    """docs/errors.md's row of one case: the command, its exit code and the last line of its stderr."""
+    line = [x for x in err.splitlines() if not x.startswith("usage:")][-1].replace("|", "\\|")
+    return f"| {what} | `glu-prune {args.format(d='DIR')}` | {code} | {line} |"
+
+
+def documented_rows(text: str) -> dict[str, str]:
+    """{bad input: its row} of docs/errors.md's table (the header rows left out)."""
+    rows = [line for line in text.splitlines() if line.startswith("| ")][2:]
+    return {row[2:].split(" | ", 1)[0]: row for row in rows}
 
 
 def cleanup_outputs(d: Path) -> None:

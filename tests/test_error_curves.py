@@ -207,6 +207,7 @@ def test_curve_counts_give_the_steepest_curve_more_and_refuse_bad_curves():
         curve_counts({0: steep, 1: flat}, {0: 10, 1: 10}, 4, 3)
 
 
+@settings(deadline=None)
 @given(st.lists(st.floats(-100, 100, allow_nan=False), min_size=1, max_size=30))
 def test_lower_hull_is_convex_and_below_the_values_and_touches_them_at_the_ends(values):
     v = torch.tensor(values, dtype=torch.float64)

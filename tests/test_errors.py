@@ -1,9 +1,12 @@
-"""Every bad input of docs/errors.md: a one-line error, a non-zero exit, no traceback, nothing written."""
+"""Every bad input of docs/errors.md: a one-line error, a non-zero exit, no traceback, nothing written,
+and the row docs/errors.md shows for it."""
 
 import re
 
 import pytest
-from error_cases import CASES, cleanup_outputs, make_fixtures, run_case
+from error_cases import CASES, ERRORS_MD, cleanup_outputs, documented_rows, make_fixtures, run_case, table_row
+
+DOCUMENTED = documented_rows(ERRORS_MD.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +28,16 @@ def test_bad_input_gives_one_line_error(fixtures, what, args):
     after = sorted(p.name for p in fixtures.iterdir())
     cleanup_outputs(fixtures)
     assert after == before, "a failed command left files behind"
+    row = table_row(what, args, code, err)
+    assert row == DOCUMENTED.get(what), (f"docs/errors.md shows another answer (regenerate it with "
+                                         f"scripts/error_table.py if the change is meant)\n  ran:  {row}\n"
+                                         f"  docs: {DOCUMENTED.get(what)}")
+
+
+def test_docs_list_exactly_the_cases():
+    names = [what for what, _ in CASES]
+    assert len(set(names)) == len(names), "two cases share a name"
+    assert list(DOCUMENTED) == names, "docs/errors.md is stale: python scripts/error_table.py > docs/errors.md"
 
 
 def test_debug_shows_the_traceback(fixtures):
@@ -41,37 +54,44 @@ def test_ctrl_c_delivered_to_the_cli_process(tmp_path):
     import subprocess
     import sys
     import threading
-    import time
 
     from tiny import save_tiny
 
-    slow = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
-                num_key_value_heads=4)  # a few seconds per thousand tokens: still calibrating at the signal
-    save_tiny(tmp_path / "m", **slow)
+    save_tiny(tmp_path / "m")
     (tmp_path / "big.txt").write_text("\n\n".join(f"a long document {i} " * 40 for i in range(300)))
     out = tmp_path / "out"
     out.mkdir()
     # A background job of a non-interactive shell (CI under nohup, `make test &`) inherits SIGINT ignored,
     # and Python then installs no KeyboardInterrupt handler: restore the handler a terminal's process has.
-    child = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    # The first forward pass of the calibration says so on stderr and then waits for the signal, so that
+    # the signal arrives mid-calibration however fast the machine is.
+    child = ("import signal, sys, time, torch\n"
+             "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+             "def started(module, args, output):\n"
+             "    sys.stderr.write('test: calibrating\\n'); sys.stderr.flush()\n"
+             "    time.sleep(600)\n"
+             "torch.nn.modules.module.register_module_forward_hook(started)\n"
              "from glu_prune_cli.main import main; sys.exit(main(sys.argv[1:]))")
     command = [sys.executable, "-c", child,
                "calibrate", "--model", str(tmp_path / "m"), "--corpus", str(tmp_path / "big.txt"), "--part", "all",
-               "--max-tokens", "5000000", "--seq-len", "128", "--out", str(out / "s.safetensors")]
+               "--seq-len", "128", "--out", str(out / "s.safetensors")]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    err = bytearray()
+    err, calibrating = bytearray(), threading.Event()
+
     def read() -> None:
-        for chunk in iter(lambda: proc.stderr.read(1), b""):
-            err.extend(chunk)
+        for line in iter(proc.stderr.readline, b""):
+            err.extend(line)
+            if b"test: calibrating" in line:
+                calibrating.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    deadline = time.time() + 120
-    while b"calibrate:" not in err and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert b"calibrate:" in err, err.decode()[-500:]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    try:
+        assert calibrating.wait(timeout=300), err.decode()[-500:]  # a safety net: the event comes in seconds
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
     reader.join(timeout=10)
     lines = [line for line in err.decode().replace("\r", "\n").splitlines() if line.startswith("glu-prune")]
     assert lines == ["glu-prune: interrupted; nothing partial was written"]

@@ -20,7 +20,7 @@ def test_heal_fair_measures_pruned_and_baseline_runs_alike(tmp_path, data_dir, c
     stats = calibrate(base, list(make_batches(tokenizer, part, seq_len=32, max_tokens=1024, batch_size=4)),
                       second_moment=True, holdout=0.125, progress=False)
     stats.save(tmp_path / "s.safetensors")
-    common = ["--model", str(tmp_path / "m"), "--corpus", "wikitext2", "--minutes", "0.002,0.004",
+    common = ["--model", str(tmp_path / "m"), "--corpus", "wikitext2", "--steps", "2,4",
               "--data-dir", str(data_dir), "--out", str(tmp_path / "o")]
     heal_fair.main(common + ["--ratio", "0.5", "--stats", str(tmp_path / "s.safetensors")])
     heal_fair.main(common + ["--ratio", "0"])
@@ -33,10 +33,11 @@ def test_heal_fair_measures_pruned_and_baseline_runs_alike(tmp_path, data_dir, c
                                                                                  evaluation).perplexity
     assert tuned["points"][0]["perplexity"] == tuned["base"]  # the baseline starts as the unpruned model
     for run in (pruned, tuned):
+        assert [p["steps"] for p in run["points"]] == [0, 2, 4] and run["planned_steps"] == 4
         minutes = [p["minutes"] for p in run["points"]]
         tokens = [p["tokens"] for p in run["points"]]
-        assert len(minutes) == 3 and minutes == sorted(minutes) and minutes[1] >= 0.002
-        assert tokens == sorted(tokens) and tokens[1] > 0
+        assert minutes == sorted(minutes) and minutes[1] > 0
+        assert 0 < tokens[1] < tokens[2] and tokens[0] == 0
         assert run["points"][-1]["perplexity"]["wikitext2"] != run["points"][0]["perplexity"]["wikitext2"]
     assert pruned["parameters"] < tuned["parameters"]
 
@@ -47,3 +48,21 @@ def test_heal_fair_measures_pruned_and_baseline_runs_alike(tmp_path, data_dir, c
     last = pruned["points"][-1]["perplexity"]["wikitext2"]
     versus = heal_fair.mark_value(tuned, len(pruned["points"]) - 1, "wikitext2")
     assert f"| {last / versus:.3f} |" in table
+
+
+def test_minute_marks_follow_the_training_clock(tmp_path, data_dir, monkeypatch):
+    """--minutes on a fake clock of one second per step: the pilot measures 1 s a step, the schedule
+    plans max(warm-up + 1, 6) steps and the run stops at its last mark, 6 s."""
+    import importlib
+    import itertools
+    import types
+
+    heal = importlib.import_module("pruning.heal")  # the module (the package also exports its function heal)
+    ticks = itertools.count(0.0, 1.0)  # every step reads the clock twice: 1 s a step
+    monkeypatch.setattr(heal, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    save_tiny(tmp_path / "m")
+    heal_fair.main(["--model", str(tmp_path / "m"), "--corpus", "wikitext2", "--minutes", "0.05,0.1", "--ratio", "0",
+                    "--data-dir", str(data_dir), "--out", str(tmp_path / "o")])
+    run = json.loads((tmp_path / "o" / "wikitext2-r0.json").read_text())
+    assert run["pilot_step_seconds"] == 1.0 and run["planned_steps"] == 11
+    assert [(p["steps"], p["minutes"]) for p in run["points"]] == [(0, 0.0), (3, 0.05), (6, 0.1)]

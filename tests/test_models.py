@@ -51,9 +51,12 @@ def test_device_and_dtype_choices():
     assert models.pick_dtype("bfloat16") is torch.bfloat16
     with pytest.raises(GluPruneError, match="dtype"):
         models.pick_dtype("int3")
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        assert models.pick_device("cuda").type == "cuda" and models.pick_device("auto").type == "cuda"
+    else:
         with pytest.raises(GluPruneError, match="no CUDA"):
             models.pick_device("cuda")
+        assert models.pick_device("auto").type == "cpu"
 
 
 def test_unsupported_family_names_supported_ones():
@@ -70,7 +73,23 @@ def test_device_map_loads_through_accelerate(tmp_path):
     save_tiny(tmp_path / "m")
     mapped, _ = load_model(str(tmp_path / "m"), device_map="auto")
     plain, _ = load_model(str(tmp_path / "m"), device="cpu")
-    assert next(mapped.parameters()).device.type == "cpu"  # no GPU here: auto places everything on the CPU
+    device = next(mapped.parameters()).device
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # auto fills the GPUs first
     ids = torch.randint(3, 100, (1, 8))
     with torch.no_grad():
-        torch.testing.assert_close(mapped(ids).logits, plain(ids).logits)
+        got = mapped(ids.to(device)).logits.cpu()
+    loose = {} if device.type == "cpu" else dict(rtol=1e-4, atol=1e-4)  # a GPU sums float32 in another order
+    torch.testing.assert_close(got, plain(ids).logits, **loose)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_device_gives_the_cpu_logits(tmp_path):
+    from calibrate.models import load_model
+
+    save_tiny(tmp_path / "m")
+    gpu, _ = load_model(str(tmp_path / "m"), device="cuda", dtype="float32")
+    cpu, _ = load_model(str(tmp_path / "m"), device="cpu", dtype="float32")
+    assert {p.device.type for p in gpu.parameters()} == {"cuda"}
+    ids = torch.randint(3, 100, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits, rtol=1e-4, atol=1e-4)

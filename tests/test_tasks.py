@@ -182,7 +182,7 @@ def test_calibrate_and_prune_with_task_use_the_task_prompts(tmp_path, capsys):
     assert len(corpus.texts) == len(task.calibration.texts)
     assert all(d.endswith("\nText: N/A\nLabel:") for d in corpus.texts)
     flags = ["--task", str(path), "--text-field", "body", "--label-field", "tag", "--seq-len", "32", "--max-tokens",
-             "512"]
+             "512", "--device", "cpu"]  # the direct calibration below runs on the CPU
     assert main(["calibrate", "--model", str(tmp_path / "m"), *flags, "--out", str(tmp_path / "s.st")]) == 0
     stats = ActivationStats.load(tmp_path / "s.st")
     assert stats.meta["corpus"] == "t:task-ref"

@@ -12,7 +12,8 @@ tuned); ``--lora R`` trains rank-R adapters instead of every weight. Training is
 :func:`pruning.heal.heal` (distillation from the unpruned model mixed with the LM loss) on the
 corpus's calibration part, on ``--threads`` threads; at every mark of ``--minutes`` (training time
 only) every corpus's evaluation part is measured. The learning rate decays over the steps a short
-pilot run predicts for the last mark. Writes OUT/<corpus>-r<ratio>[-lora<R>].json.
+pilot run predicts for the last mark. ``--steps`` gives the marks as step counts instead (no pilot
+run, the same marks on every machine: the tests use it). Writes OUT/<corpus>-r<ratio>[-lora<R>].json.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stats", default=None, help="statistics with second moments of --corpus (pruned runs)")
     p.add_argument("--lora", type=int, default=None, help="LoRA rank (default: full fine-tuning)")
     p.add_argument("--minutes", default="10,30", help="training-time marks at which every corpus is measured")
+    p.add_argument("--steps", default=None, help="marks as step counts instead of --minutes (e.g. 100,300)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4, LoRA 1e-3)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", default=None)
@@ -85,16 +87,20 @@ def main(argv: list[str] | None = None) -> None:
     path = out / f"{run_name(args.corpus, args.ratio, args.lora)}.json"
     if path.exists():
         raise SystemExit(f"{path} exists: delete it to run again")
-    marks = sorted(parse_list(args.minutes, float, "--minutes"))
+    by_steps = args.steps is not None
+    marks = sorted(parse_list(args.steps, int, "--steps") if by_steps else parse_list(args.minutes, float, "--minutes"))
     base, tokenizer = load_model(args.model)
     parts = {n: load_corpus(n, part="evaluation", data_dir=args.data_dir) for n in CORPORA}
     student = starting_model(base, args.stats, args.ratio)
     batches = training_batches(tokenizer, load_corpus(args.corpus, part="calibration", data_dir=args.data_dir),
                                seq_len=256, batch_size=4)
     lr = args.lr or (1e-3 if args.lora else 2e-4)
-    config = HealConfig(steps=10**6, lr=lr, lora_rank=args.lora, max_seconds=marks[-1] * 60)
-    step_seconds = pilot_step_seconds(student, base, batches, config)
-    config = replace(config, steps=max(config.warmup_steps + 1, int(marks[-1] * 60 / step_seconds)))
+    if by_steps:
+        config, step_seconds = HealConfig(steps=marks[-1], lr=lr, lora_rank=args.lora), None
+    else:
+        config = HealConfig(steps=10**6, lr=lr, lora_rank=args.lora, max_seconds=marks[-1] * 60)
+        step_seconds = pilot_step_seconds(student, base, batches, config)
+        config = replace(config, steps=max(config.warmup_steps + 1, int(marks[-1] * 60 / step_seconds)))
 
     def measure() -> dict[str, float]:
         student.eval()
@@ -106,12 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     gc.collect()
     reset_peak()  # the peak from here on is training's (and the marks' measurements)
     rss_before = rss_mib("VmRSS")
-    tokens, pending = 0, [m * 60 for m in marks]
+    tokens, pending = 0, list(marks) if by_steps else [m * 60 for m in marks]
 
     def on_step(step: int, record: dict) -> None:
         nonlocal tokens
         tokens += record["tokens"]
-        if pending and (record["seconds"] >= pending[0] or step == config.steps):
+        if pending and ((step if by_steps else record["seconds"]) >= pending[0] or step == config.steps):
             pending.pop(0)
             points.append({"minutes": record["seconds"] / 60, "steps": step, "tokens": tokens, "loss": record["loss"],
                            "perplexity": measure()})
