@@ -51,11 +51,18 @@ class Shape:
         """The x xᵀ update of every layer for one token (addmm: the full square, 2 I² per layer)."""
         return 2 * self.layers * self.intermediate**2
 
-    def stats_file_bytes(self, second_moment: bool) -> int:
+    def held_out_bytes(self, tokens: int | None = None) -> int:
+        """One layer's held-out slice: its x xᵀ, or its float32 activations when it has ``tokens``
+        (None: unknown, taken as many) no more than the neurons."""
+        return self.moment_bytes if tokens is None or tokens > self.intermediate else tokens * self.intermediate * 4
+
+    def stats_file_bytes(self, second_moment: bool, holdout_tokens: int | None = None) -> int:
         """A statistics file: four float64 sums per neuron and layer; with second moments, each layer's
-        x xᵀ for the fit and the held-out slice (and the slice's sums)."""
+        x xᵀ for the fit and the held-out slice's :meth:`held_out_bytes` (and the slice's sums)."""
         sums = 4 * self.intermediate * F64 * self.layers
-        return 2 * (sums + self.layers * self.moment_bytes) if second_moment else sums
+        if not second_moment:
+            return sums
+        return 2 * sums + self.layers * (self.moment_bytes + self.held_out_bytes(holdout_tokens))
 
     def refitted_down_bytes(self, ratio: float) -> int:
         """Every layer's refitted down_proj in float64, as an offloaded prune holds them until it rewrites."""
