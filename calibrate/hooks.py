@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from calibrate.glu import GLULayer, decoder_layers, glu_layers
 from calibrate.layer_importance import LayerSimilarity, token_cosines
-from calibrate.moments import add_gram_upper, gram, mirror_upper, product_dtype
+from calibrate.moments import MOMENT_BLOCK, add_gram_upper, mirror_upper, product_dtype
 from calibrate.stats import LayerStats
 
 TOKEN_BLOCK = 4096  # tokens converted to float64 at a time (first-order sums)
@@ -63,8 +63,11 @@ class StopForward(Exception):
 class Recorder:
     """Accumulates statistics of one down_proj's input over the tokens where the mask is 1.
 
-    With ``activations`` (and ``second_moment``) it keeps the rows themselves while it has seen no
-    more tokens than the layer has neurons, and turns them into a second moment once it has.
+    x xᵀ: the real rows wait (on their device, float32) until ``MOMENT_BLOCK`` of them are at hand,
+    then one product per block of exactly that many is added (the rest wait for the next batch or
+    the read), so the products, and the sums bit for bit, do not depend on the batch size. With
+    ``activations`` (and ``second_moment``) it keeps the rows themselves while it has seen no more
+    tokens than the layer has neurons, and turns them into a second moment once it has.
     """
 
     def __init__(self, layer: int, size: int, second_moment: bool = False, activations: bool = False):
@@ -73,6 +76,7 @@ class Recorder:
         self.stop_after = False
         self._sums: LayerStats | None = None  # on the device of the first input; x xᵀ: upper strips only
         self._rows: list[torch.Tensor] | None = [] if second_moment and activations else None
+        self._pending: list[torch.Tensor] = []  # rows not yet in x xᵀ
 
     def hook(self, module: nn.Module, args: tuple) -> None:
         self.accumulate(args[0], self.mask)
@@ -96,13 +100,29 @@ class Recorder:
             s.abs_sum += magnitude.sum(0)
             s.sq_sum += block.square().sum(0)
             torch.maximum(s.max_abs, magnitude.amax(0), out=s.max_abs)
+        if not self.second_moment:
+            return
+        kept = rows.to(s.sum.device, product_dtype(rows.dtype), copy=True)
         if self._rows is not None:
-            self._rows.append(rows.to(s.sum.device, product_dtype(rows.dtype), copy=True))
-            if s.count > self.size:  # more tokens than neurons: the matrix is the smaller form now
-                s.second_moment = gram(torch.cat(self._rows))
-                self._rows = None
-        elif s.second_moment is not None:
-            add_gram_upper(s.second_moment, rows.to(s.sum.device))
+            self._rows.append(kept)
+            if s.count <= self.size:
+                return
+            # more tokens than neurons: the matrix is the smaller form now
+            s.second_moment = torch.zeros(self.size, self.size, dtype=torch.float64, device=s.sum.device)
+            self._pending, self._rows = self._rows, None
+        else:
+            self._pending.append(kept)
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """Add the waiting rows' products: every full block of ``MOMENT_BLOCK`` (with ``final``, all)."""
+        waiting = sum(r.shape[0] for r in self._pending)
+        if not self._pending or (waiting < MOMENT_BLOCK and not final):
+            return
+        rows = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        full = waiting if final else waiting - waiting % MOMENT_BLOCK
+        add_gram_upper(self._sums.second_moment, rows[:full])
+        self._pending = [rows[full:].clone()] if full < waiting else []
 
     @property
     def stats(self) -> LayerStats:
@@ -112,6 +132,7 @@ class Recorder:
         if self._rows is not None:
             return replace(self._sums, activations=torch.cat(self._rows)).cpu()
         if self._sums.second_moment is not None:
+            self._flush(final=True)
             mirror_upper(self._sums.second_moment)
         return self._sums.cpu()
 

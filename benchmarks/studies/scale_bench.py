@@ -21,7 +21,7 @@ fed random token ids (the last row of every batch half padding). Per shape it pr
 
     python -m benchmarks.studies.scale_bench [--shapes 1.5b,8b] [--layers 2,1] [--tokens 2048]
         [--seq-len 128] [--batch-size 2] [--device cpu|cuda] [--dtype float32|bfloat16] [--threads N]
-        [--no-old-refit]
+        [--no-old-refit] [--no-refit]
 """
 
 from __future__ import annotations
@@ -33,15 +33,24 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 
+from benchmarks.scale_plan import (
+    H100,
+    LLAMA_8B,
+    LLAMA_70B,
+    QWEN2_1_5B,
+    RTX_4090,
+    Shape,
+    calibration_seconds,
+    device_rates,
+    layer_flops_per_token,
+)
+from benchmarks.studies.reference_paths import float64_accumulation, old_refit
 from calibrate.glu import decoder, glu_layers
-from calibrate.hooks import TOKEN_BLOCK, Recorder, real_rows
 from calibrate.moments import MOMENT_TOLERANCE
 from calibrate.offload import ResidentLoader
-from calibrate.stats import LayerStats
 from pruning.config import PruneConfig
 from pruning.prune import prune
 from pruning.reconstruct import reconstruct_layer
@@ -93,52 +102,6 @@ def token_batches(tokens: int, seq_len: int, batch_size: int, vocab: int) -> lis
     return batches
 
 
-def old_accumulate(self: Recorder, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """The former ``Recorder.accumulate``: every block in float64, x xᵀ by a float64 ``addmm``."""
-    self._rows = None  # the former recorder kept no activations
-    rows = real_rows(x, mask)
-    if not rows.shape[0]:
-        return
-    if self._sums is None:
-        self._sums = LayerStats.zeros(self.size, self.second_moment, rows.device)
-    s = self._sums
-    s.count += rows.shape[0]
-    for block in rows.split(TOKEN_BLOCK):
-        block = block.to(s.sum.device, torch.float64)
-        magnitude = block.abs()
-        s.sum += block.sum(0)
-        s.abs_sum += magnitude.sum(0)
-        s.sq_sum += block.square().sum(0)
-        torch.maximum(s.max_abs, magnitude.amax(0), out=s.max_abs)
-        if s.second_moment is not None:
-            s.second_moment.addmm_(block.T, block)
-
-
-OLD_RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-def old_refit(weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, held: LayerStats):
-    """The former ``lstsq`` refit: per ridge a float64 Cholesky and solve of ``W S[:, K] (S[K, K] +
-    λI)⁻¹``, its held-out error through the held-out second moment (h·K² per ridge)."""
-    w = weight.double()
-    second, h = fit.moment() / fit.count, held.moment() / held.count
-    target, s_kk = w @ second[:, keep], second[keep][:, keep]
-    scale = s_kk.diagonal().mean().clamp_min(1e-12)
-    wh = w @ h
-    total, across, h_kk = (wh * w).sum(), wh[:, keep], h[keep][:, keep]
-    best = None
-    for alpha in OLD_RIDGES:
-        factor, info = torch.linalg.cholesky_ex(s_kk + alpha * scale * torch.eye(len(keep), dtype=torch.float64,
-                                                                                  device=s_kk.device))
-        if info != 0:
-            continue
-        new = torch.cholesky_solve(target.T, factor).T
-        error = float(total - 2 * (new * across).sum() + ((new @ h_kk) * new).sum())
-        if best is None or error < best[0]:
-            best = (error, alpha, new)
-    return best[2], None, {"ridge": best[1]}
-
-
 def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
@@ -186,7 +149,7 @@ def folder_bytes(folder: Path) -> int:
 
 def calibration(model, batches: list[dict], device: str, second_moment: bool, old: bool, spill: Path) -> dict:
     """An offloaded prune's calibration (layer by layer, held-out eighth, spilled), OLD or NEW accumulation."""
-    patch = mock.patch.object(Recorder, "accumulate", old_accumulate) if old else nullcontext()
+    patch = float64_accumulation() if old else nullcontext()
     with patch, phase(device, {}) as out:
         stats = calibrate_corpus(model, batches, {}, second_moment=second_moment, loader=ResidentLoader(),
                                  device=torch.device(device), progress=False, spill=spill)
@@ -240,25 +203,33 @@ def bench(name: str, shape: BenchShape, args) -> dict:
         first = calibration(model, batches, args.device, False, False, work / "first")
         old = calibration(model, batches, args.device, True, True, work / "old")
         new = calibration(model, batches, args.device, True, False, work / "new")
-        keep = kept_sets(model, new["stats"], args.ratio)
-        new_fit = refits(model, new["stats"], keep, new_refit, args.device)
-        old_fit = refits(model, old["stats"], keep, old_refit, args.device) if args.old_refit else None
         difference = moment_difference(old["stats"], new["stats"])
-        with phase(args.device, {}) as pruned:
-            prune(model, new["stats"], PruneConfig(ratio=args.ratio, reconstruct="lstsq"), inplace=True)
+        fit_tokens = new["stats"].tokens
+        new_fit = old_fit = pruned = None
+        if args.refit:
+            keep = kept_sets(model, new["stats"], args.ratio)
+            new_fit = refits(model, new["stats"], keep, new_refit, args.device)
+            old_fit = refits(model, old["stats"], keep, old_refit, args.device) if args.old_refit else None
+            with phase(args.device, {}) as pruned:
+                prune(model, new["stats"], PruneConfig(ratio=args.ratio, reconstruct="lstsq"), inplace=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rest = max(pruned["seconds"] - new_fit["seconds"], 0.0)  # scoring, planning, cut: the same for both paths
     f = forward["seconds"]
     result = {
         "tokens": tokens, "layers": layers, "forward_s": f,
         "first_order_ratio": first["seconds"] / f,
         "old_calibration_ratio": old["seconds"] / f, "new_calibration_ratio": new["seconds"] / f,
-        "new_refit_ratio": new_fit["seconds"] / new["seconds"],
-        "new_total_ratio": (new["seconds"] + pruned["seconds"]) / f,
         "old_spilled": old["spilled"], "new_spilled": new["spilled"], "difference": difference,
+        "seconds": {k: p["seconds"] for k, p in (("forward", forward), ("first", first), ("old", old), ("new", new))},
+        "fit_tokens": fit_tokens,
     }
+    if pruned is not None:
+        rest = max(pruned["seconds"] - new_fit["seconds"], 0.0)  # scoring, planning, cut: the same for both paths
+        result["seconds"].update({"new refit": new_fit["seconds"], "prune": pruned["seconds"]})
+        result["new_refit_ratio"] = new_fit["seconds"] / new["seconds"]
+        result["new_total_ratio"] = (new["seconds"] + pruned["seconds"]) / f
     if old_fit is not None:
+        result["seconds"]["old refit"] = old_fit["seconds"]
         result["old_refit_ratio"] = old_fit["seconds"] / old["seconds"]
         result["old_total_ratio"] = (old["seconds"] + old_fit["seconds"] + rest) / f
     print_result(name, shape, args, result, {"forward": forward, "no x xᵀ": first, "old calibration": old,
@@ -282,14 +253,61 @@ def print_result(name: str, shape: BenchShape, args, r: dict, phases: dict) -> N
     print(f"calibration without x xᵀ ÷ plain forward: {r['first_order_ratio']:.2f}x")
     print(f"calibration with x xᵀ ÷ plain forward: OLD {r['old_calibration_ratio']:.2f}x, "
           f"NEW {r['new_calibration_ratio']:.2f}x")
-    old_refit = f"OLD {r['old_refit_ratio']:.2f}x, " if "old_refit_ratio" in r else ""
-    print(f"refit ÷ calibration: {old_refit}NEW {r['new_refit_ratio']:.2f}x")
-    old_total = f"OLD {r['old_total_ratio']:.2f}x, " if "old_total_ratio" in r else ""
-    print(f"total prune ÷ plain forward: {old_total}NEW {r['new_total_ratio']:.2f}x")
+    if "new_refit_ratio" in r:
+        old_refit = f"OLD {r['old_refit_ratio']:.2f}x, " if "old_refit_ratio" in r else ""
+        print(f"refit ÷ calibration: {old_refit}NEW {r['new_refit_ratio']:.2f}x")
+        old_total = f"OLD {r['old_total_ratio']:.2f}x, " if "old_total_ratio" in r else ""
+        print(f"total prune ÷ plain forward: {old_total}NEW {r['new_total_ratio']:.2f}x")
     print(f"bytes spilled: OLD {r['old_spilled'] / MIB:.1f} MiB, NEW {r['new_spilled'] / MIB:.1f} MiB")
     verdict = "within" if r["difference"] <= MOMENT_TOLERANCE else "OUTSIDE"
     print(f"statistics NEW against OLD: max ||S_new - S_old||_F / ||S_old||_F = {r['difference']:.2e} "
           f"({verdict} the tolerance {MOMENT_TOLERANCE:g})")
+
+
+def measured_rates(r: dict, shape: BenchShape) -> dict[str, float]:
+    """This machine's FLOP/s for the forward and for each x xᵀ path, from one shape's run: the
+    recorder's cost is the calibration's time beyond the one without x xᵀ."""
+    plan_shape = Shape("bench", r["layers"], shape.hidden, shape.intermediate, 0, shape.kv_heads * shape.hidden //
+                       shape.heads, True)
+    f, t = layer_flops_per_token(plan_shape), r["seconds"]
+    layers, tokens, fit = r["layers"], r["tokens"], r["fit_tokens"]
+    moment_tokens = fit if r["new_spilled"] < r["old_spilled"] else tokens  # held-out slice kept as activations
+    return {"forward": f["forward"] * tokens * layers / t["forward"],
+            "old moment": f["old moment"] * tokens * layers / max(t["old"] - t["first"], 1e-9),
+            "new moment": f["new moment"] * moment_tokens * layers / max(t["new"] - t["first"], 1e-9)}
+
+
+def project(r: dict, shape: BenchShape, tokens: int = 65536, held: float = 0.125) -> None:
+    """Per-layer costs measured here, and whole-model calibration projected to 1.5B, 8B and 70B
+    models on this CPU (its measured rates) and two GPUs (assumed rates): the forward, the OLD and
+    the NEW x xᵀ update, over ``tokens`` with a ``held`` fraction held out."""
+    rates = measured_rates(r, shape)
+    per_k = {k: v / r["layers"] / r["tokens"] * 1000 for k, v in r["seconds"].items()}
+    print(f"\nper layer and 1000 tokens here: forward {per_k['forward']:.3f} s, calibration without x xᵀ "
+          f"{per_k['first']:.3f} s, OLD {per_k['old']:.3f} s, NEW {per_k['new']:.3f} s; refit per layer: "
+          + ", ".join(f"{k} {r['seconds'][k] / r['layers']:.1f} s" for k in ("old refit", "new refit")
+                      if k in r["seconds"]))
+    print("rates: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()) + " (this CPU, measured)")
+    print(f"\nPROJECTION (not measured): calibration of the whole model over {tokens} tokens ({held:.1%} held out): "
+          "forward / OLD x xᵀ (float64) / NEW x xᵀ (float32), and calibration ÷ forward OLD → NEW")
+    devices = {"this CPU": rates, **{d.name: device_rates(d) for d in (RTX_4090, H100)}}
+    print("| model | " + " | ".join(devices) + " |\n| --- |" + " ---: |" * len(devices))
+    for model in (QWEN2_1_5B, LLAMA_8B, LLAMA_70B):
+        cells = []
+        for device_rate in devices.values():
+            c = calibration_seconds(model, tokens, held, device_rate)
+            fwd = c["forward"]
+            cells.append(f"{duration(fwd)} / {duration(c['old moment'])} / {duration(c['new moment'])}, "
+                         f"{1 + c['old moment'] / fwd:.1f}× → {1 + c['new moment'] / fwd:.1f}×")
+        print(f"| {model.name} ({model.layers} × {model.intermediate}) | " + " | ".join(cells) + " |")
+    print(f"GPU rates assumed (FLOP/s: model dtype / fp32 / fp64, at {H100.utilisation:.0%}): " + "; ".join(
+        f"{d.name} {d.forward / 1e12:.1f} / {d.fp32 / 1e12:.1f} / {d.fp64 / 1e12:.2f} T" for d in (RTX_4090, H100)))
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.2f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -306,6 +324,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-old-refit", dest="old_refit", action="store_false", help="skip the OLD refit (slow)")
+    parser.add_argument("--no-refit", dest="refit", action="store_false",
+                        help="calibration only: no refit, no prune")
     args = parser.parse_args(argv)
     names = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in names if s not in SHAPES]
@@ -322,6 +342,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     results = {name: bench(name, SHAPES[name], args) for name in args.names}
+    for name in args.names:
+        if name != "tiny" and args.device == "cpu":
+            project(results[name], SHAPES[name])
     print(f"\ntotal {time.perf_counter() - start:.0f} s; peak RSS of the process {rss_mib():.0f} MiB (since the "
           f"last phase's reset)")
     return results
