@@ -115,17 +115,19 @@ def rss_mib(field: str = "VmHWM") -> float:
 
 @contextmanager
 def phase(device: str, out: dict):
-    """Times the block into ``out['seconds']`` and its peak RSS (MiB) into ``out['rss']`` (CUDA peak too)."""
+    """Times the block into ``out['seconds']`` (wall) and ``out['cpu']`` (this process's CPU time, less
+    sensitive to other load on the machine), its peak RSS (MiB) into ``out['rss']`` (CUDA peak too)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     yield out
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         out["cuda"] = torch.cuda.max_memory_allocated() / MIB
     out["seconds"] = time.perf_counter() - start
+    out["cpu"] = time.process_time() - cpu
     out["rss"] = rss_mib()
 
 
@@ -221,15 +223,17 @@ def bench(name: str, shape: BenchShape, args) -> dict:
         "old_calibration_ratio": old["seconds"] / f, "new_calibration_ratio": new["seconds"] / f,
         "old_spilled": old["spilled"], "new_spilled": new["spilled"], "difference": difference,
         "seconds": {k: p["seconds"] for k, p in (("forward", forward), ("first", first), ("old", old), ("new", new))},
+        "cpu": {k: p["cpu"] for k, p in (("forward", forward), ("first", first), ("old", old), ("new", new))},
         "fit_tokens": fit_tokens,
     }
     if pruned is not None:
         rest = max(pruned["seconds"] - new_fit["seconds"], 0.0)  # scoring, planning, cut: the same for both paths
         result["seconds"].update({"new refit": new_fit["seconds"], "prune": pruned["seconds"]})
+        result["cpu"].update({"new refit": new_fit["cpu"], "prune": pruned["cpu"]})
         result["new_refit_ratio"] = new_fit["seconds"] / new["seconds"]
         result["new_total_ratio"] = (new["seconds"] + pruned["seconds"]) / f
     if old_fit is not None:
-        result["seconds"]["old refit"] = old_fit["seconds"]
+        result["seconds"]["old refit"], result["cpu"]["old refit"] = old_fit["seconds"], old_fit["cpu"]
         result["old_refit_ratio"] = old_fit["seconds"] / old["seconds"]
         result["old_total_ratio"] = (old["seconds"] + old_fit["seconds"] + rest) / f
     print_result(name, shape, args, result, {"forward": forward, "no x xᵀ": first, "old calibration": old,
@@ -243,12 +247,18 @@ def print_result(name: str, shape: BenchShape, args, r: dict, phases: dict) -> N
           f"{shape.kv_heads} kv heads, {r['layers']} layer(s), vocab {args.vocab}, {args.dtype} on {args.device}, "
           f"{r['tokens']} tokens (seq_len {args.seq_len}, batch {args.batch_size}), {torch.get_num_threads()} "
           f"thread(s)")
-    print(f"{'phase':18} {'seconds':>9} {'s/layer':>9} {'peak RSS MiB':>13}" + ("  CUDA peak MiB" if
+    print(f"{'phase':18} {'seconds':>9} {'s/layer':>9} {'CPU s':>9} {'peak RSS MiB':>13}" + ("  CUDA peak MiB" if
                                                                              args.device.startswith("cuda") else ""))
     for label, p in phases.items():
         if p is not None:
             cuda = f" {p['cuda']:14.0f}" if "cuda" in p else ""
-            print(f"{label:18} {p['seconds']:9.2f} {p['seconds'] / r['layers']:9.2f} {p['rss']:13.0f}{cuda}")
+            print(f"{label:18} {p['seconds']:9.2f} {p['seconds'] / r['layers']:9.2f} {p['cpu']:9.2f} "
+                  f"{p['rss']:13.0f}{cuda}")
+    c = r["cpu"]
+    print(f"by CPU time: calibration ÷ forward: without x xᵀ {c['first'] / c['forward']:.2f}, OLD "
+          f"{c['old'] / c['forward']:.2f}, NEW {c['new'] / c['forward']:.2f}" + (
+              f"; refit ÷ calibration: OLD {c['old refit'] / c['old']:.2f}" if "old refit" in c else "") + (
+              f", NEW {c['new refit'] / c['new']:.2f}" if "new refit" in c else ""))
     print(f"plain forward: {r['forward_s']:.2f} s ({r['tokens'] / r['forward_s']:.0f} tokens/s)")
     print(f"calibration without x xᵀ ÷ plain forward: {r['first_order_ratio']:.2f}x")
     print(f"calibration with x xᵀ ÷ plain forward: OLD {r['old_calibration_ratio']:.2f}x, "
@@ -264,12 +274,13 @@ def print_result(name: str, shape: BenchShape, args, r: dict, phases: dict) -> N
           f"({verdict} the tolerance {MOMENT_TOLERANCE:g})")
 
 
-def measured_rates(r: dict, shape: BenchShape) -> dict[str, float]:
-    """This machine's FLOP/s for the forward and for each x xᵀ path, from one shape's run: the
-    recorder's cost is the calibration's time beyond the one without x xᵀ."""
+def measured_rates(r: dict, shape: BenchShape, cores: int = 2) -> dict[str, float]:
+    """This machine's FLOP/s for the forward and for each x xᵀ path, from one shape's run, by CPU
+    time (per core, times ``cores``: ideal scaling assumed): the recorder's cost is the
+    calibration's time beyond the one without x xᵀ."""
     plan_shape = Shape("bench", r["layers"], shape.hidden, shape.intermediate, 0, shape.kv_heads * shape.hidden //
                        shape.heads, True)
-    f, t = layer_flops_per_token(plan_shape), r["seconds"]
+    f, t = layer_flops_per_token(plan_shape), {k: v / cores for k, v in r["cpu"].items()}
     layers, tokens, fit = r["layers"], r["tokens"], r["fit_tokens"]
     moment_tokens = fit if r["new_spilled"] < r["old_spilled"] else tokens  # held-out slice kept as activations
     return {"forward": f["forward"] * tokens * layers / t["forward"],
@@ -282,15 +293,16 @@ def project(r: dict, shape: BenchShape, tokens: int = 65536, held: float = 0.125
     models on this CPU (its measured rates) and two GPUs (assumed rates): the forward, the OLD and
     the NEW x xᵀ update, over ``tokens`` with a ``held`` fraction held out."""
     rates = measured_rates(r, shape)
-    per_k = {k: v / r["layers"] / r["tokens"] * 1000 for k, v in r["seconds"].items()}
-    print(f"\nper layer and 1000 tokens here: forward {per_k['forward']:.3f} s, calibration without x xᵀ "
+    per_k = {k: v / r["layers"] / r["tokens"] * 1000 for k, v in r["cpu"].items()}
+    print(f"\nCPU seconds per layer and 1000 tokens here: forward {per_k['forward']:.3f} s, calibration without x xᵀ "
           f"{per_k['first']:.3f} s, OLD {per_k['old']:.3f} s, NEW {per_k['new']:.3f} s; refit per layer: "
           + ", ".join(f"{k} {r['seconds'][k] / r['layers']:.1f} s" for k in ("old refit", "new refit")
                       if k in r["seconds"]))
-    print("rates: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()) + " (this CPU, measured)")
+    print("rates: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()) + " (this CPU's 2 cores: "
+          "twice the rate per core measured by CPU time)")
     print(f"\nPROJECTION (not measured): calibration of the whole model over {tokens} tokens ({held:.1%} held out): "
           "forward / OLD x xᵀ (float64) / NEW x xᵀ (float32), and calibration ÷ forward OLD → NEW")
-    devices = {"this CPU": rates, **{d.name: device_rates(d) for d in (RTX_4090, H100)}}
+    devices = {"2-core CPU": rates, **{d.name: device_rates(d) for d in (RTX_4090, H100)}}
     print("| model | " + " | ".join(devices) + " |\n| --- |" + " ---: |" * len(devices))
     for model in (QWEN2_1_5B, LLAMA_8B, LLAMA_70B):
         cells = []
