@@ -60,7 +60,7 @@ def all_reduce_stats(layers: dict[int, LayerStats]) -> None:
         return
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     for index in sorted(layers):
-        s = layers[index]
+        s = layers[index] = layers[index].folded()  # kept activations differ in length across ranks: summed as x xᵀ
         count = torch.tensor([float(s.count)], dtype=torch.float64, device=device)
         dist.all_reduce(count)
         s.count = int(count.item())

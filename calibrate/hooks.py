@@ -1,11 +1,13 @@
 """Owned hooks, and recorders: one forward pre-hook per down_proj, accumulating its input's
-statistics in float64 on the input's device (moved to the CPU when read); with layer importance,
+statistics on the input's device (moved to the CPU when read): first-order sums in float64, x xᵀ
+from float32 products added in float64 (:mod:`calibrate.moments`); with layer importance,
 one forward hook per decoder layer, accumulating the cosine of its input and output per token."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -13,9 +15,10 @@ from torch.utils.hooks import RemovableHandle
 
 from calibrate.glu import GLULayer, decoder_layers, glu_layers
 from calibrate.layer_importance import LayerSimilarity, token_cosines
+from calibrate.moments import MOMENT_BLOCK, add_gram_upper, mirror_upper, product_dtype
 from calibrate.stats import LayerStats
 
-TOKEN_BLOCK = 4096  # tokens converted to float64 at a time
+TOKEN_BLOCK = 4096  # tokens converted to float64 at a time (first-order sums)
 
 
 class HookOwner(ExitStack):
@@ -58,13 +61,22 @@ class StopForward(Exception):
 
 
 class Recorder:
-    """Accumulates statistics of one down_proj's input over the tokens where the mask is 1."""
+    """Accumulates statistics of one down_proj's input over the tokens where the mask is 1.
 
-    def __init__(self, layer: int, size: int, second_moment: bool = False):
+    x xᵀ: the real rows wait (on their device, float32) until ``MOMENT_BLOCK`` of them are at hand,
+    then one product per block of exactly that many is added (the rest wait for the next batch or
+    the read), so the products, and the sums bit for bit, do not depend on the batch size. With
+    ``activations`` (and ``second_moment``) it keeps the rows themselves while it has seen no more
+    tokens than the layer has neurons, and turns them into a second moment once it has.
+    """
+
+    def __init__(self, layer: int, size: int, second_moment: bool = False, activations: bool = False):
         self.layer, self.size, self.second_moment = layer, size, second_moment
         self.mask: torch.Tensor | None = None
         self.stop_after = False
-        self._sums: LayerStats | None = None  # on the device of the first input
+        self._sums: LayerStats | None = None  # on the device of the first input; x xᵀ: upper strips only
+        self._rows: list[torch.Tensor] | None = [] if second_moment and activations else None
+        self._pending: list[torch.Tensor] = []  # rows not yet in x xᵀ
 
     def hook(self, module: nn.Module, args: tuple) -> None:
         self.accumulate(args[0], self.mask)
@@ -78,7 +90,7 @@ class Recorder:
         if not rows.shape[0]:
             return
         if self._sums is None:
-            self._sums = LayerStats.zeros(self.size, self.second_moment, rows.device)
+            self._sums = LayerStats.zeros(self.size, self.second_moment and self._rows is None, rows.device)
         s = self._sums
         s.count += rows.shape[0]
         for block in rows.split(TOKEN_BLOCK):
@@ -88,16 +100,44 @@ class Recorder:
             s.abs_sum += magnitude.sum(0)
             s.sq_sum += block.square().sum(0)
             torch.maximum(s.max_abs, magnitude.amax(0), out=s.max_abs)
-            if s.second_moment is not None:
-                s.second_moment.addmm_(block.T, block)
+        if not self.second_moment:
+            return
+        kept = rows.to(s.sum.device, product_dtype(rows.dtype), copy=True)
+        if self._rows is not None:
+            self._rows.append(kept)
+            if s.count <= self.size:
+                return
+            # more tokens than neurons: the matrix is the smaller form now
+            s.second_moment = torch.zeros(self.size, self.size, dtype=torch.float64, device=s.sum.device)
+            self._pending, self._rows = self._rows, None
+        else:
+            self._pending.append(kept)
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """Add the waiting rows' products: every full block of ``MOMENT_BLOCK`` (with ``final``, all)."""
+        waiting = sum(r.shape[0] for r in self._pending)
+        if not self._pending or (waiting < MOMENT_BLOCK and not final):
+            return
+        rows = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        full = waiting if final else waiting - waiting % MOMENT_BLOCK
+        add_gram_upper(self._sums.second_moment, rows[:full])
+        self._pending = [rows[full:].clone()] if full < waiting else []
 
     @property
     def stats(self) -> LayerStats:
         """The statistics so far, on the CPU."""
-        return LayerStats.zeros(self.size, self.second_moment) if self._sums is None else self._sums.cpu()
+        if self._sums is None:
+            return LayerStats.zeros(self.size, self.second_moment, activations=self._rows is not None)
+        if self._rows is not None:
+            return replace(self._sums, activations=torch.cat(self._rows)).cpu()
+        if self._sums.second_moment is not None:
+            self._flush(final=True)
+            mirror_upper(self._sums.second_moment)
+        return self._sums.cpu()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        s = self.stats
+        s = self.stats.folded()
         state = {"count": torch.tensor(s.count), "sum": s.sum, "abs_sum": s.abs_sum, "sq_sum": s.sq_sum,
                  "max_abs": s.max_abs}
         if s.second_moment is not None:
@@ -141,8 +181,8 @@ class Recorders(HookOwner):
         self.recorders: list[Recorder] = []
         self.similarities: list[SimilarityRecorder] = []
 
-    def attach(self, layer: GLULayer, second_moment: bool = False) -> Recorder:
-        recorder = Recorder(layer.index, layer.intermediate_size, second_moment)
+    def attach(self, layer: GLULayer, second_moment: bool = False, activations: bool = False) -> Recorder:
+        recorder = Recorder(layer.index, layer.intermediate_size, second_moment, activations)
         self.pre_hook(layer.down, recorder.hook)
         self.recorders.append(recorder)
         return recorder
@@ -168,16 +208,18 @@ class Recorders(HookOwner):
 
 @contextmanager
 def recording(model: nn.Module, layers: list[int] | None = None, second_moment: bool = False,
-              stop_early: bool = True, layer_importance: bool = False) -> Iterator[Recorders]:
+              stop_early: bool = True, layer_importance: bool = False, activations: bool = False
+              ) -> Iterator[Recorders]:
     """Attach a recorder to every selected layer's down_proj (and with ``layer_importance`` a
     similarity recorder to the decoder layer itself); every handle is removed on exit, always.
 
-    With ``stop_early`` the last recorder raises :class:`StopForward` once it has accumulated.
+    With ``stop_early`` the last recorder raises :class:`StopForward` once it has accumulated. With
+    ``activations`` (and ``second_moment``) a recorder keeps its rows while they are fewer than its neurons.
     """
     with Recorders() as recorders:
         blocks = decoder_layers(model) if layer_importance else None
         for layer in glu_layers(model, layers):
-            recorders.attach(layer, second_moment)
+            recorders.attach(layer, second_moment, activations)
             if blocks is not None:
                 recorders.attach_similarity(layer.index, blocks[layer.index])
         last = recorders.similarities or recorders.recorders

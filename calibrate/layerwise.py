@@ -105,6 +105,7 @@ def _output(out) -> torch.Tensor:
 class LayerRunner:
     """Runs captured batch groups (fit, then held-out) through one decoder layer at a time; with
     ``dense`` a copy of every group runs beside them through the layers as they were before any change.
+    The held-out groups' recorders keep their activations while they are fewer than the neurons.
 
     Each pass owns the hooks it installs and removes them when it ends, by error and Ctrl-C too. A
     layer always runs to its end, so that a device-moving hook's post-forward step is never skipped.
@@ -123,8 +124,8 @@ class LayerRunner:
         """Statistics of layer ``index``'s down_proj input for each group; with ``advance`` each
         batch's hidden state also becomes the layer's output (one pass instead of two)."""
         results = []
-        for group in self.groups:
-            with recording(self.model, [index], second_moment, stop_early=False) as recorders:
+        for number, group in enumerate(self.groups):
+            with recording(self.model, [index], second_moment, stop_early=False, activations=number > 0) as recorders:
                 for b in group:
                     recorders.set_mask(b.mask)
                     out = self._run(index, b)
@@ -229,7 +230,7 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
                 pairs = runner.pairs(index) if dense_pairs else None
                 after_layer(index, results[0], results[1] if len(results) > 1 else None, pairs)
                 for result in results:  # used: one layer's x xᵀ at a time is held
-                    result.second_moment = None
+                    result.second_moment = result.activations = None
                 runner.advance(index, dense=False)
     result = ActivationStats(stats, dict(meta or {}), holdout or None)
     finish_stats(model, result, sum(b.tokens for b in fit), selected, second_moment, loader)

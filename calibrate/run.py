@@ -40,7 +40,8 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
     Only the decoder body runs, and it stops after the last recorded layer. ``max_tokens`` stops
     after the batch that reaches it. Padding (attention mask 0) never enters the statistics.
     ``holdout`` > 0 keeps the statistics of the last such fraction of the batches (at least one)
-    apart in ``stats.holdout``: the held-out slice on which a refit chooses its ridge.
+    apart in ``stats.holdout``: the held-out slice on which a refit chooses its ridge (with second
+    moments, a layer's slice with no more tokens than neurons keeps its activations instead).
     Under torch.distributed each rank takes every N-th batch and the statistics are all-reduced.
     ``layer_importance`` also records, in ``stats.depth``, the cosine similarity of every selected
     decoder layer's input and output per real token (on the fit part; the whole body up to that layer runs).
@@ -51,9 +52,17 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
         fit, held = split_holdout(list(batches), holdout)
         options = dict(layers=layers, second_moment=second_moment, max_tokens=max_tokens, meta=meta)
         stats = calibrate(model, fit, progress=progress, layer_importance=layer_importance, **options)
-        stats.holdout = calibrate(model, held, progress=False, **options).layers
+        stats.holdout = _calibrate(model, held, progress=False, held_out=True, **options).layers
         stats.meta["holdout_tokens"] = str(next(iter(stats.holdout.values())).count)
         return stats
+    return _calibrate(model, batches, layers=layers, second_moment=second_moment, max_tokens=max_tokens,
+                      progress=progress, meta=meta, layer_importance=layer_importance)
+
+
+def _calibrate(model, batches: Iterable[dict], *, layers: list[int] | None, second_moment: bool,
+               max_tokens: int | None, progress: bool, meta: dict | None, layer_importance: bool = False,
+               held_out: bool = False) -> ActivationStats:
+    """One pass of :func:`calibrate` without a held-out split; ``held_out``: the recorders may keep activations."""
     selected = glu_layers(model, layers)
     if second_moment:
         needed = second_moment_bytes([g.intermediate_size for g in selected])
@@ -68,7 +77,8 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
         max_tokens = -(-max_tokens // ranks)
     bar = tqdm(unit="tok", unit_scale=True, desc="calibrate", disable=not progress or not distributed.is_main(),
                total=max_tokens)
-    recorded = recording(model, [g.index for g in selected], second_moment, layer_importance=layer_importance)
+    recorded = recording(model, [g.index for g in selected], second_moment, layer_importance=layer_importance,
+                         activations=held_out)
     with recorded as recorders, torch.inference_mode():
         for batch in distributed.shard(batches):
             input_ids, mask = batch_tensors(batch, device)

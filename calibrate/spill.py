@@ -25,8 +25,9 @@ class SpilledLayers(MutableMapping):
 
     def __setitem__(self, index: int, stats: LayerStats) -> None:
         tensors = {f: getattr(stats, f).contiguous() for f in FIELDS}
-        if stats.second_moment is not None:
-            tensors["second_moment"] = stats.second_moment.contiguous()
+        for name in ("second_moment", "activations"):
+            if getattr(stats, name) is not None:
+                tensors[name] = getattr(stats, name).contiguous()
         save_file(tensors, self.path(index))
         self.counts[index] = stats.count
 
@@ -34,7 +35,8 @@ class SpilledLayers(MutableMapping):
         if index not in self.counts:
             raise KeyError(index)
         tensors = load_file(self.path(index))
-        return LayerStats(self.counts[index], *(tensors[f] for f in FIELDS), tensors.get("second_moment"))
+        return LayerStats(self.counts[index], *(tensors[f] for f in FIELDS), tensors.get("second_moment"),
+                          tensors.get("activations"))
 
     def __delitem__(self, index: int) -> None:
         del self.counts[index]

@@ -1,4 +1,5 @@
-"""Per-neuron statistics of the down_proj input, accumulated in float64."""
+"""Per-neuron statistics of the down_proj input, accumulated in float64 (second moments from
+float32 products added in float64: :mod:`calibrate.moments`)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from calibrate.files import atomic_file
 from calibrate.glu import glu_layers
 from calibrate.identity import same_checkpoint, weight_sample
 from calibrate.layer_importance import LayerImportance
+from calibrate.moments import gram
 from calibrate.resources import human_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a held-out slice may keep its activations (files without them are still written as 1)
 FIELDS = ("sum", "abs_sum", "sq_sum", "max_abs")
 
 
@@ -27,7 +29,11 @@ class LayerStats:
     """Running sums for one layer's down_proj input (one entry per intermediate neuron).
 
     ``count`` is the number of (non-padding) tokens seen. ``second_moment`` is ``sum x xᵀ``
-    (intermediate × intermediate) when requested, else None. All tensors are float64 on CPU.
+    (intermediate × intermediate) when requested, else None. A small slice (fewer tokens than
+    neurons, e.g. the held-out one) may instead keep its ``activations``: the rows themselves
+    (count × intermediate, float32; float64 from a float64 model), from which :meth:`moment` gives
+    ``sum x xᵀ``; at most one of the two is set. The other tensors are float64; all are on the CPU
+    once read from a recorder.
     """
 
     count: int
@@ -36,18 +42,44 @@ class LayerStats:
     sq_sum: torch.Tensor
     max_abs: torch.Tensor
     second_moment: torch.Tensor | None = None
+    activations: torch.Tensor | None = None
 
     @classmethod
-    def zeros(cls, size: int, second_moment: bool = False, device: torch.device | str = "cpu") -> LayerStats:
+    def zeros(cls, size: int, second_moment: bool = False, device: torch.device | str = "cpu",
+              activations: bool = False) -> LayerStats:
+        """Empty sums; with ``second_moment`` a zero x xᵀ, or with ``activations`` too no rows yet."""
         def zero(*shape):
             return torch.zeros(*shape, dtype=torch.float64, device=device)
 
+        if second_moment and activations:
+            return cls(0, *(zero(size) for _ in FIELDS),
+                       activations=torch.zeros(0, size, dtype=torch.float32, device=device))
         return cls(0, *(zero(size) for _ in FIELDS), zero(size, size) if second_moment else None)
 
     def cpu(self) -> LayerStats:
         """A copy whose tensors are on the CPU."""
-        moment = None if self.second_moment is None else self.second_moment.cpu()
-        return replace(self, **{f: getattr(self, f).cpu() for f in FIELDS}, second_moment=moment)
+        def moved(t):
+            return None if t is None else t.cpu()
+
+        return replace(self, **{f: getattr(self, f).cpu() for f in FIELDS}, second_moment=moved(self.second_moment),
+                       activations=moved(self.activations))
+
+    @property
+    def has_moment(self) -> bool:
+        """Whether ``sum x xᵀ`` is at hand, as a matrix or from the kept activations."""
+        return self.second_moment is not None or self.activations is not None
+
+    def moment(self) -> torch.Tensor | None:
+        """``sum x xᵀ`` (float64, intermediate × intermediate) from either form, or None without one."""
+        if self.activations is not None:
+            return gram(self.activations)
+        return self.second_moment
+
+    def folded(self) -> LayerStats:
+        """The same statistics with kept activations turned into a second moment (else unchanged)."""
+        if self.activations is None:
+            return self
+        return replace(self, second_moment=self.moment(), activations=None)
 
     @property
     def size(self) -> int:
@@ -79,11 +111,16 @@ class LayerStats:
         """Statistics of both token sets together: sums add, maxima take the max."""
         if other.size != self.size:
             raise GluPruneError(f"cannot merge statistics of {self.size} and {other.size} neurons")
-        if (self.second_moment is None) != (other.second_moment is None):
+        if self.has_moment != other.has_moment:
             raise GluPruneError("cannot merge statistics with and without a second moment")
-        sm = None if self.second_moment is None else self.second_moment + other.second_moment
-        return LayerStats(self.count + other.count, self.sum + other.sum, self.abs_sum + other.abs_sum,
-                          self.sq_sum + other.sq_sum, torch.maximum(self.max_abs, other.max_abs), sm)
+        merged = LayerStats(self.count + other.count, self.sum + other.sum, self.abs_sum + other.abs_sum,
+                            self.sq_sum + other.sq_sum, torch.maximum(self.max_abs, other.max_abs))
+        if self.activations is not None and other.activations is not None:
+            merged.activations = torch.cat([self.activations, other.activations])
+            return merged.folded() if merged.count > merged.size else merged
+        if self.has_moment:
+            merged.second_moment = self.moment() + other.moment()
+        return merged
 
 
 @dataclass
@@ -141,7 +178,7 @@ class ActivationStats:
     @property
     def has_second_moment(self) -> bool:
         """Whether every layer holds its x xᵀ sums."""
-        return all(s.second_moment is not None for s in self.layers.values())
+        return all(s.has_moment for s in self.layers.values())
 
     @property
     def tokens(self) -> int:
@@ -179,12 +216,15 @@ class ActivationStats:
                     out[f"{prefix}.{i}.{f}"] = getattr(s, f).contiguous()
                 if s.second_moment is not None:
                     out[f"{prefix}.{i}.second_moment"] = s.second_moment.contiguous()
+                if s.activations is not None:
+                    out[f"{prefix}.{i}.activations"] = s.activations.contiguous()
         return {**out, **(self.depth.tensors() if self.depth is not None else {})}
 
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file with metadata, atomically (temporary file, then rename)."""
         path = Path(path)
-        meta = {**self.meta, "format_version": str(FORMAT_VERSION), "library_version": library_version(),
+        kept = any(s.activations is not None for layers in (self.layers, self.holdout or {}) for s in layers.values())
+        meta = {**self.meta, "format_version": str(FORMAT_VERSION if kept else 1), "library_version": library_version(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "layers": json.dumps(sorted(self.layers)), "tokens": str(self.tokens)}
         if self.depth is not None:
@@ -223,7 +263,7 @@ class ActivationStats:
                 p = f"{prefix}.{i}."
                 if p + "count" in tensors:
                     layers[i] = LayerStats(int(tensors[p + "count"][0]), *(tensors[p + f] for f in FIELDS),
-                                           tensors.get(p + "second_moment"))
+                                           tensors.get(p + "second_moment"), tensors.get(p + "activations"))
             return layers
 
         try:
@@ -252,8 +292,8 @@ def merge(a: ActivationStats, b: ActivationStats) -> ActivationStats:
 
 
 def moment_bytes(layers: dict[int, LayerStats]) -> tuple[int, int]:
-    """(how many of ``layers`` hold x xᵀ sums, their bytes)."""
-    held = [s.second_moment for s in layers.values() if s.second_moment is not None]
+    """(how many of ``layers`` hold x xᵀ sums or kept activations, their bytes)."""
+    held = [t for s in layers.values() for t in (s.second_moment, s.activations) if t is not None]
     return len(held), sum(m.numel() * m.element_size() for m in held)
 
 
@@ -265,7 +305,10 @@ def storage_lines(stats: ActivationStats) -> list[str]:
     if not stats.holdout:
         return lines + ["held-out slice: none"]
     held, held_size = moment_bytes(stats.holdout)
-    moments_text = f", second moments of {held} layers, {human_bytes(held_size)}" if held else ", no second moments"
+    kept = sum(s.activations is not None for s in stats.holdout.values())
+    form = f" ({kept} as float32 activations, fewer tokens than neurons)" if kept else ""
+    moments_text = f", second moments of {held} layers{form}, {human_bytes(held_size)}" if held else \
+        ", no second moments"
     return lines + [f"held-out slice: {next(iter(stats.holdout.values())).count} tokens, {len(stats.holdout)} "
                     f"layers{moments_text}"]
 

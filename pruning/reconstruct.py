@@ -43,9 +43,9 @@ def bias_compensation(weight: torch.Tensor, mean: torch.Tensor, keep: torch.Tens
 
 def moments(stats: LayerStats, centred: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(second moment E[x xᵀ] or covariance, mean), float64."""
-    if stats.second_moment is None:
+    if not stats.has_moment:
         raise GluPruneError("this reconstruction needs second-moment statistics: calibrate with second moments")
-    second = stats.second_moment / max(stats.count, 1)
+    second = stats.moment() / max(stats.count, 1)
     mean = stats.mean
     return (second - torch.outer(mean, mean) if centred else second), mean
 

@@ -170,7 +170,9 @@ def test_stats_command_says_whether_second_moments_and_a_holdout_are_held(tmp_pa
             assert 0 < held_tokens < 96 and held_tokens + stats.tokens == 96
             each = human_bytes(3 * size * size * 8)
             assert f"second moments: 3 of 3 layers, {each} (float64" in printed
-            assert f"held-out slice: {held_tokens} tokens, 3 layers, second moments of 3 layers, {each}" in printed
+            kept = human_bytes(3 * held_tokens * size * 4)  # fewer tokens than neurons: float32 activations
+            assert (f"held-out slice: {held_tokens} tokens, 3 layers, second moments of 3 layers (3 as float32 "
+                    f"activations, fewer tokens than neurons), {kept}") in printed
         assert f"file: {human_bytes(path.stat().st_size)}" in printed
 
 

@@ -26,11 +26,13 @@ def test_a_tiny_llama_has_the_shapes_parameters_and_statistics_file_size(tmp_pat
     assert shape.params == sum(p.numel() for p in model.parameters())
     batches, _ = random_batches(n_rows=16, seq=6, batch=4)
     for second in (False, True):
-        path = calibrate(model, batches, progress=False, second_moment=second,
-                         holdout=0.25 if second else 0.0).save(tmp_path / f"{second}.st")
+        stats = calibrate(model, batches, progress=False, second_moment=second, holdout=0.25 if second else 0.0)
+        path = stats.save(tmp_path / f"{second}.st")
+        held = next(iter(stats.holdout.values())).count if second else None  # 24 tokens: kept as activations
         with safe_open(str(path), "pt") as f:  # the per-neuron sums and x xᵀ, not counts or the weight sample
-            sums = sum(f.get_tensor(k).nbytes for k in f.keys() if k.split(".")[-1] in (*FIELDS, "second_moment"))
-        assert sums == shape.stats_file_bytes(second) and path.stat().st_size > sums
+            sums = sum(f.get_tensor(k).nbytes for k in f.keys()
+                       if k.split(".")[-1] in (*FIELDS, "second_moment", "activations"))
+        assert sums == shape.stats_file_bytes(second, held) and path.stat().st_size > sums
 
 
 def test_fit_cubic_recovers_the_law_and_a_free_exponent():

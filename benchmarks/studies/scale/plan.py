@@ -51,11 +51,18 @@ class Shape:
         """The x xᵀ update of every layer for one token (addmm: the full square, 2 I² per layer)."""
         return 2 * self.layers * self.intermediate**2
 
-    def stats_file_bytes(self, second_moment: bool) -> int:
+    def held_out_bytes(self, tokens: int | None = None) -> int:
+        """One layer's held-out slice: its x xᵀ, or its float32 activations when it has ``tokens``
+        (None: unknown, taken as many) no more than the neurons."""
+        return self.moment_bytes if tokens is None or tokens > self.intermediate else tokens * self.intermediate * 4
+
+    def stats_file_bytes(self, second_moment: bool, holdout_tokens: int | None = None) -> int:
         """A statistics file: four float64 sums per neuron and layer; with second moments, each layer's
-        x xᵀ for the fit and the held-out slice (and the slice's sums)."""
+        x xᵀ for the fit and the held-out slice's :meth:`held_out_bytes` (and the slice's sums)."""
         sums = 4 * self.intermediate * F64 * self.layers
-        return 2 * (sums + self.layers * self.moment_bytes) if second_moment else sums
+        if not second_moment:
+            return sums
+        return 2 * sums + self.layers * (self.moment_bytes + self.held_out_bytes(holdout_tokens))
 
     def refitted_down_bytes(self, ratio: float) -> int:
         """Every layer's refitted down_proj in float64, as an offloaded prune holds them until it rewrites."""
@@ -126,3 +133,55 @@ def offload_peak_bytes(shape: Shape, tokens: int, act_bytes: int, batch_tokens: 
         "refitted downs": shape.refitted_down_bytes(ratio) if refit else 0,
     }
     return {**parts, "total": sum(parts.values())}
+
+
+QWEN2_1_5B = Shape("Qwen2-1.5B", 28, 1536, 8960, 151936, 256, True)  # the issue's 1.5B layer shapes
+STRIP = 1024  # calibrate.moments.STRIP: the columns per strip of the symmetric x xᵀ update
+
+
+def strip_fraction(size: int, strip: int = STRIP) -> float:
+    """The share of the full square that the strip-wise x xᵀ update forms: (m + 1) / 2m for m strips."""
+    m = max(1, math.ceil(size / strip))
+    return (m + 1) / (2 * m)
+
+
+def layer_flops_per_token(shape: Shape) -> dict[str, float]:
+    """One decoder layer, one token: the forward (2 × its parameters), the OLD x xᵀ update (the full
+    square, 2 I², float64) and the NEW one (the strips, :func:`strip_fraction` of it, float32)."""
+    full = 2 * shape.intermediate**2
+    return {"forward": 2 * shape.layer_params, "old moment": full,
+            "new moment": strip_fraction(shape.intermediate) * full}
+
+
+@dataclass(frozen=True)
+class Device:
+    """Peak rates (FLOP/s) assumed for a projection, and the share of them reached."""
+
+    name: str
+    forward: float  # the model's dtype (bf16 on a GPU)
+    fp32: float
+    fp64: float
+    utilisation: float = 0.4
+
+
+RTX_4090 = Device("RTX 4090", 82.6e12, 82.6e12, 1.29e12)  # bf16 with float32 accumulation: the fp32 rate
+H100 = Device("H100 SXM", 989e12, 67e12, 34e12)  # bf16 dense tensor; fp32 and fp64 without tensor cores
+
+
+def calibration_seconds(shape: Shape, tokens: int, held_fraction: float, rates: dict[str, float]) -> dict:
+    """Seconds of a whole model's calibration over ``tokens`` (``held_fraction`` of them held out):
+    the forward over all of them, plus the x xᵀ update of the fit tokens, and of the held-out ones
+    too for OLD (NEW keeps them as activations when fewer than the width), at ``rates`` (FLOP/s per
+    key of :func:`layer_flops_per_token`)."""
+    f = layer_flops_per_token(shape)
+    held = round(tokens * held_fraction)
+    new_moment_tokens = tokens if held > shape.intermediate else tokens - held
+    per = {"forward": f["forward"] * tokens / rates["forward"],
+           "old moment": f["old moment"] * tokens / rates["old moment"],
+           "new moment": f["new moment"] * new_moment_tokens / rates["new moment"]}
+    return {k: v * shape.layers for k, v in per.items()}
+
+
+def device_rates(device: Device) -> dict[str, float]:
+    u = device.utilisation
+    return {"forward": device.forward * u, "old moment": device.fp64 * u, "new moment": device.fp32 * u}
