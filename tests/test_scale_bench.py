@@ -3,7 +3,7 @@ statistics equal to the old ones within the stated tolerance."""
 
 import re
 
-from benchmarks.studies import scale_bench
+from benchmarks.studies.scale import bench as scale_bench
 from calibrate.moments import MOMENT_TOLERANCE
 
 

@@ -5,7 +5,7 @@ then pruned alike (``hybrid``, ``lstsq``). Prints the per-layer relative differe
 moments (fit and held-out), whether the kept sets and the chosen ridges are identical, and both
 pruned models' WikiText-2 perplexity (PROTOCOL.md: seq_len 512, first 8192 test tokens).
 
-    python -m benchmarks.studies.moment_precision --data-dir ../shared/data [--tokens 16384] [--ratio 0.2]
+    python -m benchmarks.studies.scale.precision --data-dir ../shared/data [--tokens 16384] [--ratio 0.2]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.studies.reference_paths import float64_accumulation
+from benchmarks.studies.scale.reference import float64_accumulation
 from calibrate.corpora import load_corpus
 from calibrate.models import load_model
 from calibrate.perplexity import protocol_perplexity

@@ -19,7 +19,7 @@ fed random token ids (the last row of every batch half padding). Per shape it pr
 - peak resident memory (and CUDA peak) per phase, and how far the NEW statistics are from the OLD
   ones (max over layers of ||S_new - S_old||_F / ||S_old||_F).
 
-    python -m benchmarks.studies.scale_bench [--shapes 1.5b,8b] [--layers 2,1] [--tokens 2048]
+    python -m benchmarks.studies.scale.bench [--shapes 1.5b,8b] [--layers 2,1] [--tokens 2048]
         [--seq-len 128] [--batch-size 2] [--device cpu|cuda] [--dtype float32|bfloat16] [--threads N]
         [--no-old-refit] [--no-refit]
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.scale_plan import (
+from benchmarks.studies.scale.plan import (
     H100,
     LLAMA_8B,
     LLAMA_70B,
@@ -47,7 +47,7 @@ from benchmarks.scale_plan import (
     device_rates,
     layer_flops_per_token,
 )
-from benchmarks.studies.reference_paths import float64_accumulation, old_refit
+from benchmarks.studies.scale.reference import float64_accumulation, old_refit
 from calibrate.glu import decoder, glu_layers
 from calibrate.moments import MOMENT_TOLERANCE
 from calibrate.offload import ResidentLoader
