@@ -256,5 +256,5 @@ def load_model(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str
     except (OSError, ValueError, KeyError) as exc:
         raise GluPruneError(f"could not load model '{model}': {str(exc).splitlines()[0]}") from exc
     net.eval()
-    net.glu_prune_name = model
+    net.config.name_or_path = model  # the name given (an alias, a .gguf), not the cache folder
     return net, tokenizer

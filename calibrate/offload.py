@@ -127,7 +127,7 @@ def offload_model(model_name: str, device: torch.device, dtype: torch.dtype):
                             f"(huggingface-cli download {model_name} --local-dir DIR) and pass DIR")
     keep_large_allocations_mapped()
     model = empty_model(source, dtype)
-    model.glu_prune_name = model_name
+    model.config.name_or_path = model_name
     return model, LayerLoader(model, CheckpointWeights(source), device, dtype), AutoTokenizer.from_pretrained(source)
 
 

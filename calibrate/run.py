@@ -117,7 +117,7 @@ def finish_stats(model, stats: ActivationStats, tokens: int, layers: list[int], 
     })
     if stats.depth is not None:
         stats.meta["layer_importance"] = stats.depth.kinds
-    stats.meta.setdefault("model", getattr(model, "glu_prune_name", model.config.name_or_path))
+    stats.meta.setdefault("model", model.config.name_or_path)
 
 
 def split_holdout(batches: list[dict], fraction: float = 0.125) -> tuple[list[dict], list[dict]]:

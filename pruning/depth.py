@@ -23,7 +23,7 @@ from calibrate.errors import ConfigError, GluPruneError
 from calibrate.glu import decoder, decoder_layers, glu_layers
 from calibrate.hooks import HookOwner, layer_input
 from calibrate.layer_importance import SCORES, LayerImportance
-from calibrate.manifest import read_manifest, write_manifest
+from calibrate.manifest import Manifest, read_manifest, write
 from calibrate.stats import library_version
 from pruning.importance import total_nll
 from pruning.prune import PruneResult
@@ -219,10 +219,8 @@ def prune_depth(model, config: DepthConfig, importance: LayerImportance | None =
     sizes = [g.intermediate_size for g in glu_layers(model)]
     if len(set(sizes)) == 1:
         model.config.intermediate_size = sizes[0]
-    manifest = renumbered(before, kept) if before else {
-        "base_model": getattr(model, "glu_prune_name", model.config.name_or_path)}
-    manifest.update(intermediate_sizes=sizes, uniform=len(set(sizes)) == 1, library_version=library_version(),
-                    depth=depth_record(before, layers_before, remove, kept, config, scores, statistics,
-                                       time.perf_counter() - start))
-    write_manifest(model.config, manifest)
-    return PruneResult(model, {}, read_manifest(model.config))
+    manifest = Manifest.from_dict(renumbered(before, kept) if before else {"base_model": model.config.name_or_path})
+    manifest = manifest.updated(intermediate_sizes=sizes, library_version=library_version(),
+                                depth=depth_record(before, layers_before, remove, kept, config, scores, statistics,
+                                                   time.perf_counter() - start))
+    return PruneResult(model, {}, write(model.config, manifest))

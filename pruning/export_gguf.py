@@ -29,7 +29,7 @@ import torch
 from calibrate.errors import ConfigError, GluPruneError
 from calibrate.files import atomic_file, check_output
 from calibrate.glu import glu_layers, model_type, supported_families
-from calibrate.manifest import read_manifest
+from calibrate.manifest import read, read_manifest
 from calibrate.models import resolve
 from pruning.gguf_vocab import read_gguf_tokenizer, token_count, write_gguf_tokenizer, write_hf_tokenizer
 
@@ -319,8 +319,8 @@ def write_hparams(writer: gguf.GGUFWriter, config, family: Family, sizes: list[i
 def source_tokenizer(model, n_vocab: int) -> dict | None:
     """The tokenizer fields of the GGUF file ``model`` was loaded from (directly or as the base of a
     pruned model), when it lists the model's ``n_vocab`` tokens."""
-    manifest = read_manifest(model.config) or {}
-    for name in (getattr(model, "glu_prune_name", None), manifest.get("base_model")):
+    manifest = read(model.config)
+    for name in (model.config.name_or_path, manifest.base_model if manifest else None):
         if not isinstance(name, str):
             continue
         try:
@@ -336,7 +336,7 @@ def source_tokenizer(model, n_vocab: int) -> dict | None:
 
 def write_general(writer: gguf.GGUFWriter, model, qtype: Q) -> None:
     manifest = read_manifest(model.config)
-    base = (manifest or {}).get("base_model") or getattr(model, "glu_prune_name", None) or model.config.name_or_path
+    base = (manifest or {}).get("base_model") or model.config.name_or_path
     if base:  # llama.cpp reads the name (e.g. 'phi3' selects token attributes): never a made-up one
         writer.add_name(f"{base} (glu-prune)" if manifest else str(base))
     writer.add_file_type(FILE_TYPES[qtype])

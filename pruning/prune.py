@@ -16,7 +16,7 @@ import torch
 from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
 from calibrate.layerwise import calibrate_layerwise
-from calibrate.manifest import read_manifest, write_manifest
+from calibrate.manifest import Manifest, read, write
 from calibrate.run import split_holdout
 from calibrate.stats import ActivationStats, LayerStats, library_version
 from pruning.config import PruneConfig, resolve_reconstruct
@@ -97,34 +97,27 @@ def cut(model, decision: Decision) -> None:
 
 
 def make_manifest(model, config: PruneConfig, decision: Decision, sizes_before: list[int],
-                  stats: ActivationStats | None, seconds: float, auto: str = "") -> dict:
+                  stats: ActivationStats | None, seconds: float, auto: str = "") -> Manifest:
     """What was done to ``model``, with every layer's size after the cut."""
-    sizes = [layer.intermediate_size for layer in glu_layers(model)]
-    record = {
-        "base_model": getattr(model, "glu_prune_name", model.config.name_or_path),
+    extra = {
         "config": config.as_dict(),
-        "method": config.method,
         "target": {k: v for k, v in vars(config.target).items() if v is not None},
-        "allocation": config.allocation,
         "schedule": config.schedule,
-        "reconstruct": config.reconstruct,
-        "reconstruct_choices": decision.choices,
         "layers": sorted(decision.plan),
         "intermediate_sizes_before": sizes_before,
-        "intermediate_sizes": sizes,
-        "uniform": len(set(sizes)) == 1,
         "kept_indices": {str(i): idx.tolist() for i, idx in decision.plan.items()},
-        "statistics": dict(stats.meta) if stats is not None else None,
         "seed": config.seed,
         "seconds": round(seconds, 3),
-        "library_version": library_version(),
     }
     if auto:
-        record["reconstruct_auto"] = auto
+        extra["reconstruct_auto"] = auto
     if decision.importance is not None:
-        record.update(allocation_spread=config.allocation_spread,
-                      layer_importance={str(i): v for i, v in decision.importance.items()})
-    return record
+        extra.update(allocation_spread=config.allocation_spread,
+                     layer_importance={str(i): v for i, v in decision.importance.items()})
+    return Manifest([layer.intermediate_size for layer in glu_layers(model)], base_model=model.config.name_or_path,
+                    method=config.method, allocation=config.allocation, reconstruct=config.reconstruct,
+                    choices=decision.choices, statistics=dict(stats.meta) if stats is not None else None,
+                    library_version=library_version(), extra=extra)
 
 
 def prune(model, stats: ActivationStats | None, config: PruneConfig, *, inplace: bool = False,
@@ -142,8 +135,7 @@ def prune(model, stats: ActivationStats | None, config: PruneConfig, *, inplace:
     decision = decide(model, stats, config, text_batches=text_batches, progress=progress)
     cut(model, decision)
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
-    write_manifest(model.config, {**manifest, **(notes or {})})
-    return PruneResult(model, decision.plan, read_manifest(model.config))
+    return PruneResult(model, decision.plan, write(model.config, manifest.updated(**(notes or {}))))
 
 
 def prune_sequential(model, batches: Iterable[dict], config: PruneConfig, *, holdout: float = 0.125,
@@ -180,13 +172,13 @@ def prune_sequential(model, batches: Iterable[dict], config: PruneConfig, *, hol
                                 second_moment=config.needs_second_moment, after_layer=cut_layer, progress=progress,
                                 meta=meta, dense_pairs=config.refit_target == "dense")
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
-    write_manifest(model.config, {**manifest, "refit_target": config.refit_target, **(notes or {})})
-    return PruneResult(model, decision.plan, read_manifest(model.config))
+    manifest = manifest.updated(refit_target=config.refit_target, **(notes or {}))
+    return PruneResult(model, decision.plan, write(model.config, manifest))
 
 
-def manifest_of(model) -> dict:
+def manifest_of(model) -> Manifest:
     """The manifest a pruned model carries in its config."""
-    manifest = read_manifest(model.config)
+    manifest = read(model.config)
     if manifest is None:
         raise GluPruneError("this model carries no pruning manifest: prune it with glu-prune first")
     return manifest

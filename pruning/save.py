@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from calibrate.files import atomic_dir
+from calibrate.manifest import Manifest
 from calibrate.models import detach_gguf_quantizer, load_pruned
 from calibrate.stats import library_version
 from pruning.prune import manifest_of
@@ -12,35 +13,35 @@ from pruning.prune import manifest_of
 __all__ = ["load_pruned", "model_card", "save_pruned"]
 
 
-def model_card(manifest: dict) -> str:
-    sizes = manifest["intermediate_sizes"]
-    uniform = manifest["uniform"]
+def model_card(manifest: Manifest) -> str:
+    sizes, uniform = manifest.intermediate_sizes, manifest.uniform
     load = ("from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)"
             if uniform else "from calibrate import load_pruned  # pip install glu-prune\nmodel = load_pruned(PATH)")
-    target = ", ".join(f"{k}={v}" for k, v in manifest.get("target", {}).items())
-    stats = manifest.get("statistics") or {}
+    target = ", ".join(f"{k}={v}" for k, v in manifest.extra.get("target", {}).items())
+    stats = manifest.statistics or {}
     calibration = (f"calibrated on `{stats.get('corpus', '?')}` ({stats.get('part', '?')}, "
                    f"{stats.get('tokens', '?')} tokens)" if stats else "static (weights only)")
-    depth, width = manifest.get("depth"), "method" in manifest or "depth" not in manifest
+    depth, width = manifest.depth, manifest.method is not None or manifest.depth is None
     kind, what = (("Depth- and width", "Decoder layers and GLU MLP neurons") if depth and width else
                   ("Depth", "Decoder layers") if depth else ("Width", "GLU MLP neurons"))
-    card = (f"# {kind}-pruned {manifest.get('base_model', 'model')}\n\n"
-            f"{what} removed with [glu-prune](https://pypi.org/project/glu-prune/) "
-            f"{manifest.get('library_version', library_version())}.\n\n")
+    base = manifest.base_model if manifest.base_model is not None else "model"
+    version = manifest.library_version if manifest.library_version is not None else library_version()
+    card = (f"# {kind}-pruned {base}\n\n"
+            f"{what} removed with [glu-prune](https://pypi.org/project/glu-prune/) {version}.\n\n")
     if depth:
         chosen = "named" if depth["score"] == "explicit" else f"the least important by {depth['score']}"
         card += (f"- removed decoder layers {', '.join(map(str, depth['removed_layers']))} of "
                  f"{depth['num_layers_before']} ({chosen}); layer i is the original layer "
                  f"`depth.kept_layers[i]`\n")
     if width:
-        card += (f"- method: `{manifest.get('method')}`, {calibration}\n"
-                 f"- target: {target}; allocation: {manifest.get('allocation', 'uniform')}; "
-                 f"reconstruct: {manifest.get('reconstruct', 'none')}\n")
+        card += (f"- method: `{manifest.method}`, {calibration}\n"
+                 f"- target: {target}; allocation: {manifest.allocation or 'uniform'}; "
+                 f"reconstruct: {manifest.reconstruct or 'none'}\n")
     card += (f"- intermediate sizes: {min(sizes)}..{max(sizes)} over {len(sizes)} layers "
              f"({'uniform' if uniform else 'non-uniform'})\n\n"
              f"What was done, per-layer kept neuron indices included, is in `config.json` under `glu_prune`.\n\n"
              f"```python\n{load}\n```\n")
-    healing = manifest.get("healing")
+    healing = manifest.healing
     if healing:
         card += (f"\n## Healing\n\nDistilled from `{healing['teacher']}` on `{healing['corpus']}` "
                  f"({healing['part']} part): {healing['steps']} steps, {healing['tokens']} tokens.\n")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from calibrate.errors import ConfigError
 from calibrate.files import atomic_dir
 from calibrate.glu import glu_layers
-from calibrate.manifest import write_manifest
+from calibrate.manifest import Manifest, write
 from calibrate.offload import LayerLoader
 from calibrate.shards import MAX_SHARD_BYTES, ShardWriter
 from calibrate.stats import ActivationStats
@@ -67,9 +67,8 @@ def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path,
     decision = decide(model, stats, config, loader=loader, progress=progress)
     rules = sliced_tensors(model, decision.plan, {i: w for i, (w, _) in decision.refits.items()})
     apply_plan(model, decision.plan)  # on the meta model: new shapes and the config's sizes, no memory
-    record = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
-    record.update(schedule="one-shot (streamed)", **(notes or {}))
-    write_manifest(model.config, record)
+    manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
+    record = write(model.config, manifest.updated(schedule="one-shot (streamed)", **(notes or {})))
     write_checkpoint(loader, rules, model.config, tokenizer, out_dir, record, progress, force=force)
     return record
 
@@ -94,4 +93,4 @@ def write_checkpoint(loader: LayerLoader, rules: dict, config, tokenizer, out: s
                 shutil.copy(weights.directory / extra, tmp / extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(record))
+        (tmp / "README.md").write_text(model_card(Manifest.from_dict(record)))

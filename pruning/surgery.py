@@ -7,7 +7,7 @@ from torch import nn
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import GLULayer, glu_layers
-from calibrate.manifest import read_manifest, write_manifest
+from calibrate.manifest import Manifest, read, write
 
 
 def sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
@@ -65,6 +65,5 @@ def apply_plan(model: nn.Module, plan: dict[int, torch.Tensor]) -> list[int]:
     sizes = [g.intermediate_size for g in glu_layers(model)]
     if len(set(sizes)) == 1:
         model.config.intermediate_size = sizes[0]
-    write_manifest(model.config, {**(read_manifest(model.config) or {}), "intermediate_sizes": sizes,
-                                  "uniform": len(set(sizes)) == 1})
+    write(model.config, (read(model.config) or Manifest(sizes)).updated(intermediate_sizes=sizes))
     return sizes

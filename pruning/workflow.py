@@ -18,7 +18,7 @@ from calibrate.files import check_output
 from calibrate.glu import check_layers, glu_layers
 from calibrate.layer_importance import LayerImportance
 from calibrate.layerwise import calibrate_layerwise
-from calibrate.manifest import read_manifest, write_manifest
+from calibrate.manifest import Manifest, read, write
 from calibrate.offload import OffloadChoice, offload_model, should_offload
 from calibrate.perplexity import protocol_perplexity
 from calibrate.run import calibrate, split_holdout
@@ -132,7 +132,7 @@ def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: Activatio
     notes = {**auto, **(notes or {})}
     check_data(config, stats, corpus)
     batches = calibration_batches(tokenizer, corpus, settings) if corpus is not None else []
-    meta = provenance(getattr(model, "glu_prune_name", model.config.name_or_path), corpus, settings) if corpus \
+    meta = provenance(model.config.name_or_path, corpus, settings) if corpus \
         else {}
     if config.schedule == "sequential":
         return prune_sequential(model, batches, config, holdout=HOLDOUT, inplace=inplace, progress=progress,
@@ -184,21 +184,20 @@ def heal_with_corpus(student, teacher, tokenizer, corpus: Corpus, config: HealCo
         return {name: protocol_perplexity(model, tokenizer, part, eval_tokens, eval_docs).perplexity
                 for name, part in (eval_parts or {}).items()}
 
-    manifest = read_manifest(student.config) or {"base_model": teacher_name}
+    manifest = read(student.config) or Manifest([], base_model=teacher_name)
     before = measure(student)
     healed, history = heal(student, teacher, batches, config, checkpoint_dir=checkpoint_dir, resume=resume,
                            progress=progress)
-    sizes = [g.intermediate_size for g in glu_layers(healed)]
-    manifest.update(intermediate_sizes=sizes, uniform=len(set(sizes)) == 1, library_version=library_version())
-    manifest["healing"] = {
+    healing = {
         "teacher": teacher_name, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
         "seq_len": seq_len, "batch_size": batch_size, "config": asdict(config), "steps": len(history),
         "tokens": sum(h["tokens"] for h in history), "seconds": history[-1]["seconds"] if history else 0.0,
         "final_loss": history[-1]["loss"] if history else None,
         "perplexity_before": before, "perplexity_after": measure(healed),
     }
-    write_manifest(healed.config, manifest)
-    return healed, manifest["healing"]
+    write(healed.config, manifest.updated(intermediate_sizes=[g.intermediate_size for g in glu_layers(healed)],
+                                          library_version=library_version(), healing=healing))
+    return healed, healing
 
 
 def depth_importance(model, tokenizer, depth: DepthConfig, stats: ActivationStats | None, corpus: Corpus | None,
@@ -213,7 +212,7 @@ def depth_importance(model, tokenizer, depth: DepthConfig, stats: ActivationStat
             "these statistics hold no " + ("skip loss" if stats.depth else "layer importance")
         raise GluPruneError(f"choosing layers by {depth.score} needs layer importance ({lacking}): give a corpus, "
                             f"or statistics from glu-prune calibrate --layer-importance")
-    meta = provenance(getattr(model, "glu_prune_name", model.config.name_or_path), corpus, settings)
+    meta = provenance(model.config.name_or_path, corpus, settings)
     measured = calibrate_corpus(model, calibration_batches(tokenizer, corpus, settings), meta, layer_importance=True,
                                 skip_loss=skip, progress=progress)
     return measured.depth, measured.meta
@@ -248,5 +247,5 @@ def prune_depth_with_corpus(model, tokenizer, depth: DepthConfig, config: PruneC
         return result
     width = prune_with_corpus(result.model, tokenizer, config, corpus=corpus, settings=settings, inplace=True,
                               progress=progress)
-    write_manifest(width.model.config, {**width.manifest, "depth": result.manifest["depth"]})
-    return PruneResult(width.model, width.plan, read_manifest(width.model.config))
+    manifest = read(width.model.config).updated(depth=result.manifest["depth"])
+    return PruneResult(width.model, width.plan, write(width.model.config, manifest))

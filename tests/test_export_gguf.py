@@ -253,11 +253,11 @@ def test_smollm2_tokenizer_comes_from_its_gguf_or_its_hugging_face_tokenizer(smo
     copied = export_gguf(model, tok, tmp_path / "copied.gguf", outtype="q8_0")
     assert {k: f.contents() for k, f in gguf.GGUFReader(copied).fields.items() if k.startswith("tokenizer.")} \
         == source
-    model.glu_prune_name = "not-a-gguf"  # no source file: the vocabulary is built from the HF tokenizer
+    model.config.name_or_path = "not-a-gguf"  # no source file: the vocabulary is built from the HF tokenizer
     try:
         built = export_gguf(model, tok, tmp_path / "built.gguf", outtype="q8_0")
     finally:
-        model.glu_prune_name = "smollm2-135m"
+        model.config.name_or_path = "smollm2-135m"
     value = {k: f.contents() for k, f in gguf.GGUFReader(built).fields.items()}
     assert value["tokenizer.ggml.model"] == "gpt2"
     assert value["tokenizer.ggml.tokens"] == source["tokenizer.ggml.tokens"]

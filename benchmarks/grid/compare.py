@@ -19,7 +19,7 @@ from benchmarks.measures import parameter_count
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.errors import GluPruneError
-from calibrate.manifest import read_manifest
+from calibrate.manifest import read
 from calibrate.models import load_model, pick_device, pick_dtype
 from calibrate.perplexity import protocol_perplexity
 from calibrate.prompts import DEFAULT_REFERENCE
@@ -257,7 +257,7 @@ class Grid:
         if spec.param_ratio is None:
             return {}
         p = self.equal_size_plan(spec)
-        removed = (read_manifest(model.config) or {}).get("depth", {}).get("removed_layers", [])
+        removed = manifest.removed_layers if (manifest := read(model.config)) else []
         return {"param_ratio": spec.param_ratio, "remove_layers": len(removed),
                 "removed_layers": ",".join(map(str, removed)),
                 "intermediate_size": p.intermediate_size or self.profile.intermediate,
