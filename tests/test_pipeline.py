@@ -92,7 +92,8 @@ def test_cli_sequential_prune_saves_a_reloadable_model(tmp_path):
     assert code == 0
     manifest = saved_manifest(tmp_path / "p")
     assert manifest["schedule"] == "sequential" and manifest["intermediate_sizes"] == [48, 48, 48]
-    assert set(manifest["reconstruct_choices"]["0"]) == {"ridge", "holdout_error"}
+    choice = manifest["reconstruct_choices"]["0"]
+    assert choice["choice"] in ("lstsq", "none") and {"ridge", "holdout_error", "scored"} <= set(choice)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.intermediate_size == 48
 
 
