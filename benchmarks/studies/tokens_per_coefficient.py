@@ -182,7 +182,8 @@ def evaluate(model, tokenizer, parts) -> dict[str, float]:
             for name, part in parts.items()}
 
 
-def table(model, tokenizer, config, name, held: ActivationStats, budgets, parts) -> list[dict]:
+def table(model, tokenizer, config, name, held: ActivationStats, budgets, parts, old_until: int) -> list[dict]:
+    """A perplexity row per budget; the refit as it was is evaluated up to ``old_until`` fitting tokens."""
     rows = []
     for tokens, fit in budgets:
         stats = ActivationStats(fit.layers, fit.meta, held.layers)
@@ -196,7 +197,8 @@ def table(model, tokenizer, config, name, held: ActivationStats, budgets, parts)
         # no refit in every layer: the no-refit model itself
         row["lstsq"] = row["none"] if nones == len(ridges) else evaluate(new, tokenizer, parts)
         same = ridges == old_ridges  # the same ridge in every layer: the same weights, bit for bit
-        row["old"] = row["lstsq"] if same else evaluate(old, tokenizer, parts)
+        if same or tokens <= old_until:
+            row["old"] = row["lstsq"] if same else evaluate(old, tokenizer, parts)
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -208,7 +210,8 @@ def markdown(rows: list[dict], kept: int) -> str:
              "/ SMS | lstsq: WikiText-2 / SMS | layers choosing none |", "| --- | ---: | ---: | ---: | ---: | ---: "
              "| ---: |"]
     for r in rows:
-        cells = [" / ".join(f"{r[k][c]:.2f}" for c in ("wikitext2", "sms_spam")) for k in ("none", "old", "lstsq")]
+        cells = [" / ".join(f"{r[k][c]:.2f}" for c in ("wikitext2", "sms_spam")) if k in r else "-"
+                 for k in ("none", "old", "lstsq")]
         lines.append(f"| {r['calibrated']} | {r['fit_tokens']} | {r['fit_tokens'] / kept:.1f} | " + " | ".join(cells)
                      + f" | {r['none_layers']} |")
     return "\n".join(lines)
@@ -228,6 +231,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--skip", default="", help="holdout and/or table: phases to skip")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--old-until", type=int, default=2000, help="evaluate the old refit up to these fit tokens")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-docs", type=int, default=400)
     p.add_argument("--out", default="out/tpc")
@@ -254,7 +258,8 @@ def main() -> None:
                 study += holdout_study(model, config, held, test, [budget], layers)
                 (out / f"holdout-{name}.json").write_text(json.dumps(study, indent=1))
             if "table" not in args.skip:
-                mine += table(model, tokenizer, config, name, held[args.holdout], [budget], parts)
+                mine += table(model, tokenizer, config, name, held[args.holdout], [budget], parts,
+                              args.old_until)
                 (out / f"table-{name}.json").write_text(json.dumps(mine, indent=1))
         rows += mine
     if rows:
