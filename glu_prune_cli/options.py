@@ -84,7 +84,9 @@ def corpus_or_none(args, default_part: str) -> Corpus | None:
 
 def add_calibration_options(p: argparse.ArgumentParser, second_moment: bool = True) -> None:
     p.add_argument("--seq-len", type=positive(int), default=128, help="calibration sequence length (default 128)")
-    p.add_argument("--max-tokens", type=positive(int), default=8192, help="calibration tokens (default 8192)")
+    p.add_argument("--max-tokens", type=positive(int), default=None,
+                   help="calibration tokens (default 8192; prune with --reconstruct auto raises it to what a refit "
+                        "of the kept width needs)")
     p.add_argument("--batch-size", type=positive(int), default=8)
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help="pack text into full rows (default: on for documents, off for messages)")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from calibrate.errors import ConfigError
 from calibrate.resources import human_bytes, second_moment_bytes
 from pruning.allocation import DEFAULT_SPREAD, check_spread
-from pruning.plan import Target
+from pruning.plan import Target, kept_count
 from pruning.registry import (
     ALLOCATIONS,
     AUTO,
@@ -21,6 +22,9 @@ from pruning.registry import (
 )
 
 AUTO_SECOND_MOMENT_LIMIT = 2 << 30  # reconstruct=auto refits when one layer's x xᵀ needs at most this (I ≤ 16384)
+REFIT_TOKENS_PER_COEFFICIENT = 5.0  # fitting tokens per kept neuron that reconstruct=auto asks of a refit
+# (docs/reconstruct.md, benchmarks/studies/tokens_per_coefficient.py: below it the refit gains little or loses)
+BUDGET_MARGIN = 1.1  # a raised budget's room for the held-out slice's rounding to whole batches
 
 
 @dataclass(frozen=True)
@@ -111,13 +115,26 @@ class PruneConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
 
 
+def refit_tokens(kept: int) -> int:
+    """The fitting tokens that ``reconstruct="auto"`` asks of a refit keeping ``kept`` neurons per layer."""
+    return math.ceil(REFIT_TOKENS_PER_COEFFICIENT * kept)
+
+
+def widest_kept(config: PruneConfig, intermediate_sizes: list[int], hidden: int) -> int:
+    """The neurons kept in the widest layer under ``config``'s target (the width a refit solves for)."""
+    return kept_count(max(intermediate_sizes), hidden, config.target)
+
+
 def resolve_reconstruct(config: PruneConfig, intermediate_sizes: list[int], has_second_moment: bool | None = None,
-                        has_data: bool = True) -> tuple[PruneConfig, str]:
+                        has_data: bool = True, fit_tokens: int | None = None,
+                        hidden: int | None = None) -> tuple[PruneConfig, str]:
     """``config`` with ``reconstruct="auto"`` decided, and why (for the manifest).
 
     With statistics at hand (``has_second_moment`` not None) auto refits exactly when they hold
-    second moments; when calibrating (None), when one layer's second moment fits
-    AUTO_SECOND_MOMENT_LIMIT; without any calibration data (``has_data`` False), never. The
+    second moments and, given ``fit_tokens`` and the model's ``hidden`` size, at least
+    :func:`refit_tokens` fitting tokens for the widest layer's kept neurons; when calibrating
+    (None), when one layer's second moment fits AUTO_SECOND_MOMENT_LIMIT (the budget is then
+    :func:`calibration_budget`'s); without any calibration data (``has_data`` False), never. The
     model's sizes decide, never the machine's free memory: one command, one model everywhere.
     """
     if config.reconstruct != AUTO:
@@ -128,9 +145,35 @@ def resolve_reconstruct(config: PruneConfig, intermediate_sizes: list[int], has_
         choose = "lstsq" if has_second_moment else "none"
         why = "the statistics hold second moments" if has_second_moment else \
             "the statistics have no second moments; calibrate with them for lstsq"
+        if has_second_moment and fit_tokens is not None and hidden is not None:
+            kept = widest_kept(config, intermediate_sizes, hidden)
+            needed = refit_tokens(kept)
+            if fit_tokens < needed:
+                choose = "none"
+                why = (f"{fit_tokens} fitting tokens for {kept} kept neurons, {fit_tokens / kept:.1f} per "
+                       f"coefficient, fewer than the {REFIT_TOKENS_PER_COEFFICIENT:g} a refit needs; calibrate "
+                       f"with at least {needed} fitting tokens for lstsq")
     else:
         per_layer = second_moment_bytes([max(intermediate_sizes)])
         choose = "lstsq" if per_layer <= AUTO_SECOND_MOMENT_LIMIT else "none"
         why = f"one layer's second moment needs {human_bytes(per_layer)}" + (
             "" if choose == "lstsq" else f", more than {human_bytes(AUTO_SECOND_MOMENT_LIMIT)}")
     return replace(config, reconstruct=choose), f"auto: {choose} ({why})"
+
+
+def calibration_budget(kept: int, asked: int | None, default: int, holdout: float) -> tuple[int | None, str]:
+    """(calibration tokens, why) for a refit keeping ``kept`` neurons per layer: ``default`` raised
+    to give :func:`refit_tokens` fitting tokens once the ``holdout`` fraction is held out when the
+    user ``asked`` for no budget; None (no refit) when the ``asked`` budget is smaller than that."""
+    fitting = refit_tokens(kept)
+    needed = math.ceil(BUDGET_MARGIN * fitting / (1 - holdout))
+    if asked is None:
+        if needed <= default:
+            return default, ""
+        return needed, (f"calibration budget raised from {default} to {needed} tokens: a refit of {kept} kept "
+                        f"neurons needs {fitting} fitting tokens ({REFIT_TOKENS_PER_COEFFICIENT:g} per coefficient)")
+    if asked >= needed:
+        return asked, ""
+    return None, (f"{asked} calibration tokens give {kept} kept neurons {asked * (1 - holdout) / kept:.1f} fitting "
+                  f"tokens each, fewer than the {REFIT_TOKENS_PER_COEFFICIENT:g} a refit needs; --max-tokens "
+                  f"{needed} or more for lstsq")

@@ -44,8 +44,14 @@ def score_layer(layer: GLULayer, config: PruneConfig, stats: LayerStats | None) 
 
 def refit_layer(layer: GLULayer, keep: torch.Tensor, reconstruct: str, stats: LayerStats | None,
                 holdout: LayerStats | None = None, pairs: list[PairedStats] | None = None):
-    """(down weight of the kept columns, bias or None, what was chosen) under ``reconstruct``."""
-    return reconstruct_layer(reconstruct, layer.down_weight().detach().cpu(), keep, stats, holdout, pairs)
+    """(down weight of the kept columns, bias or None, what was chosen) under ``reconstruct``; a refit
+    runs on the GPU when the layer's weights are there, and is scored on the held-out activations when
+    calibration kept them instead of a held-out second moment."""
+    weight = layer.down_weight().detach()
+    weight = weight if weight.device.type == "cuda" else weight.cpu()
+    if holdout is not None and holdout.activations is not None and pairs is None:
+        holdout = holdout.activations  # the held-out rows themselves: the cheaper exact error
+    return reconstruct_layer(reconstruct, weight, keep, stats, holdout, pairs)
 
 
 def layer_stats(stats: ActivationStats | None, index: int) -> tuple[LayerStats | None, LayerStats | None]:

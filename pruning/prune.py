@@ -59,7 +59,9 @@ def prepare(model, stats: ActivationStats | None, config: PruneConfig, loader=No
     """(``config`` with ``reconstruct="auto"`` decided, why, every layer's size), inputs checked."""
     has_second = stats is not None and stats.has_second_moment
     sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
-    config, auto = resolve_reconstruct(config, sizes_before, has_second, has_data=stats is not None)
+    config, auto = resolve_reconstruct(config, sizes_before, has_second, has_data=stats is not None,
+                                       fit_tokens=None if stats is None else stats.tokens,
+                                       hidden=model.config.hidden_size)
     for layer in glu_layers(model, config.layer_list):
         kept_count(layer.intermediate_size, model.config.hidden_size, config.target)  # a bad target fails first
     check_inputs(model, stats, config, loader)

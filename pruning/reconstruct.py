@@ -11,7 +11,10 @@ For a down projection ``y = W x`` (W: hidden × intermediate) that keeps the neu
   ``W' = W E[d x_Kᵀ] (S[K, K] + λI)⁻¹``.
 
 The ridge ``λ = α · mean(diag S[K, K])`` takes the α from ``RIDGE_GRID`` that leaves the least
-error on held-out statistics (:class:`HeldOut`: the error of any refit from products formed once).
+error on held-out data (:class:`HeldOut`: the error of any refit from products formed once; or the
+held-out activations themselves), found by walking downhill along the grid (:func:`walk`), and no
+refit at all (the kept columns as they are) is taken instead when its held-out error is not above
+the best ridge's: a refit that overfits its fitting tokens is never installed.
 Pure functions on tensors; :func:`reconstruct_layer` returns the new down weight and bias for one
 layer.
 """
@@ -25,8 +28,9 @@ import torch
 from calibrate.errors import ConfigError, GluPruneError
 from calibrate.stats import LayerStats, PairedStats
 
-RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 FIXED_RIDGE = 1e-2  # the ridge without held-out statistics to choose one
+WALK_START = RIDGE_GRID.index(1e-2)  # where the downhill search of the ridge grid starts
 
 
 def removed_of(keep: torch.Tensor, size: int) -> torch.Tensor:
@@ -123,57 +127,169 @@ class HeldOut:
 def held_out(weight: torch.Tensor, keep: torch.Tensor, holdout: LayerStats,
              pairs: PairedStats | None = None) -> HeldOut:
     """:class:`HeldOut` of ``weight`` keeping ``keep`` (``pairs``: toward the dense outputs)."""
-    second, mean = moments(holdout, centred=False)
     w = weight.double()
+    second, mean = (t.to(w.device) for t in moments(holdout, centred=False))
     if pairs is None:
         wh = w @ second
         total, across = (wh * w).sum(), wh[:, keep]
     else:
-        cross, dense_second = pairs.means()
+        cross, dense_second = (t.to(w.device) for t in pairs.means())
         total, across = ((w @ dense_second) * w).sum(), w @ cross[keep].T
     return HeldOut(total, across, second[keep][:, keep], mean[keep], w @ mean)
 
 
+def none_error(weight: torch.Tensor, keep: torch.Tensor, holdout: LayerStats | torch.Tensor,
+               held: HeldOut | None = None) -> float:
+    """The held-out error of no refit, ``E||W_R x_R||²`` (``R`` the removed neurons): from the held-out
+    rows, the removed block of ``H``, or ``held`` (toward the dense outputs)."""
+    if held is not None:
+        return held.error(weight.double()[:, keep])
+    removed = removed_of(keep.cpu(), weight.shape[1]).to(weight.device)
+    w_r = weight.double()[:, removed]
+    if isinstance(holdout, torch.Tensor):
+        return float((holdout.double()[:, removed] @ w_r.T).square().sum()) / max(len(holdout), 1)
+    second = moments(holdout, centred=False)[0].to(weight.device)
+    return float(((w_r @ second[removed][:, removed]) * w_r).sum())
+
+
+class RidgeCandidates:
+    """Every ridge of ``RIDGE_GRID`` as a candidate refit of one layer, scored on held-out data on
+    demand: one Cholesky factorisation per ridge scored, its error exact (float64).
+
+    ``holdout`` is either :class:`LayerStats` (the error through :class:`HeldOut`: one solve for the
+    refit and one product with ``H[K, K]``) or the held-out activations themselves, a tensor
+    (tokens × intermediate, real tokens only), which is cheaper when there are fewer held-out tokens
+    than outputs: the solve runs on the held-out rows and the weights are solved once, for the
+    chosen ridge.
+    """
+
+    def __init__(self, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, holdout, centred: bool,
+                 pairs: list[PairedStats] | None = None):
+        device, w = weight.device, weight.double()
+        second, mean = (t.to(device) for t in moments(fit, centred))
+        self.keep, self.centred, self.device = keep, centred, device
+        cross = pairs[0].means()[0].to(device) if pairs else None
+        self.target, self.s_kk = target_term(w, second, keep, cross), second[keep][:, keep]
+        self.scale = ridge_scale(self.s_kk)
+        self.fit_output = w @ mean if centred else None  # W m of the fit part, for the centred bias
+        self.fit_mean_k = mean[keep]
+        self.held, self.rows = None, None
+        if isinstance(holdout, torch.Tensor):
+            if pairs:
+                raise GluPruneError("a refit toward the dense outputs needs held-out second moments, not rows")
+            rows = holdout.to(device).double()
+            residual = rows @ w.T - (self.fit_output if centred else 0)
+            self.rows = (rows[:, keep] - (self.fit_mean_k if centred else 0), residual.T)
+        elif holdout is not None:
+            self.held = held_out(w, keep, holdout, pairs[1] if pairs and len(pairs) > 1 else None)
+        self.scored: dict[int, float] = {}
+        self.best: tuple[float, int, torch.Tensor] | None = None  # (error, index, weight or factor)
+
+    def factor(self, index: int) -> torch.Tensor | None:
+        ridge = RIDGE_GRID[index] * self.scale
+        eye = torch.eye(len(self.s_kk), dtype=torch.float64, device=self.device)
+        factor, info = torch.linalg.cholesky_ex(self.s_kk + ridge * eye)
+        return factor if info == 0 else None
+
+    def bias(self, new: torch.Tensor) -> torch.Tensor | None:
+        return self.fit_output - new @ self.fit_mean_k if self.centred else None
+
+    def error(self, index: int) -> float:
+        """The held-out error at ``RIDGE_GRID[index]`` (inf where ``S[K, K] + λI`` is singular)."""
+        if index in self.scored:
+            return self.scored[index]
+        factor, kept = self.factor(index), None
+        if factor is None:
+            error = float("inf")
+        elif self.rows is not None:
+            rows_k, residual = self.rows
+            if len(rows_k) < len(self.target):
+                prediction = self.target @ torch.cholesky_solve(rows_k.T, factor)
+            else:
+                prediction = torch.cholesky_solve(self.target.T, factor).T @ rows_k.T
+            error, kept = float((residual - prediction).square().sum()) / max(len(rows_k), 1), factor
+        else:
+            kept = torch.cholesky_solve(self.target.T, factor).T
+            error = self.held.error(kept, self.bias(kept))
+        self.scored[index] = error
+        if kept is not None and (self.best is None or (error, index) < self.best[:2]):
+            self.best = (error, index, kept)
+        return error
+
+    def chosen(self) -> tuple[float, float, torch.Tensor, torch.Tensor | None]:
+        """(error, alpha, weight, bias) of the best ridge scored so far (the smallest of equal errors)."""
+        if self.best is None:
+            raise GluPruneError("every ridge left the refit singular: use more calibration tokens")
+        error, index, kept = self.best
+        new = torch.cholesky_solve(self.target.T, kept).T if self.rows is not None else kept
+        return error, RIDGE_GRID[index], new, self.bias(new)
+
+
+def walk(error, size: int, start: int) -> int:
+    """The grid index where ``error`` (index → value) has a local minimum, walking downhill from
+    ``start`` one step at a time: the global minimum when the errors are unimodal along the grid,
+    after as few as 3 evaluations. Ties go to the smaller ridge; singular (inf) ones to larger."""
+    def key(j: int) -> tuple[float, int]:
+        e = error(j)
+        return (e, j if e != float("inf") else -j)
+
+    at = start
+    while True:
+        best = min((j for j in (at - 1, at, at + 1) if 0 <= j < size), key=key)
+        if best == at:
+            return at
+        at = best
+
+
 def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats,
-                      holdout: LayerStats | None = None,
-                      pairs: list[PairedStats] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+                      holdout: LayerStats | torch.Tensor | None = None, pairs: list[PairedStats] | None = None,
+                      search: str = "walk") -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """New down weight (hidden × |K|) and bias (or None) of one layer, with what was chosen.
 
     ``pairs`` (fit, then held-out; see :class:`calibrate.stats.PairedStats`) make ``lstsq`` fit the
-    dense model's outputs instead of the layer's own. With ``holdout`` the ridge of ``RIDGE_GRID``
-    with the least held-out error is taken, else ``FIXED_RIDGE``. The products that do not depend on
-    the ridge (the target term, the held-out terms of :class:`HeldOut`) are formed once; each ridge
-    costs one Cholesky factorisation, one solve and one product with ``H[K, K]``.
+    dense model's outputs instead of the layer's own. With ``holdout`` (held-out statistics, or
+    held-out activations: see :class:`RidgeCandidates`) the candidates are no refit (the kept columns
+    as they are) and every ridge of ``RIDGE_GRID``; the one with the least held-out error is taken,
+    no refit on a tie, so the refit is never worse than none on held-out data. ``search="walk"``
+    scores ridges downhill from ``WALK_START`` (:func:`walk`), ``"grid"`` scores every one. Without
+    ``holdout``: ``FIXED_RIDGE``. The computation runs on ``weight``'s device, in float64; the
+    results are on the CPU.
     """
     if method not in ("none", "bias", "lstsq", "lstsq-centred"):
         raise GluPruneError(f"unknown reconstruction '{method}'")
     if pairs is not None and method != "lstsq":
         raise ConfigError("reconstruct", method, "a refit toward the dense outputs needs lstsq")
+    if search not in ("walk", "grid"):
+        raise GluPruneError(f"unknown ridge search '{search}': use walk or grid")
     w = weight.double()
+    keep_here = keep.to(w.device)
     if method == "none":
-        return w[:, keep], None, {}
+        return w[:, keep_here].cpu(), None, {}
     if method == "bias":
-        return w[:, keep], bias_compensation(w, fit.mean, keep), {}
-    centred = method == "lstsq-centred"
-    second, mean = moments(fit, centred)
-    cross = pairs[0].means()[0] if pairs else None
-    target, s_kk = target_term(w, second, keep, cross), second[keep][:, keep]
-    scale = ridge_scale(s_kk)
-    held = held_out(w, keep, holdout, pairs[1] if pairs and len(pairs) > 1 else None) if holdout is not None else None
-    best = None
-    for alpha in RIDGE_GRID if held is not None else (FIXED_RIDGE,):
-        try:
-            new = ridge_solve(target, s_kk, alpha * scale, alpha)
-        except GluPruneError:
-            continue
-        bias = w @ mean - new @ mean[keep] if centred else None
-        error = held.error(new, bias) if held is not None else 0.0
-        if best is None or error < best[0]:  # the first of equal errors: the smallest ridge
-            best = (error, alpha, new, bias)
-    if best is None:
-        raise GluPruneError("every ridge left the refit singular: use more calibration tokens")
-    error, alpha, new, bias = best
-    return new, bias, {"ridge": alpha, "holdout_error": error}
+        return w[:, keep_here].cpu(), bias_compensation(w.cpu(), fit.mean, keep), {}
+    candidates = RidgeCandidates(w, keep_here, fit, holdout, method == "lstsq-centred", pairs)
+    if holdout is None:
+        index = RIDGE_GRID.index(FIXED_RIDGE)
+        factor = candidates.factor(index)
+        if factor is None:
+            raise GluPruneError(f"the refit is singular at ridge {FIXED_RIDGE:g}: use more calibration tokens")
+        new = torch.cholesky_solve(candidates.target.T, factor).T
+        bias = candidates.bias(new)
+        return new.cpu(), None if bias is None else bias.cpu(), {"ridge": FIXED_RIDGE, "choice": "lstsq"}
+    if search == "walk":
+        walk(candidates.error, len(RIDGE_GRID), WALK_START)
+    else:
+        for index in range(len(RIDGE_GRID)):
+            candidates.error(index)
+    plain = none_error(w, keep_here, holdout, candidates.held if pairs else None)
+    if candidates.best is None or plain <= candidates.best[0]:
+        refit = candidates.best[0] if candidates.best is not None else float("inf")
+        return w[:, keep_here].cpu(), None, {"ridge": None, "choice": "none", "holdout_error": plain,
+                                             "refit_error": refit, "scored": len(candidates.scored)}
+    error, alpha, new, bias = candidates.chosen()
+    return new.cpu(), None if bias is None else bias.cpu(), {
+        "ridge": alpha, "choice": "lstsq", "holdout_error": error, "none_error": plain,
+        "scored": len(candidates.scored)}
 
 
 def obs_removal_order(weight: torch.Tensor, second: torch.Tensor, damping: float = 1e-2,

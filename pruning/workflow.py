@@ -23,7 +23,7 @@ from calibrate.offload import OffloadChoice, offload_model, should_offload
 from calibrate.perplexity import protocol_perplexity
 from calibrate.run import calibrate, split_holdout
 from calibrate.stats import ActivationStats, library_version
-from pruning.config import PruneConfig, resolve_reconstruct
+from pruning.config import PruneConfig, calibration_budget, resolve_reconstruct, widest_kept
 from pruning.depth import DepthConfig, measure_skip_loss, prune_depth
 from pruning.heal import HealConfig, heal, training_batches
 from pruning.prune import PruneResult, prune, prune_sequential
@@ -32,21 +32,24 @@ from pruning.stream import prune_checkpoint
 
 log = logging.getLogger("glu_prune")
 HOLDOUT = 0.125  # the held-out fraction of the calibration batches on which a refit chooses its ridge
+DEFAULT_TOKENS = 8192  # calibration tokens when none are asked for (and no refit needs more)
 
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """How a corpus becomes calibration batches: rows of ``seq_len`` tokens, ``max_tokens`` in all;
-    ``packing`` joins documents into full rows (default: on for documents, off for messages)."""
+    """How a corpus becomes calibration batches: rows of ``seq_len`` tokens, ``max_tokens`` in all
+    (None: DEFAULT_TOKENS, raised when ``reconstruct="auto"`` refits a wide layer); ``packing``
+    joins documents into full rows (default: on for documents, off for messages)."""
 
     seq_len: int = 128
-    max_tokens: int = 8192
+    max_tokens: int | None = None
     batch_size: int = 8
     packing: bool | None = None
 
 
 def calibration_batches(tokenizer, corpus: Corpus, settings: CalibrationSettings) -> list[dict]:
-    return list(make_batches(tokenizer, corpus, seq_len=settings.seq_len, max_tokens=settings.max_tokens,
+    return list(make_batches(tokenizer, corpus, seq_len=settings.seq_len, max_tokens=settings.max_tokens or
+                             DEFAULT_TOKENS,
                              batch_size=settings.batch_size, packing=settings.packing))
 
 
@@ -79,15 +82,44 @@ def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: b
                                meta=meta, loader=loader, device=device, progress=progress, spill=spill)
 
 
-def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrating: bool) -> tuple[PruneConfig, dict]:
-    """``config`` with reconstruct auto decided (from the statistics when
-    given, else the model's sizes when ``calibrating``, else none), and the manifest note saying why."""
+def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrating: bool,
+            settings: CalibrationSettings | None = None) -> tuple[PruneConfig, dict, CalibrationSettings | None]:
+    """``config`` with reconstruct auto decided (from the statistics when given, else the model's
+    sizes when ``calibrating``, else none), the manifest notes saying why, and ``settings`` with the
+    calibration budget a refit needs (:func:`pruning.config.calibration_budget`)."""
+    auto = config.reconstruct == AUTO
+    sizes, hidden = [g.intermediate_size for g in glu_layers(model)], model.config.hidden_size
     has_second = None if stats is None else stats.has_second_moment
-    config, why = resolve_reconstruct(config, [g.intermediate_size for g in glu_layers(model)], has_second,
-                                      has_data=stats is not None or calibrating)
+    config, why = resolve_reconstruct(config, sizes, has_second, has_data=stats is not None or calibrating,
+                                      fit_tokens=None if stats is None else stats.tokens, hidden=hidden)
+    notes = {}
+    if auto and stats is None and config.reconstruct == "lstsq" and settings is not None:
+        tokens, budget = calibration_budget(widest_kept(config, sizes, hidden), settings.max_tokens, DEFAULT_TOKENS,
+                                            HOLDOUT)
+        if tokens is None:
+            config, why = replace(config, reconstruct="none"), f"auto: none ({budget})"
+        else:
+            settings = replace(settings, max_tokens=tokens)
+            if budget:
+                log.info("%s", budget)
+                notes["calibration_budget"] = budget
     if why:
         log.info("reconstruct %s", why)
-    return config, {"reconstruct_auto": why} if why else {}
+        notes["reconstruct_auto"] = why
+    return config, notes, settings
+
+
+def recheck_budget(config: PruneConfig, model, stats: ActivationStats, notes: dict) -> PruneConfig:
+    """After calibrating for an auto refit: no refit when the corpus gave fewer fitting tokens than it needs."""
+    if "reconstruct_auto" not in notes or config.reconstruct != "lstsq":
+        return config
+    sizes, hidden = [g.intermediate_size for g in glu_layers(model)], model.config.hidden_size
+    checked, why = resolve_reconstruct(replace(config, reconstruct=AUTO), sizes, True, fit_tokens=stats.tokens,
+                                       hidden=hidden)
+    if checked.reconstruct == "none":
+        log.info("reconstruct %s", why)
+        notes["reconstruct_auto"] = why
+    return checked
 
 
 def check_data(config: PruneConfig, stats: ActivationStats | None, corpus: Corpus | None) -> None:
@@ -128,7 +160,7 @@ def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: Activatio
     """Prune ``model``: with the given ``stats``, or calibrating on ``corpus`` first when the config
     needs statistics (with second moments for a refit), or calibrating as it prunes (sequential).
     ``notes`` go into the manifest (e.g. :attr:`OffloadChoice.note`)."""
-    config, auto = resolve(config, model, stats, calibrating=corpus is not None)
+    config, auto, settings = resolve(config, model, stats, corpus is not None, settings)
     notes = {**auto, **(notes or {})}
     check_data(config, stats, corpus)
     batches = calibration_batches(tokenizer, corpus, settings) if corpus is not None else []
@@ -140,6 +172,7 @@ def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: Activatio
     if stats is None and config.needs_stats:
         stats = calibrate_corpus(model, batches, meta, second_moment=config.needs_second_moment,
                                  layers=config.layer_list, progress=progress)
+        config = recheck_budget(config, model, stats, notes)
     text = split_holdout(batches, HOLDOUT)[1] if config.needs_text else None
     return prune(model, stats, config, inplace=inplace, text_batches=text, progress=progress, notes=notes)
 
@@ -153,7 +186,7 @@ def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, *, st
     then the checkpoint rewritten shard by shard. Returns the manifest."""
     check_output(out, force)
     model, loader, tokenizer = offload_model(model_name, device, dtype)
-    config, auto = resolve(config, model, stats, calibrating=corpus is not None)
+    config, auto, settings = resolve(config, model, stats, corpus is not None, settings)
     notes = {**auto, **(notes or {})}
     check_data(config, stats, corpus)
     with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.stats-", dir=Path(out).absolute().parent) as spill:
@@ -163,6 +196,7 @@ def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, *, st
                                      second_moment=config.needs_second_moment,
                                      layers=config.layer_list, loader=loader, device=device,
                                      progress=progress, spill=spill)
+            config = recheck_budget(config, model, stats, notes)
         return prune_checkpoint(model, loader, tokenizer, out, stats, config, force=force, progress=progress,
                                 notes=notes)
 

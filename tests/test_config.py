@@ -124,3 +124,48 @@ def test_prune_copies_unless_asked_to_work_in_place():
     assert sorted(result.plan) == [0, 1, 2] and all(len(k) == 48 for k in result.plan.values())
     same = prune(model, stats, PruneConfig(ratio=0.25), inplace=True)
     assert same.model is model and model.config.intermediate_size == 48
+
+
+def test_reconstruct_auto_asks_enough_fitting_tokens_per_kept_neuron():
+    from pruning.config import REFIT_TOKENS_PER_COEFFICIENT, calibration_budget, refit_tokens
+
+    config = PruneConfig(ratio=0.2, reconstruct="auto")  # keeps 1229 of 1536
+    needed = refit_tokens(1229)
+    assert needed == int(-(-REFIT_TOKENS_PER_COEFFICIENT * 1229 // 1))
+    enough = resolve_reconstruct(config, [1536] * 30, True, fit_tokens=needed, hidden=576)
+    assert enough[0].reconstruct == "lstsq"
+    few, why = resolve_reconstruct(config, [1536] * 30, True, fit_tokens=1232, hidden=576)
+    assert few.reconstruct == "none" and "1232 fitting tokens for 1229 kept neurons, 1.0 per coefficient" in why
+    assert resolve_reconstruct(config, [1536], True, fit_tokens=10)[0].reconstruct == "lstsq"  # no sizes: as before
+    assert calibration_budget(1229, None, 8192, 0.125) == (8192, "")  # the default is enough at this width
+    raised, why = calibration_budget(7168, None, 8192, 0.125)
+    assert raised * 0.875 >= refit_tokens(7168) and "raised from 8192" in why
+    assert calibration_budget(7168, raised, 8192, 0.125) == (raised, "")
+    refused, why = calibration_budget(7168, 8192, 8192, 0.125)
+    assert refused is None and f"--max-tokens {raised}" in why
+
+
+def test_prune_with_a_corpus_raises_the_budget_or_falls_back_to_no_refit(tmp_path, monkeypatch):
+    from tiny import tiny_tokenizer
+
+    from calibrate.corpora import load_corpus
+    from pruning import config as config_module
+    from pruning.workflow import CalibrationSettings, prune_with_corpus
+
+    model = tiny_model()
+    (tmp_path / "c.txt").write_text("\n\n".join(f"calibration document {i} " * 6 for i in range(40)))
+    corpus = load_corpus(str(tmp_path / "c.txt"), part="all")
+    config = PruneConfig(ratio=0.25, reconstruct="auto")
+    settings = CalibrationSettings(seq_len=32, batch_size=2)
+
+    def run(settings):
+        return prune_with_corpus(model, tiny_tokenizer(), config, corpus=corpus, settings=settings,
+                                 progress=False).manifest
+
+    assert run(settings)["reconstruct"] == "lstsq"
+    small = run(CalibrationSettings(seq_len=32, batch_size=2, max_tokens=64))
+    assert small["reconstruct"] == "none" and "--max-tokens" in small["reconstruct_auto"]
+    monkeypatch.setattr(config_module, "REFIT_TOKENS_PER_COEFFICIENT", 300.0)  # more than the corpus holds
+    short = run(settings)
+    assert "raised from 8192" in short["calibration_budget"]
+    assert short["reconstruct"] == "none" and "fitting tokens" in short["reconstruct_auto"]

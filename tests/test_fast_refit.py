@@ -124,10 +124,13 @@ def test_reconstruct_layer_chooses_the_ridge_and_weights_of_the_search_as_it_was
     method, fit, holdout, pairs = setup(problem, variant)
     held_pairs = pairs[1] if pairs else None
     candidates = ridge_candidates(method, weight, keep, fit, holdout, pairs)
-    new, bias, info = reconstruct_layer(method, weight, keep, fit, holdout, pairs)
+    new, bias, info = reconstruct_layer(method, weight, keep, fit, holdout, pairs, search="grid")
     tolerances = [TOL_FACTOR * len(weight.T) * EPS * error_scale(weight, w, keep, holdout, b, held_pairs)
                   for _, _, w, b in candidates]
-    if clear_choice(candidates, tolerances):
+    if info["choice"] == "none":  # no refit is a candidate too: chosen only when no ridge does better
+        assert torch.equal(new, weight[:, keep]) and bias is None
+        assert info["holdout_error"] <= min(c[0] for c in candidates) + max(tolerances)
+    elif clear_choice(candidates, tolerances):
         best = min(range(len(candidates)), key=lambda i: candidates[i][0])
         error, alpha, old, old_bias = candidates[best]
         assert info["ridge"] == alpha
@@ -148,7 +151,7 @@ def test_the_choice_matters_in_such_problems():
         candidates = ridge_candidates("lstsq", weight, keep, fit, holdout)
         tolerances = [TOL_FACTOR * 20 * EPS * error_scale(weight, w, keep, holdout) for _, _, w, _ in candidates]
         assert clear_choice(candidates, tolerances)
-        chosen.add(reconstruct_layer("lstsq", weight, keep, fit, holdout)[2]["ridge"])
+        chosen.add(reconstruct_layer("lstsq", weight, keep, fit, holdout, search="grid")[2]["ridge"])
     assert len(chosen) > 1
 
 
@@ -181,7 +184,10 @@ def test_tiny_models_refit_as_the_search_as_it_was(family):
         for method in ("lstsq", "lstsq-centred"):
             candidates = ridge_candidates(method, weight, keep, fit, stats.holdout[layer.index])
             error, alpha, old, _ = min(candidates, key=lambda c: c[0])
-            new, _, info = reconstruct_layer(method, weight, keep, fit, stats.holdout[layer.index])
+            new, _, info = reconstruct_layer(method, weight, keep, fit, stats.holdout[layer.index], search="grid")
+            if info["choice"] == "none":
+                assert torch.equal(new, weight[:, keep]) and info["holdout_error"] <= error * (1 + 1e-9)
+                continue
             assert info["ridge"] == alpha and torch.equal(new, old)
             assert info["holdout_error"] == pytest.approx(error, rel=1e-9)
 
