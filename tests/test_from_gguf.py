@@ -48,3 +48,69 @@ def test_streamed_conversion_equals_transformers_whole_model_conversion(tmp_path
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (streamed / name).read_text() == (whole / name).read_text(), name
     assert models.convert_gguf(path) == streamed  # cached: the same key
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    """A tiny llama exported to an f32 .gguf (with its tokenizer) and the model itself."""
+    from tiny import tiny_model, tiny_tokenizer
+
+    from pruning.export_gguf import export_gguf
+
+    model = tiny_model("llama")
+    return export_gguf(model, tiny_tokenizer(), tmp_path / "tiny.gguf", outtype="f32"), model
+
+
+def test_a_gguf_that_cannot_be_streamed_is_converted_whole_to_the_same_model(tiny_gguf, tmp_path, monkeypatch):
+    from calibrate import from_gguf
+
+    path, model = tiny_gguf
+    monkeypatch.setenv("GLU_PRUNE_CACHE", str(tmp_path / "streamed"))
+    streamed = models.convert_gguf(path)
+    assert json.loads((streamed / "source.json").read_text())["converted"] == "tensor by tensor"
+
+    def not_streamable(self, path):
+        raise from_gguf.NotStreamable("llama")
+
+    monkeypatch.setattr(from_gguf.GgufTensors, "__init__", not_streamable)
+    monkeypatch.setenv("GLU_PRUNE_CACHE", str(tmp_path / "whole"))
+    whole = models.convert_gguf(path)
+    assert whole != streamed and "converted" not in json.loads((whole / "source.json").read_text())
+    new, old = tensors(streamed), tensors(whole)
+    assert new.keys() == old.keys() and len(new) == len(model.state_dict()) - model.config.tie_word_embeddings
+    for name in old:
+        assert new[name].dtype == old[name].dtype == torch.float32 and torch.equal(new[name], old[name]), name
+        assert torch.equal(new[name], model.state_dict()[name]), name  # f32 export: the model's own weights
+    for name in ("config.json", "tokenizer.json"):
+        assert (streamed / name).read_text() == (whole / name).read_text(), name
+
+
+def test_the_cache_key_changes_with_the_converters_version(tmp_path, monkeypatch):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + bytes(10))
+    first = models.gguf_key(path)
+    assert models.gguf_key(path) == first
+    real = models.metadata.version
+    for package in models.CONVERTERS:
+        with monkeypatch.context() as m:
+            m.setattr(models.metadata, "version", lambda name, p=package: "0.0.0-other" if name == p else real(name))
+            assert models.gguf_key(path) != first, package
+    monkeypatch.setattr(models, "CONVERSION_FORMAT", models.CONVERSION_FORMAT + 1)
+    assert models.gguf_key(path) != first
+
+
+def test_a_conversion_by_an_older_converter_is_not_reused(tiny_gguf, tmp_path, monkeypatch):
+    from calibrate import from_gguf
+
+    path, _ = tiny_gguf
+    monkeypatch.setenv("GLU_PRUNE_CACHE", str(tmp_path / "cache"))
+    real = models.metadata.version
+    with monkeypatch.context() as m:
+        m.setattr(models.metadata, "version", lambda name: "4.0.0" if name == "transformers" else real(name))
+        stale = models.convert_gguf(path)
+    (stale / "stale").write_text("made by the older transformers")
+    runs, convert = [], from_gguf.convert_streamed
+    monkeypatch.setattr(from_gguf, "convert_streamed", lambda *a: runs.append(a) or convert(*a))
+    fresh = models.convert_gguf(path)
+    assert fresh != stale and len(runs) == 1 and not (fresh / "stale").exists()
+    assert models.convert_gguf(path) == fresh and len(runs) == 1  # the current converter's entry is reused

@@ -1,4 +1,7 @@
+import importlib
+import itertools
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from pruning.heal import (
     load_checkpoint,
     training_batches,
 )
+
+heal_module = importlib.import_module("pruning.heal")  # the module: pruning.heal is also the function's name
 
 
 def pruned_pair(seed=0, **overrides):
@@ -79,9 +84,11 @@ def test_healing_brings_the_student_closer_to_the_teacher():
     assert not any(p.requires_grad for p in healed.parameters())
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, dropout):
-    config = HealConfig(steps=7, lr=3e-3, warmup_steps=2, checkpoint_every=2)
+@pytest.mark.parametrize("dropout,lora", [(0.0, None), (0.1, None), (0.1, 4)])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, dropout, lora):
+    if lora:
+        pytest.importorskip("peft")
+    config = HealConfig(steps=7, lr=3e-3, warmup_steps=2, checkpoint_every=2, lora_rank=lora)
     straight, teacher = pruned_pair(attention_dropout=dropout)
     if dropout:
         ids = batches()[0]["input_ids"]
@@ -105,8 +112,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, dro
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(GluPruneError, match="other settings"):
-        heal(resumed, teacher, batches(), HealConfig(steps=9, checkpoint_every=2), checkpoint_dir=tmp_path,
-             resume=True, progress=False)
+        heal(resumed, teacher, batches(), HealConfig(steps=9, checkpoint_every=2, lora_rank=lora),
+             checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
 def test_healing_leaves_the_callers_random_state_alone():
@@ -148,6 +155,61 @@ def test_lora_is_merged_back_into_a_plain_model():
     assert type(healed).__name__ == "LlamaForCausalLM"
     assert set(healed.state_dict()) == set(before)
     assert any(not torch.equal(before[k], v) for k, v in healed.state_dict().items())
+
+
+def spy_on_lora(monkeypatch) -> dict:
+    """Keep the PEFT model heal wraps the student in (``seen["peft"]``)."""
+    seen, wrap = {}, heal_module.with_lora
+
+    def kept(model, rank):
+        seen["peft"] = wrap(model, rank)
+        return seen["peft"]
+
+    monkeypatch.setattr(heal_module, "with_lora", kept)
+    return seen
+
+
+def test_lora_merged_model_gives_the_peft_forward_and_the_base_weights_stay_frozen(monkeypatch):
+    pytest.importorskip("peft")
+    student, teacher = pruned_pair(dtype=torch.float64)  # float64: the merge's rounding is far below any fault
+    ids = batches(n=1, seed=7)[0]["input_ids"]
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    with torch.no_grad():
+        untrained = student(input_ids=ids).logits
+    seen = spy_on_lora(monkeypatch)
+
+    def after_the_last_step(step, record):  # trained, not merged yet
+        if step == 4:
+            peft = seen["peft"].eval()
+            with torch.no_grad():
+                seen["logits"] = peft(input_ids=ids).logits.clone()
+            seen["base"] = {n.removeprefix("base_model.model.").replace(".base_layer.", "."): p.detach().clone()
+                            for n, p in peft.named_parameters() if "lora_" not in n}
+            seen["adapters"] = {n: p.detach().clone() for n, p in peft.named_parameters() if "lora_" in n}
+            peft.train()
+
+    healed, _ = heal(student, teacher, batches(), HealConfig(steps=4, lr=1e-2, warmup_steps=1, lora_rank=4),
+                     progress=False, on_step=after_the_last_step)
+    assert seen["base"].keys() == before.keys()
+    for name, value in seen["base"].items():
+        assert torch.equal(value, before[name]), f"{name} was trained: only the adapters may be"
+    assert any(n.endswith("lora_B.default.weight") and v.abs().max() > 0 for n, v in seen["adapters"].items())
+    with torch.no_grad():
+        merged = healed(input_ids=ids).logits
+    # W + s·B·A against x·Wᵀ + s·(x·Aᵀ)·Bᵀ differ by rounding only: measured 0.0 here in float64 (1.1e-5
+    # in float32); the adapters' own effect on these logits is 2.1, so an unmerged adapter fails
+    torch.testing.assert_close(merged, seen["logits"], rtol=0, atol=1e-10)
+    assert (seen["logits"] - untrained).abs().max() > 1.0
+
+
+def test_max_seconds_stops_at_the_step_whose_training_time_reaches_it(monkeypatch):
+    ticks = itertools.count()  # a clock that advances one second per reading: each step takes exactly 1 s
+    monkeypatch.setattr(heal_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    student, teacher = pruned_pair()
+    _, history = heal(student, teacher, batches(), HealConfig(steps=10, warmup_steps=1, max_seconds=3.0),
+                      progress=False)
+    assert [(r["step"], r["seconds"]) for r in history] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert not any(p.requires_grad for p in student.parameters())
 
 
 def test_only_the_calibration_part_is_ever_trained_on(tmp_path):

@@ -56,13 +56,19 @@ def test_batch_size_does_not_change_perplexity(smollm2, data_dir, name, limits):
     assert four.perplexity == pytest.approx(one.perplexity, rel=1e-4)
 
 
-def test_cli_eval_json(capsys, data_dir):
-    code = main(["eval", "--corpus", "wikitext2", "--seq-len", "256", "--max-tokens", "1024",
-                 "--data-dir", str(data_dir), "--json"])
+def test_cli_eval_json(smollm2, capsys, data_dir):
+    code = main(["eval", "--corpus", "wikitext2", "--seq-len", "256", "--max-tokens", "1024", "--device", "cpu",
+                 "--dtype", "float32", "--data-dir", str(data_dir), "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"perplexity", "tokens", "seconds", "tokens_per_second", "model", "corpus"} <= out.keys()
     assert out["tokens"] == 1024 - 4 and out["corpus"] == "wikitext2"
+    # the expected figure: the library's perplexity of the same model (the smollm2 fixture: the same
+    # cache, float32, CPU) on the same settings (eval's default batch size is 1); the same arithmetic
+    model, tok = smollm2
+    corpus = load_corpus("wikitext2", part="evaluation", data_dir=data_dir)
+    direct = perplexity(model, tok, corpus, seq_len=256, max_tokens=1024, batch_size=1, progress=False)
+    assert out["tokens"] == direct.tokens and out["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)
 
 
 @pytest.mark.parametrize("name,part", [("wikitext2", "calibration"), ("wikitext2", "evaluation"),

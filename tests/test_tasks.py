@@ -20,6 +20,7 @@ from calibrate.stats import ActivationStats
 from calibrate.task_metrics import auc, bootstrap_intervals
 from calibrate.tasks import balanced_subset, evaluate_task, load_task, task_calibration_corpus
 from glu_prune_cli.main import main
+from pruning import PruneConfig, prune
 
 WORDS = {"a": "apple pear plum fig", "b": "brick stone slab tile"}
 
@@ -237,15 +238,24 @@ def test_task_input_errors_are_one_line(tmp_path):
         assert expected in str(info.value) and "\n" not in str(info.value)
 
 
-def test_the_grid_scores_tasks_beside_perplexity_and_resumes_by_settings(grid_setup, tmp_path):
-    model_dir, corpora = grid_setup
+def test_the_grid_scores_tasks_beside_perplexity_and_resumes_by_settings(tmp_path):
+    from tiny import grid_workspace
+
+    peaked = dict(initializer_range=0.3)  # weights whose task scores the prune below changes
+    model_dir, corpora = grid_workspace(tmp_path, **peaked)
     path = str(write_csv(tmp_path / "t.csv", text="text", label="label"))
     rows = compare(model_dir, corpora[:1], [0.5], ["ppm"], tmp_path / "g", tasks=[path], task_shots=2,
                    **GRID_OPTIONS)
-    base = evaluate_task(tiny_model("llama"), tiny_tokenizer(), load_task(path), shots=2)
-    figures = {r["model"]: r["task:t/balanced_accuracy"] for r in rows}
-    assert set(figures) == {"base", "ppm-0.5-static"} and figures["base"] == pytest.approx(base.balanced_accuracy)
-    assert all(0 <= r["task:t/auc"] <= 1 for r in rows)
+    # the expected figures: the evaluator run directly on the base and on the same prune of it (ppm is
+    # data-free, uniform: the grid's "ppm-0.5-static" cell)
+    pruned = prune(tiny_model("llama", **peaked), None, PruneConfig(ratio=0.5, method="ppm")).model
+    direct = {name: evaluate_task(model, tiny_tokenizer(), load_task(path), shots=2)
+              for name, model in (("base", tiny_model("llama", **peaked)), ("ppm-0.5-static", pruned))}
+    # so a cell scored on the wrong model fails (measured: balanced accuracy 0.875 against 0.625)
+    assert direct["base"].balanced_accuracy != direct["ppm-0.5-static"].balanced_accuracy
+    figures = {r["model"]: (r["task:t/balanced_accuracy"], r["task:t/auc"]) for r in rows}
+    assert figures == {name: (pytest.approx(d.balanced_accuracy, abs=1e-9), pytest.approx(d.auc, abs=1e-9))
+                       for name, d in direct.items()}
     assert "### Labelled tasks" in (tmp_path / "g" / "results.md").read_text()
     assert (tmp_path / "g" / "tasks.png").is_file()
     assert len(json.loads((tmp_path / "g" / "tasks.json").read_text())) == 2
@@ -260,4 +270,12 @@ def test_smollm2_labels_sms_spam_above_chance(smollm2, data_dir):
     model, tokenizer = smollm2
     result = evaluate_task(model, tokenizer, load_task("sms_spam", data_dir=data_dir), size=40)
     assert result.n == 40 and result.per_label == {"ham": 20, "spam": 20}
-    assert result.auc > 0.75 and result.balanced_accuracy > 0.6
+    # docs/tasks.md ("On 40 of these messages"): balanced accuracy 0.900, AUC 0.9475, recall
+    # 0.85 / 0.95, measured with these settings (4 shots, seed 0, float32, CPU). The figures are counts
+    # (steps of 1/40 for a recall, 1/400 for the AUC), so a tolerance below a step: one message or one
+    # spam/ham pair ranked otherwise fails
+    assert result.balanced_accuracy == pytest.approx(0.900, abs=1e-6) and result.auc == pytest.approx(0.9475, abs=1e-6)
+    assert result.recall == {"ham": pytest.approx(0.85, abs=1e-6), "spam": pytest.approx(0.95, abs=1e-6)}
+    # and the 260-message figures of docs/tasks.md (0.900, AUC 0.957) lie in these 40 messages' intervals
+    assert result.balanced_accuracy_ci[0] <= 0.900 <= result.balanced_accuracy_ci[1]
+    assert result.auc_ci[0] <= 0.957 <= result.auc_ci[1]
