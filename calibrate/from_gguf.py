@@ -129,7 +129,10 @@ class GgufTensors:
         return self.names[result.name], Streamed(shape, (torch.from_numpy(b if b.flags.writeable else b.copy())
                                                         for b in itertools.chain([first], blocks)))
 
-    def __iter__(self, chunk: int = CHUNK_ELEMENTS):
+    def __iter__(self):
+        return self.tensors(CHUNK_ELEMENTS)
+
+    def tensors(self, chunk: int):
         """(transformers name, float32 tensor or :class:`Streamed`) for every GGUF tensor the model has,
         in file order: a tensor larger than ``chunk`` values that needs no processing as row blocks."""
         for tensor in self.reader.tensors:
