@@ -27,6 +27,7 @@ class Shapes:
     layer_bytes: int  # the largest decoder layer's weights
     embedding_bytes: int  # the input embedding table, loaded while the inputs are captured
     largest_tensor: int  # the largest single weight (rewritten alone)
+    total_bytes: int  # every weight
 
 
 def shapes_of(model, layers: list[int] | None = None, dtype: torch.dtype = torch.float32) -> Shapes:
@@ -39,7 +40,7 @@ def shapes_of(model, layers: list[int] | None = None, dtype: torch.dtype = torch
     largest = max(p.numel() for p in model.parameters()) * itemsize
     return Shapes(model.config.hidden_size, [g.intermediate_size for g in glu_layers(model, layers)], itemsize,
                   max(size(layer) for layer in decoder_layers(model)),
-                  size(decoder(model).get_input_embeddings()), largest)
+                  size(decoder(model).get_input_embeddings()), largest, size(model))
 
 
 def moment_bytes(width: int, streams: int = 1) -> int:
@@ -67,6 +68,7 @@ def calibration_peak(shapes: Shapes, tokens: int, batch_tokens: int, streams: in
 
 
 def rewrite_peak(shapes: Shapes, held: int = 0) -> int:
-    """Peak of a checkpoint rewritten shard by shard: a shard being filled, the largest tensor read
-    and its changed copy; ``held``: what is kept meanwhile (refitted weights not spilled)."""
-    return MAX_SHARD_BYTES + 2 * shapes.largest_tensor + held
+    """Peak of a checkpoint rewritten shard by shard: a shard being filled (at most the whole
+    checkpoint), the largest tensor read and its changed copy; ``held``: what is kept meanwhile
+    (refitted weights not spilled)."""
+    return min(MAX_SHARD_BYTES, shapes.total_bytes) + 2 * shapes.largest_tensor + held

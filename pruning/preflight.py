@@ -15,7 +15,7 @@ from pruning.plan import kept_count
 
 SHARE = 0.8  # of the memory limit a run plans to use: the rest for the libraries' own growth
 STREAMS = 2  # second moments per layer: the fit's and the held-out slice's
-SOLVER_WORKSPACE = 32 << 20  # LAPACK's own buffers on a first factorisation (13-18 MiB measured at 1536-3072)
+SOLVER_WORKSPACE = 32 << 20  # LAPACK's own buffers on a first factorisation, at most (13-18 MiB at 1536-3072)
 
 
 def refit_peak(width: int, kept: int, hidden: int) -> int:
@@ -28,7 +28,7 @@ def refit_peak(width: int, kept: int, hidden: int) -> int:
     of a refit in tests/test_spill.py."""
     forming = 4 * width * width + kept * width + kept * kept + 3 * hidden * width + hidden * kept
     solving = 3 * width * width + 5 * kept * kept + 4 * hidden * kept
-    return F64 * max(forming, solving) + SOLVER_WORKSPACE
+    return F64 * max(forming, solving) + min(SOLVER_WORKSPACE, 2 * F64 * kept * kept)
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,13 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
     spilled = peaks(spilled=True)
     if limit is not None and max(spilled.values()) > SHARE * limit.bytes:
         phase, needed = max(spilled.items(), key=lambda item: item[1])
-        raise GluPruneError(f"the {phase} of one layer needs {human_bytes(needed)} ({WHAT[phase]}) but only "
+        raise GluPruneError(f"{PHASES[phase]} needs {human_bytes(needed)} ({WHAT[phase]}) but only "
                             f"{limit.text} is available: {FIX[phase]}")
     return Plan(True, spilled, *disk)
 
 
+PHASES = {"calibration": "the calibration of one layer", "refit": "the refit of one layer",
+          "rewrite": "the checkpoint's rewrite"}
 WHAT = {"calibration": "its weights, the captured activations and its float64 second moments",
         "refit": "its fit and held-out float64 second moments and the solve's buffers",
         "rewrite": "the largest tensor, its changed copy and a shard"}
