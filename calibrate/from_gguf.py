@@ -3,13 +3,19 @@
 The file is memory-mapped (``gguf.GGUFReader``); each tensor is dequantised (``gguf.dequantize``,
 a slice of rows at a time), renamed and reshaped exactly as transformers' own GGUF loading does
 (its tensor processor, e.g. llama's q/k reverse permutation, and its name map), cast to float32,
-added to the current shard and dropped once the shard is written. The peak is a shard and a
-tensor or two, not the model; the weights are the ones ``from_pretrained(gguf_file=...)`` builds.
+added to the current shard and dropped once the shard is written. A tensor larger than one slice
+that the processor leaves unchanged (embedding tables of large vocabularies, MLP weights) goes
+straight into a shard of its own, slice by slice, never whole in memory. The peak is a shard and
+a slice or a small tensor, not the model; the weights are the ones ``from_pretrained(gguf_file=...)``
+builds.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +25,25 @@ from calibrate.errors import GluPruneError
 from calibrate.shards import ShardWriter
 
 CHUNK_ELEMENTS = 1 << 23  # rows are dequantised this many values at a time (32 MiB of float32)
+
+
+def row_blocks(tensor, chunk: int = CHUNK_ELEMENTS) -> Iterator[np.ndarray]:
+    """One GGUF tensor (two or more dimensions) as float32 blocks of about ``chunk`` values, in row order."""
+    from gguf import dequantize
+
+    data = tensor.data
+    first = dequantize(data[:1], tensor.tensor_type)
+    step = max(1, chunk // first[0].size)
+    for start in range(0, data.shape[0], step):
+        yield first if start == 0 and step == 1 else dequantize(data[start:start + step], tensor.tensor_type)
+
+
+@dataclass
+class Streamed:
+    """A tensor too large to hold twice, handed over as float32 row blocks (``torch`` tensors) of ``shape``."""
+
+    shape: tuple[int, ...]
+    blocks: Iterator[torch.Tensor]
 
 
 def dequantized(tensor, chunk: int = CHUNK_ELEMENTS) -> np.ndarray:
@@ -80,11 +105,43 @@ class GgufTensors:
         saved = set(self.model.state_dict())
         return {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers() if n in saved}
 
+    def process(self, weights: np.ndarray, name: str):
+        return self.processor.process(weights=weights, name=name, tensor_key_mapping=self.names,
+                                      parsed_parameters=self.parsed)
+
+    def streamed(self, tensor, chunk: int) -> tuple[str, Streamed] | None:
+        """(name, :class:`Streamed`) of a tensor larger than one ``chunk`` that the processor leaves as it
+        is (tried on its first rows: embeddings and MLP weights; a permuted q/k or a shifted norm is
+        not), or None."""
+        if tensor.data.ndim < 2 or int(tensor.n_elements) <= chunk:
+            return None
+        blocks = row_blocks(tensor, chunk)
+        first = next(blocks)
+        try:
+            result = self.process(first.copy(), tensor.name)
+        except Exception:  # a processor that needs the whole tensor (a reshape by heads)
+            return None
+        if result.weights.shape != first.shape or not np.array_equal(result.weights, first):
+            return None
+        if result.name not in self.names:
+            return self.names.get(result.name), None
+        shape = (tensor.data.shape[0], *first.shape[1:])
+        return self.names[result.name], Streamed(shape, (torch.from_numpy(b if b.flags.writeable else b.copy())
+                                                        for b in itertools.chain([first], blocks)))
+
     def __iter__(self):
-        """(transformers name, float32 tensor) for every GGUF tensor the model has, in file order."""
+        return self.tensors(CHUNK_ELEMENTS)
+
+    def tensors(self, chunk: int):
+        """(transformers name, float32 tensor or :class:`Streamed`) for every GGUF tensor the model has,
+        in file order: a tensor larger than ``chunk`` values that needs no processing as row blocks."""
         for tensor in self.reader.tensors:
-            result = self.processor.process(weights=dequantized(tensor), name=tensor.name,
-                                            tensor_key_mapping=self.names, parsed_parameters=self.parsed)
+            streamed = self.streamed(tensor, chunk)
+            if streamed is not None:
+                if streamed[1] is not None:
+                    yield streamed
+                continue
+            result = self.process(dequantized(tensor, chunk), tensor.name)
             if result.name not in self.names:
                 continue
             weights = result.weights
@@ -107,7 +164,10 @@ def convert_streamed(path: Path, folder: Path) -> None:
     tensors = GgufTensors(path)
     shards, written = ShardWriter(folder), set()
     for name, tensor in tensors:
-        shards.add(name, tensor)
+        if isinstance(tensor, Streamed):
+            shards.add_blocks(name, tensor.shape, torch.float32, tensor.blocks)
+        else:
+            shards.add(name, tensor)
         written.add(name)
     missing = tensors.expected() - written
     if missing:

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibrate.errors import GluPruneError
+from calibrate.footprint import calibration_peak, shapes_of
 from calibrate.glu import check_layers, decoder, decoder_layers, glu_layers
 from calibrate.hooks import TOKEN_BLOCK, HookOwner, real_rows, recording
 from calibrate.offload import ResidentLoader
@@ -166,19 +167,29 @@ class LayerRunner:
 AfterLayer = Callable[[int, LayerStats, "LayerStats | None", "list[PairedStats] | None"], None]
 
 
-def check_layerwise_memory(sizes: list[int], streams: int, spilled: bool) -> None:
+def check_layerwise_memory(sizes: list[int], streams: int, spilled: bool, floor: int = 0) -> None:
     """Refuse a layer-by-layer calibration whose second moments would not fit: one layer's when
     finished layers are spilled to files or released after use (sequential pruning), else every
-    layer's (all are held until the file is written)."""
+    layer's (all are held until the file is written); ``floor``: what an offloaded run holds besides
+    (:func:`calibrate.footprint.calibration_peak` without second moments)."""
     if spilled:
         needed = streams * second_moment_bytes([max(sizes)])
         log.info("second moment: %s per layer (one layer at a time)", human_bytes(needed))
-        check_memory(needed)
+        check_memory(needed + floor, what="one layer's weights, activations and second moments" if floor else
+                     "the second-moment matrices")
         return
     needed = streams * second_moment_bytes(sizes)
     log.info("second moment: %s for %d layers, held until the statistics are written", human_bytes(needed), len(sizes))
-    check_memory(needed, hint="calibrate fewer layers per file (--layers), or let prune calibrate "
-                              "(glu-prune prune --offload --corpus ...: one layer's second moments at a time)")
+    check_memory(needed + floor, hint="calibrate fewer layers per file (--layers), or let prune calibrate "
+                                      "(glu-prune prune --offload --corpus ...: one layer's second moments at a time)")
+
+
+def offloaded_floor(model, batches: list[dict], layers: list[int], dtype: torch.dtype) -> int:
+    """What a layer-by-layer run from the checkpoint holds at its peak without second moments: the
+    embeddings, or the largest decoder layer, with every batch's captured activations."""
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+    batch_tokens = max((b["input_ids"].numel() for b in batches), default=0)
+    return calibration_peak(shapes_of(model, layers, dtype), tokens, batch_tokens, streams=0)
 
 
 def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iterable[dict] | None = None,
@@ -205,10 +216,17 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
     selected = check_layers(layers, count)
     if dense_pairs and after_layer is None:
         raise GluPruneError("dense pairs are for sequential pruning: pass after_layer")
+    floor = 0
+    if loader is not None:
+        batches, holdout_batches = list(batches), None if holdout_batches is None else list(holdout_batches)
+        floor = offloaded_floor(model, batches + (holdout_batches or []), selected, loader.dtype)
     if second_moment:
         check_layerwise_memory([g.intermediate_size for g in glu_layers(model, selected)],
                                streams=1 + (holdout_batches is not None),
-                               spilled=spill is not None or after_layer is not None)
+                               spilled=spill is not None or after_layer is not None, floor=floor)
+    elif floor:
+        check_memory(floor, what="the embeddings or one decoder layer, with the captured activations,",
+                     hint="fewer --max-tokens, or a larger memory limit")
     loader = loader or ResidentLoader()
     with loader.loaded(decoder(model).get_input_embeddings()):
         fit = capture_inputs(model, batches, max_tokens, device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,11 +148,13 @@ class OffloadChoice:
 
 
 def should_offload(model_name: str, asked: bool = False, dtype: torch.dtype = torch.float32,
-                   second_moment: bool = False, layers: list[int] | None = None) -> OffloadChoice:
+                   second_moment: bool = False, layers: list[int] | None = None,
+                   working: Callable[[list[int], int], int] | None = None) -> OffloadChoice:
     """``asked``, or offload when the in-memory run would need more than 80% of the effective memory
     limit (:func:`calibrate.resources.memory_limit`): the local checkpoint's weights in ``dtype``,
     plus, with ``second_moment``, the selected layers' second moments and their held-out slice's
-    (offloaded, one layer's at a time). Said on the log when it offloads."""
+    (offloaded, one layer's at a time), plus ``working(layer sizes, hidden size)``: the peak of one
+    layer's work beyond them (a refit's buffers). Said on the log when it offloads."""
     if asked:
         return OffloadChoice(True, "asked (--offload)")
     size = checkpoint_size(model_name, dtype)
@@ -163,9 +165,13 @@ def should_offload(model_name: str, asked: bool = False, dtype: torch.dtype = to
         return OffloadChoice(False, "no memory limit known")
     needed, what = size, f"the model ({human_bytes(size)} in {str(dtype).replace('torch.', '')})"
     if second_moment:
-        sizes = [g.intermediate_size for g in glu_layers(empty_model(model_source(model_name), dtype), layers)]
+        empty = empty_model(model_source(model_name), dtype)
+        sizes = [g.intermediate_size for g in glu_layers(empty, layers)]
         moments = 2 * second_moment_bytes(sizes)
         needed, what = needed + moments, f"{what} and its second moments ({human_bytes(moments)})"
+        extra = working(sizes, empty.config.hidden_size) if working is not None else 0
+        if extra:
+            needed, what = needed + extra, f"{what}, with a refit's buffers ({human_bytes(extra)}),"
     if needed > 0.8 * limit.bytes:
         why = f"{what} would not fit in {limit.text}"
         log.info("%s: working one layer at a time (offload)", why)

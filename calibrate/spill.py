@@ -1,49 +1,142 @@
-"""Per-layer statistics kept on disk, one file per layer, read back on each access: an offloaded
-run then holds one layer's second moment (x xᵀ) in memory instead of every layer's."""
+"""Large per-layer tensors kept on disk, one raw file per tensor, read back on each access: an
+offloaded run then holds one layer's second moment (x xᵀ) in memory instead of every layer's.
+
+Only what is large goes to disk: every tensor field of a :class:`LayerStats` with two or more
+dimensions (the second moment, and any other matrix a layer's statistics hold); the per-neuron
+sums stay in memory. A file holds the tensor's bytes and nothing else, so what a spill writes is
+known before it starts (:func:`spill_bytes`), said on the log and checked against the free disk
+(:func:`check_disk`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import shutil
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import NamedTuple
 
-from safetensors.torch import load_file, save_file
+import torch
 
-from calibrate.stats import FIELDS, LayerStats
+from calibrate.errors import GluPruneError
+from calibrate.resources import human_bytes
+from calibrate.stats import LayerStats
+
+log = logging.getLogger("glu_prune")
+DISK_MARGIN = 64 << 20  # left free beyond a spill: besides a twentieth of the spill itself
+SPILL_HINT = "--spill-dir on a disk with room, or fewer layers (--layers) / --reconstruct none"
 
 
-class SpilledLayers(MutableMapping):
-    """``{layer index: LayerStats}`` whose values live in ``folder`` (created; the caller removes it).
-    Each read loads the file again, so a value is in memory only while the caller holds it."""
+def spill_bytes(sizes: list[int], streams: int = 1, itemsize: int = 8) -> int:
+    """Bytes :class:`SpilledLayers` writes for layers of these sizes (``streams`` of them: fit, held-out):
+    each layer's ``size × size`` second moment, ``itemsize`` bytes an element."""
+    return streams * sum(itemsize * s * s for s in sizes)
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+
+def free_disk(folder: str | Path) -> int:
+    """Free bytes on the file system of ``folder`` (or of its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_disk(folder: str | Path, needed: int, what: str, hint: str = SPILL_HINT) -> None:
+    """Say (one ``note:``) that ``needed`` bytes of ``what`` will be written under ``folder``; refuse
+    in one line when its disk has less free than that plus a margin (before anything is written)."""
+    free = free_disk(folder)
+    margin = DISK_MARGIN + needed // 20
+    if needed + margin > free:
+        raise GluPruneError(f"{what} need {human_bytes(needed)} of disk in {Path(folder).absolute()} but only "
+                            f"{human_bytes(free)} is free: {hint}")
+    log.info("writing %s of %s to a temporary folder in %s (%s free), removed after use", human_bytes(needed),
+             what, Path(folder).absolute(), human_bytes(free))
+
+
+def write_raw(tensor: torch.Tensor, path: Path) -> int:
+    """The tensor's bytes (CPU, contiguous) into ``path``; returns how many."""
+    data = tensor.detach().cpu().contiguous()
+    view = memoryview(data.view(torch.uint8).reshape(-1).numpy())
+    with open(path, "wb") as f:
+        f.write(view)
+    return view.nbytes
+
+
+def read_raw(path: Path, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.empty(shape, dtype=dtype)
+    with open(path, "rb") as f:
+        if f.readinto(memoryview(tensor.view(torch.uint8).reshape(-1).numpy())) != tensor.numel() * dtype.itemsize:
+            raise GluPruneError(f"{path} is shorter than it was written: is its disk full?")
+    return tensor
+
+
+class OnDisk(NamedTuple):
+    """A tensor written to its file: what reading it back needs."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+class SpilledTensors(MutableMapping):
+    """``{key: value}`` whose large tensors live in ``folder`` (created; the caller removes it). A value is
+    a :class:`LayerStats`, a tensor or a tuple of tensors and Nones; its tensors of ``min_dims`` or more
+    dimensions are written to files (in ``dtype`` when given) and loaded again on each read, so they
+    are in memory only while the caller holds the value. ``written`` counts the bytes written."""
+
+    def __init__(self, folder: str | Path, min_dims: int = 2, dtype: torch.dtype | None = None):
+        self.folder, self.min_dims, self.dtype = Path(folder), min_dims, dtype
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.counts: dict[int, int] = {}
+        self.kept: dict = {}  # key -> (the value's form, {part: small value, or (shape, dtype) of a file})
+        self.written = 0
 
-    def path(self, index: int) -> Path:
-        return self.folder / f"layer-{index}.safetensors"
+    def path(self, key, part: str) -> Path:
+        return self.folder / f"layer-{key}.{part}.bin"
 
-    def __setitem__(self, index: int, stats: LayerStats) -> None:
-        tensors = {f: getattr(stats, f).contiguous() for f in FIELDS}
-        for name in ("second_moment", "activations"):
-            if getattr(stats, name) is not None:
-                tensors[name] = getattr(stats, name).contiguous()
-        save_file(tensors, self.path(index))
-        self.counts[index] = stats.count
+    @staticmethod
+    def _parts(value) -> tuple[object, dict[str, object]]:
+        if isinstance(value, LayerStats):
+            return value, {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple):
+            return len(value), {str(i): v for i, v in enumerate(value)}
+        return None, {"0": value}
 
-    def __getitem__(self, index: int) -> LayerStats:
-        if index not in self.counts:
-            raise KeyError(index)
-        tensors = load_file(self.path(index))
-        return LayerStats(self.counts[index], *(tensors[f] for f in FIELDS), tensors.get("second_moment"),
-                          tensors.get("activations"))
+    def __setitem__(self, key, value) -> None:
+        form, parts = self._parts(value)
+        small = {}
+        for part, tensor in parts.items():
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= self.min_dims:
+                tensor = tensor if self.dtype is None else tensor.to(self.dtype)
+                self.written += write_raw(tensor, self.path(key, part))
+                small[part] = OnDisk(tensor.shape, tensor.dtype)
+            else:
+                small[part] = tensor
+        if isinstance(form, LayerStats):
+            form = dataclasses.replace(form, **{p: None for p, v in small.items() if isinstance(v, OnDisk)})
+        self.kept[key] = (form, small)
 
-    def __delitem__(self, index: int) -> None:
-        del self.counts[index]
-        self.path(index).unlink(missing_ok=True)
+    def __getitem__(self, key):
+        form, small = self.kept[key]
+        parts = {part: read_raw(self.path(key, part), *v) if isinstance(v, OnDisk) else v for part, v in small.items()}
+        if isinstance(form, LayerStats):
+            return dataclasses.replace(form, **parts)
+        return tuple(parts[str(i)] for i in range(form)) if isinstance(form, int) else parts["0"]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.counts)
+    def __delitem__(self, key) -> None:
+        _, small = self.kept.pop(key)
+        for part, v in small.items():
+            if isinstance(v, OnDisk):
+                self.path(key, part).unlink(missing_ok=True)
+
+    def __iter__(self) -> Iterator:
+        return iter(self.kept)
 
     def __len__(self) -> int:
-        return len(self.counts)
+        return len(self.kept)
+
+
+SpilledLayers = SpilledTensors  # ``{layer index: LayerStats}``, the calibration's use
+
+
+def remove(folder: str | Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

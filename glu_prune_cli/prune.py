@@ -35,6 +35,9 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     add_prune_options(p)
     add_offload_option(p, "never build the whole model: calibrate layer by layer and rewrite the checkpoint shard "
                           "by shard")
+    p.add_argument("--spill-dir", default=None,
+                   help="offloaded: where statistics and refitted weights wait on disk when they would not fit in "
+                        "memory (default: beside --out; the bytes are said and checked first)")
     add_output_options(p, "output model directory")
 
 
@@ -56,7 +59,8 @@ def run_prune(args) -> None:
         stats = ActivationStats.load(args.stats) if args.stats is not None else None
         manifest = prune_offloaded(args.model, args.out, config, stats=stats, corpus=corpus,
                                    settings=settings_from_args(args), device=pick_device(args.device),
-                                   dtype=pick_dtype(args.dtype), force=args.force, notes=run.note)
+                                   dtype=pick_dtype(args.dtype), force=args.force, notes=run.note,
+                                   spill_dir=args.spill_dir)
         report(args, manifest, None, start)
         return
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)

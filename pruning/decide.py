@@ -3,6 +3,7 @@ offloaded checkpoint (a loader fills one layer at a time) and one layer at a tim
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -95,11 +96,13 @@ def allocate(scores: dict[int, torch.Tensor], hidden: int, config: PruneConfig,
 
 
 def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=None,
-           text_batches: list[dict] | None = None, progress: bool = False) -> Decision:
+           text_batches: list[dict] | None = None, progress: bool = False,
+           refits: MutableMapping | None = None) -> Decision:
     """Score, allocate, plan and refit every selected layer of ``model`` (left unchanged).
 
     ``loader`` (:mod:`calibrate.offload`) fills one offloaded MLP at a time; ``text_batches`` are
-    held-out calibration batches for the ``sensitivity`` and ``curve`` allocations.
+    held-out calibration batches for the ``sensitivity`` and ``curve`` allocations; ``refits`` is
+    where the refitted weights go (e.g. :class:`calibrate.spill.SpilledTensors`; default a dict).
     """
     def loaded(layer):
         return loader.loaded(layer.mlp) if loader is not None else nullcontext()
@@ -133,7 +136,7 @@ def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=Non
         importance = layer_sensitivity(model, trial, lambda layer, kept: refit_layer(
             layer, kept, config.reconstruct, *layer_stats(stats, layer.index))[:2], text_batches, progress)
     decision = Decision(allocate(scores, model.config.hidden_size, config, importance, curves),
-                        importance=importance)
+                        refits={} if refits is None else refits, importance=importance)
     if config.reconstruct != "none":
         for layer in tqdm(selected, desc="refit", unit="layer", disable=not progress):
             with loaded(layer):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from calibrate.glu import glu_layers
 from calibrate.manifest import Manifest, write
 from calibrate.offload import LayerLoader
 from calibrate.shards import MAX_SHARD_BYTES, ShardWriter
+from calibrate.spill import SpilledTensors
 from calibrate.stats import ActivationStats
 from pruning.config import PruneConfig
 from pruning.decide import decide
@@ -29,8 +31,9 @@ from pruning.save import model_card
 from pruning.surgery import apply_plan
 
 
-def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: dict[int, torch.Tensor]) -> dict[str, callable]:
-    """For every checkpoint tensor that pruning changes, the function that changes it."""
+def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: Mapping) -> dict[str, callable]:
+    """For every checkpoint tensor that pruning changes, the function that changes it; ``refits``
+    (``{layer: (down weight, bias)}``, possibly on disk) is read one layer at a time."""
     names = {module: name for name, module in model.named_modules()}
     rules = {}
     for layer in glu_layers(model, sorted(plan)):
@@ -44,7 +47,7 @@ def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: dict[int, torch
                 for kind in ("weight", "bias"):
                     rules[f"{prefix}.{part}.{kind}"] = lambda t, k=keep: t.index_select(0, k)
         if layer.index in refits:
-            rules[f"{prefix}.{layout.down}.weight"] = lambda t, w=refits[layer.index]: w.to(t.dtype)
+            rules[f"{prefix}.{layout.down}.weight"] = lambda t, i=layer.index: refits[i][0].to(t.dtype)
         else:
             rules[f"{prefix}.{layout.down}.weight"] = lambda t, k=keep: t.index_select(1, k)
     return rules
@@ -52,9 +55,10 @@ def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: dict[int, torch
 
 def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path, stats: ActivationStats | None,
                      config: PruneConfig, force: bool = False, progress: bool = True,
-                     notes: dict | None = None) -> dict:
+                     notes: dict | None = None, spill: str | Path | None = None) -> dict:
     """Prune the checkpoint behind ``loader`` into ``out_dir`` (written atomically); ``model`` is
-    the empty (meta) model of :func:`calibrate.offload.offload_model`. Returns the manifest."""
+    the empty (meta) model of :func:`calibrate.offload.offload_model`. With ``spill`` (a folder) the
+    refitted weights wait there, in the loader's dtype, until the rewrite. Returns the manifest."""
     start = time.perf_counter()
     for option, table, value in (("allocation", ALLOCATIONS, config.allocation),
                                  ("reconstruct", RECONSTRUCTIONS, config.reconstruct)):
@@ -64,8 +68,9 @@ def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path,
     if config.schedule != "one-shot":
         raise ConfigError("schedule", config.schedule, "an offloaded checkpoint is pruned one-shot")
     config, auto, sizes_before = prepare(model, stats, config, loader)
-    decision = decide(model, stats, config, loader=loader, progress=progress)
-    rules = sliced_tensors(model, decision.plan, {i: w for i, (w, _) in decision.refits.items()})
+    refits = SpilledTensors(Path(spill) / "refits", dtype=loader.dtype) if spill is not None else None
+    decision = decide(model, stats, config, loader=loader, progress=progress, refits=refits)
+    rules = sliced_tensors(model, decision.plan, decision.refits)
     apply_plan(model, decision.plan)  # on the meta model: new shapes and the config's sizes, no memory
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
     record = write(model.config, manifest.updated(schedule="one-shot (streamed)", **(notes or {})))

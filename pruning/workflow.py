@@ -6,15 +6,18 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from calibrate import resources
 from calibrate.batches import make_batches
 from calibrate.corpora import Corpus
 from calibrate.errors import GluPruneError
 from calibrate.files import check_output
+from calibrate.footprint import shapes_of
 from calibrate.glu import check_layers, glu_layers
 from calibrate.layer_importance import LayerImportance
 from calibrate.layerwise import calibrate_layerwise
@@ -22,10 +25,13 @@ from calibrate.manifest import Manifest, read, write
 from calibrate.offload import OffloadChoice, offload_model, should_offload
 from calibrate.perplexity import protocol_perplexity
 from calibrate.run import calibrate, split_holdout
+from calibrate.spill import check_disk
 from calibrate.stats import ActivationStats, library_version
 from pruning.config import PruneConfig, calibration_budget, resolve_reconstruct, widest_kept
 from pruning.depth import DepthConfig, measure_skip_loss, prune_depth
 from pruning.heal import HealConfig, heal, training_batches
+from pruning.plan import kept_count
+from pruning.preflight import plan_offloaded, refit_peak
 from pruning.prune import PruneResult, prune, prune_sequential
 from pruning.registry import ALLOCATIONS, AUTO, RECONSTRUCTIONS
 from pruning.stream import prune_checkpoint
@@ -146,7 +152,13 @@ def offload_choice(model_name: str, config: PruneConfig, *, calibrating: bool, d
     limit and ``config`` runs offloaded. It changes how the model is computed, never which comes out."""
     second = calibrating and config.schedule == "one-shot" and (config.needs_second_moment
                                                                 or config.reconstruct == AUTO)
-    choice = should_offload(model_name, asked, dtype, second_moment=second, layers=config.layer_list)
+    refits = config.reconstruct in ("lstsq", "lstsq-centred", AUTO)
+
+    def working(sizes: list[int], hidden: int) -> int:
+        return max(refit_peak(s, kept_count(s, hidden, config.target), hidden) for s in sizes) if refits else 0
+
+    choice = should_offload(model_name, asked, dtype, second_moment=second, layers=config.layer_list,
+                            working=working)
     if choice and not asked and not runs_offloaded(config):
         log.info("these settings do not run offloaded (one-shot, a streamable allocation and reconstruction "
                  "do): working in memory")
@@ -180,17 +192,33 @@ def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: Activatio
 def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, *, stats: ActivationStats | None = None,
                     corpus: Corpus | None = None, settings: CalibrationSettings = CalibrationSettings(),
                     device: torch.device, dtype: torch.dtype, force: bool = False, progress: bool = True,
-                    notes: dict | None = None) -> dict:
+                    notes: dict | None = None, spill_dir: str | Path | None = None) -> dict:
     """Prune a local checkpoint into ``out`` without ever building the whole model: calibration one
-    decoder layer at a time (each layer's statistics kept in files beside ``out`` until the cut),
-    then the checkpoint rewritten shard by shard. Returns the manifest."""
+    decoder layer at a time, then the checkpoint rewritten shard by shard. Before it starts, each
+    phase's peak memory is counted (:func:`pruning.preflight.plan_offloaded`): when holding every
+    layer's statistics and refitted weights would not fit (or whenever ``spill_dir`` is given), they
+    wait in files in a temporary folder in ``spill_dir`` (default: beside ``out``) until the rewrite,
+    the bytes said and checked against the free disk first. Returns the manifest."""
     check_output(out, force)
     model, loader, tokenizer = offload_model(model_name, device, dtype)
     config, auto, settings = resolve(config, model, stats, corpus is not None, settings)
     notes = {**auto, **(notes or {})}
     check_data(config, stats, corpus)
-    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.stats-", dir=Path(out).absolute().parent) as spill:
-        if config.needs_stats and stats is None:
+    calibrating = config.needs_stats and stats is None
+    plan = plan_offloaded(shapes_of(model, config.layer_list, dtype), config, resources.memory_limit(),
+                          tokens=settings.max_tokens, batch_tokens=settings.batch_size * settings.seq_len,
+                          calibrating=calibrating)
+    folder = Path(spill_dir if spill_dir is not None else Path(out).absolute().parent)
+    spilling = (plan.spill or spill_dir is not None) and plan.disk_if_spilled > 0
+    if spilling:
+        if not folder.is_dir():
+            raise GluPruneError(f"spill folder {folder} does not exist: create it or choose another --spill-dir")
+        check_disk(folder, plan.disk_if_spilled, "the spilled statistics and refitted weights")
+    elif plan.disk_if_spilled:
+        log.info("every layer's statistics and refitted weights fit in memory (peak %s): nothing spilled to disk",
+                 resources.human_bytes(max(plan.peaks.values())))
+    with spill_folder(folder, Path(out).name, spilling) as spill:
+        if calibrating:
             batches = calibration_batches(tokenizer, corpus, settings)
             stats = calibrate_corpus(model, batches, provenance(model_name, corpus, settings),
                                      second_moment=config.needs_second_moment,
@@ -198,7 +226,17 @@ def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, *, st
                                      progress=progress, spill=spill)
             config = recheck_budget(config, model, stats, notes)
         return prune_checkpoint(model, loader, tokenizer, out, stats, config, force=force, progress=progress,
-                                notes=notes)
+                                notes=notes, spill=spill)
+
+
+@contextmanager
+def spill_folder(parent: Path, name: str, wanted: bool):
+    """A temporary folder ``.NAME.stats-*`` in ``parent`` (removed afterwards), or None when not ``wanted``."""
+    if not wanted:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix=f".{name}.stats-", dir=parent) as spill:
+        yield spill
 
 
 def heal_with_corpus(student, teacher, tokenizer, corpus: Corpus, config: HealConfig, *, teacher_name: str,

@@ -84,6 +84,14 @@ CASES = [
      "calibrate --model {d}/overflow --corpus {d}/c.txt --dtype float16 --out {d}/s.st"),
     ("not enough memory for the second-moment matrices",
      "calibrate --model {d}/wide --corpus {d}/c.txt --second-moment --out {d}/s.st"),
+    ("not enough memory for one layer's refit, even offloaded",
+     "prune --model {d}/wide --corpus {d}/c.txt --ratio 0.2 --reconstruct lstsq --out {d}/p"),
+    ("not enough disk for an offloaded prune's spilled statistics",
+     "prune --model {d}/llama --corpus {d}/c.txt --offload --ratio 0.2 --reconstruct lstsq --spill-dir /proc "
+     "--out {d}/p"),
+    ("--spill-dir missing",
+     "prune --model {d}/llama --corpus {d}/c.txt --offload --ratio 0.2 --reconstruct lstsq --spill-dir {d}/no/such "
+     "--out {d}/p"),
     ("--device cuda without a GPU", "eval --model {d}/llama --corpus {d}/c.txt --device cuda"),
     ("output exists, no --force", "prune --model {d}/llama --method ppm --ratio 0.2 --out {d}/existing"),
     ("output folder missing", "prune --model {d}/llama --method ppm --ratio 0.2 --out {d}/no/such/dir"),

@@ -114,3 +114,35 @@ def test_a_conversion_by_an_older_converter_is_not_reused(tiny_gguf, tmp_path, m
     fresh = models.convert_gguf(path)
     assert fresh != stale and len(runs) == 1 and not (fresh / "stale").exists()
     assert models.convert_gguf(path) == fresh and len(runs) == 1  # the current converter's entry is reused
+
+
+def test_a_large_vocabulary_s_tables_are_written_in_row_blocks_never_whole(tmp_path, monkeypatch):
+    """The embedding and output tables (vocabulary 8192 here, as 150k-token ones in real models) are larger
+    than one slice of rows: they go into shards slice by slice, never dequantised whole, and the files
+    hold what transformers' whole-model conversion builds."""
+    from tiny import tiny_model, tiny_tokenizer
+
+    from calibrate import from_gguf
+    from pruning.export_gguf import export_gguf
+
+    model = tiny_model("llama", vocab_size=8192, hidden_size=64, tie_word_embeddings=False)
+    path = export_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", outtype="q8_0")
+    chunk = 1 << 16  # the tables are 8 slices of rows
+    monkeypatch.setattr(from_gguf, "CHUNK_ELEMENTS", chunk)
+    whole, blocks = [], []
+    dequantized, row_blocks = from_gguf.dequantized, from_gguf.row_blocks
+    monkeypatch.setattr(from_gguf, "dequantized", lambda t, c=chunk: whole.append(t.name) or dequantized(t, c))
+    monkeypatch.setattr(from_gguf, "row_blocks", lambda t, c=chunk: (blocks.append(t.name), row_blocks(t, c))[1])
+    monkeypatch.setattr(from_gguf.GgufTensors, "__iter__", lambda self: from_gguf.GgufTensors.tensors(self, chunk))
+    monkeypatch.setenv("GLU_PRUNE_CACHE", str(tmp_path / "cache"))
+    streamed = models.convert_gguf(path)
+    assert {"token_embd.weight", "output.weight"} <= set(blocks)
+    assert "token_embd.weight" not in whole and "output.weight" not in whole
+    assert "blk.0.attn_q.weight" in whole  # small tensors, and those the processor permutes, are read whole
+    converted = tmp_path / "whole"
+    converted.mkdir()
+    models.convert_whole(path, converted)
+    new, old = tensors(streamed), tensors(converted)
+    assert new.keys() == old.keys()
+    for name in old:
+        assert new[name].dtype == old[name].dtype == torch.float32 and torch.equal(new[name], old[name]), name

@@ -1,0 +1,91 @@
+"""Before an offloaded prune starts: the memory each phase needs at its peak (calibration, refit,
+rewrite), whether the statistics and refitted weights must be spilled to disk for it to fit, and
+a one-line refusal, with the fix, when it cannot fit even so."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from calibrate.errors import GluPruneError
+from calibrate.footprint import F64, Shapes, calibration_peak, moment_bytes, rewrite_peak
+from calibrate.resources import MemoryLimit, human_bytes
+from calibrate.spill import spill_bytes
+from pruning.config import PruneConfig
+from pruning.plan import kept_count
+
+SHARE = 0.8  # of the memory limit a run plans to use: the rest for the libraries' own growth
+STREAMS = 2  # second moments per layer: the fit's and the held-out slice's
+SOLVER_WORKSPACE = 32 << 20  # LAPACK's own buffers on a first factorisation, at most (13-18 MiB at 1536-3072)
+
+
+def refit_peak(width: int, kept: int, hidden: int) -> int:
+    """Peak bytes of one layer's least-squares refit (:func:`pruning.reconstruct.reconstruct_layer`
+    with held-out statistics): the fit and held-out second moments as read (2 width²) and each
+    normalised by its token count (2 width², the held-out one while its products are formed), the
+    kept block ``S[K, K]`` of each (2 K²), ``W S[:, K]`` and the held-out ``W H`` (a width × K slice and
+    hidden × width products), and each ridge's shifted matrix, its Cholesky factor and the solve's
+    hidden × K results (float64 throughout), and the solver's workspace. Checked against the peak RSS
+    of a refit in tests/test_spill.py."""
+    forming = 4 * width * width + kept * width + kept * kept + 3 * hidden * width + hidden * kept
+    solving = 3 * width * width + 5 * kept * kept + 4 * hidden * kept
+    return F64 * max(forming, solving) + min(SOLVER_WORKSPACE, 2 * F64 * kept * kept)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How an offloaded prune runs: whether it spills, each phase's peak (bytes) as it will run, and
+    the bytes the spill writes (statistics, refitted weights)."""
+
+    spill: bool
+    peaks: dict[str, int]
+    stats_disk: int
+    refits_disk: int
+
+    @property
+    def disk_if_spilled(self) -> int:
+        return self.stats_disk + self.refits_disk
+
+
+def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | None, *, tokens: int,
+                   batch_tokens: int, calibrating: bool) -> Plan:
+    """The :class:`Plan` of pruning a model of ``shapes`` offloaded under ``limit``: in memory when every
+    phase fits in ``SHARE`` of it with every layer's statistics and refits held, else spilled; refused
+    (one line, the phase and the fix) when a phase does not fit even spilled. With no limit known it
+    spills (what an offloaded prune did before it counted)."""
+    second = calibrating and config.needs_second_moment
+    refit = config.reconstruct in ("lstsq", "lstsq-centred")
+    kept = [kept_count(w, shapes.hidden, config.target) for w in shapes.widths]
+    moments = sum(moment_bytes(w, STREAMS) for w in shapes.widths) if second else 0
+    refits = shapes.hidden * sum(kept) * F64 if refit else 0  # held as the refit returns them
+    largest = max(shapes.widths, default=0)
+    one_refit = max((refit_peak(w, k, shapes.hidden) for w, k in zip(shapes.widths, kept)), default=0) if refit else 0
+    streams = STREAMS if second else 0
+
+    def peaks(spilled: bool) -> dict[str, int]:
+        held_moments = moment_bytes(largest, STREAMS) if spilled and second else moments
+        held_refits = (shapes.hidden * max(kept, default=0) * shapes.itemsize if refit else 0) if spilled else refits
+        return {"calibration": calibration_peak(shapes, tokens, batch_tokens, streams,
+                                                held=0 if spilled else moments) if calibrating else 0,
+                "refit": (0 if spilled else held_moments) + one_refit + held_refits,
+                "rewrite": rewrite_peak(shapes, held=held_refits)}
+
+    disk = (spill_bytes(shapes.widths, STREAMS) if second else 0, refits // F64 * shapes.itemsize)
+    whole = peaks(spilled=False)
+    if limit is not None and max(whole.values()) <= SHARE * limit.bytes:
+        return Plan(False, whole, *disk)
+    spilled = peaks(spilled=True)
+    if limit is not None and max(spilled.values()) > SHARE * limit.bytes:
+        phase, needed = max(spilled.items(), key=lambda item: item[1])
+        raise GluPruneError(f"{PHASES[phase]} needs {human_bytes(needed)} ({WHAT[phase]}) but only "
+                            f"{limit.text} is available: {FIX[phase]}")
+    return Plan(True, spilled, *disk)
+
+
+PHASES = {"calibration": "the calibration of one layer", "refit": "the refit of one layer",
+          "rewrite": "the checkpoint's rewrite"}
+WHAT = {"calibration": "its weights, the captured activations and its float64 second moments",
+        "refit": "its fit and held-out float64 second moments and the solve's buffers",
+        "rewrite": "the largest tensor, its changed copy and a shard"}
+FIX = {"calibration": "fewer --max-tokens, or --reconstruct none (no second moments), or a larger memory limit",
+       "refit": "--reconstruct none (or bias), or a larger memory limit",
+       "rewrite": "a larger memory limit"}
