@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from benchmarks.studies.memory_limit import Cgroup, commands, evict, float64_folder, identical, measured
+from benchmarks.measures import Cgroup, evict
+from benchmarks.studies.memory_limit import commands, float64_folder, identical, measured
 
 LIMIT = 1200 << 20  # SmolLM2-135M in float64 is 1.08 GB of weights; the libraries take ~0.4 GB more
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.measures import Cgroup, evict
+
 MiB = 1 << 20
 SHAPES = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
               vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
@@ -33,63 +35,9 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
-class Group:
-    """A new memory cgroup of ``limit`` bytes (None: no limit), swap off, removed on exit."""
-
-    def __init__(self, limit: int | None, name: str):
-        from calibrate.resources import cgroup_dirs, cgroup_mounts
-
-        dirs, mounts = cgroup_dirs(), cgroup_mounts()
-        if "v1" in dirs:
-            self.version, parent = "v1", dirs["v1"]
-        elif "v2" in mounts:
-            self.version, parent = "v2", mounts["v2"][1]
-        else:
-            raise SystemExit("no cgroup memory controller is mounted")
-        self.folder, self.limit = parent / f"{name}-{os.getpid()}", limit
-
-    def __enter__(self) -> Group:
-        self.folder.mkdir()
-        v1 = self.version == "v1"
-        if self.limit is not None:
-            (self.folder / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(self.limit))
-            swap = self.folder / ("memory.memsw.limit_in_bytes" if v1 else "memory.swap.max")
-            if swap.exists():
-                swap.write_text(str(self.limit) if v1 else "0")
-        return self
-
-    def join(self) -> None:
-        (self.folder / "cgroup.procs").write_text(str(os.getpid()))
-
-    def peak(self) -> int:
-        name = "memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"
-        return int((self.folder / name).read_text().split()[0])
-
-    def __exit__(self, *exc) -> None:
-        for _ in range(50):
-            try:
-                self.folder.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
-def evict(*roots: Path) -> None:
-    """Drop these files from the page cache, so that each run reads (and is charged for) them itself."""
-    os.sync()
-    for root in roots:
-        for path in [root] if root.is_file() else root.rglob("*") if root.exists() else []:
-            if path.is_file():
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-
-
 def run(argv: list[str], limit: int | None, env: dict, logs: Path) -> dict:
     """``glu-prune argv`` in a child in a fresh group: exit code, seconds, group peak, child RSS peak, its lines."""
-    with Group(limit, "glu-prune-study") as group, open(logs, "w+") as log:
+    with Cgroup(limit, "glu-prune-study") as group, open(logs, "w+") as log:
         start = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-m", "glu_prune_cli.main", *argv], env=env,
                                  preexec_fn=group.join, stdout=log, stderr=subprocess.STDOUT)
