@@ -217,7 +217,7 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
     if dense_pairs and after_layer is None:
         raise GluPruneError("dense pairs are for sequential pruning: pass after_layer")
     floor = 0
-    if loader is not None:
+    if loader is not None and loader.dtype is not None:
         batches, holdout_batches = list(batches), None if holdout_batches is None else list(holdout_batches)
         floor = offloaded_floor(model, batches + (holdout_batches or []), selected, loader.dtype)
     if second_moment:

@@ -97,7 +97,9 @@ class LayerLoader:
 
 
 class ResidentLoader:
-    """The in-memory case: every module is already loaded."""
+    """The in-memory case: every module is already loaded (no checkpoint read: no offloaded floor)."""
+
+    dtype = None
 
     @contextmanager
     def loaded(self, module: nn.Module) -> Iterator[nn.Module]:

@@ -68,3 +68,14 @@ def grid_setup(tmp_path):
     from tiny import grid_workspace
 
     return grid_workspace(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """A benchmark's ``main`` called in-process may set torch's thread count (``--threads``); the next
+    test runs with the count the session started with (float64 round-off depends on it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
