@@ -52,10 +52,14 @@ class CalibrationSettings:
     batch_size: int = 8
     packing: bool | None = None
 
+    @property
+    def tokens(self) -> int:
+        """The calibration budget these settings give: ``max_tokens``, else DEFAULT_TOKENS."""
+        return self.max_tokens or DEFAULT_TOKENS
+
 
 def calibration_batches(tokenizer, corpus: Corpus, settings: CalibrationSettings) -> list[dict]:
-    return list(make_batches(tokenizer, corpus, seq_len=settings.seq_len, max_tokens=settings.max_tokens or
-                             DEFAULT_TOKENS,
+    return list(make_batches(tokenizer, corpus, seq_len=settings.seq_len, max_tokens=settings.tokens,
                              batch_size=settings.batch_size, packing=settings.packing))
 
 
@@ -206,8 +210,8 @@ def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, *, st
     check_data(config, stats, corpus)
     calibrating = config.needs_stats and stats is None
     plan = plan_offloaded(shapes_of(model, config.layer_list, dtype), config, resources.memory_limit(),
-                          tokens=settings.max_tokens or DEFAULT_TOKENS,
-                          batch_tokens=settings.batch_size * settings.seq_len, calibrating=calibrating)
+                          tokens=settings.tokens, batch_tokens=settings.batch_size * settings.seq_len,
+                          calibrating=calibrating)
     folder = Path(spill_dir if spill_dir is not None else Path(out).absolute().parent)
     spilling = (plan.spill or spill_dir is not None) and plan.disk_if_spilled > 0
     if spilling:
