@@ -91,10 +91,10 @@ def read(config) -> Manifest | None:
     return Manifest.from_dict(record) if record else None
 
 
-def write(config, manifest: Manifest) -> dict:
-    """Store ``manifest`` in ``config``; returns the stored dict."""
+def write(config, manifest: Manifest) -> Manifest:
+    """Store ``manifest`` in ``config`` (as :meth:`Manifest.to_dict`); returns it."""
     write_manifest(config, manifest.to_dict())
-    return read_manifest(config)
+    return manifest
 
 
 def layer_sizes(config) -> list[int] | None:

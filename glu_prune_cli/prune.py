@@ -8,6 +8,7 @@ import time
 from benchmarks.measures import parameter_count
 from calibrate.errors import GluPruneError
 from calibrate.files import check_output
+from calibrate.manifest import Manifest
 from calibrate.models import load_model, pick_device, pick_dtype
 from calibrate.offload import OffloadChoice
 from calibrate.stats import ActivationStats
@@ -57,11 +58,11 @@ def run_prune(args) -> None:
         else OffloadChoice(False, "--device-map")
     if run:
         stats = ActivationStats.load(args.stats) if args.stats is not None else None
-        manifest = prune_offloaded(args.model, args.out, config, stats=stats, corpus=corpus,
+        result = prune_offloaded(args.model, args.out, config, stats=stats, corpus=corpus,
                                    settings=settings_from_args(args), device=pick_device(args.device),
                                    dtype=pick_dtype(args.dtype), force=args.force, notes=run.note,
                                    spill_dir=args.spill_dir)
-        report(args, manifest, None, start)
+        report(args, result.manifest, None, start)
         return
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     stats = ActivationStats.load(args.stats, model=model) if args.stats is not None else None
@@ -83,13 +84,13 @@ def run_depth(args, config, depth, corpus, start: float) -> None:
     report(args, result.manifest, parameter_count(result.model), start, width=config is not None)
 
 
-def report(args, manifest: dict, params: int | None, start: float, width: bool = True) -> None:
-    sizes = manifest["intermediate_sizes"]
+def report(args, manifest: Manifest, params: int | None, start: float, width: bool = True) -> None:
+    sizes = manifest.intermediate_sizes
     size = f"{params / 1e6:.1f}M parameters; " if params else "streamed shard by shard; "
-    depth = manifest.get("depth")
+    depth = manifest.depth
     layers = (f"removed layers {','.join(map(str, depth['removed_layers']))} ({depth['score']}, "
               f"{len(depth['kept_layers'])} left), " if depth else "")
-    neurons = f"{args.method}, reconstruct {manifest['reconstruct']}, " if width else ""
-    seconds = manifest["seconds"] if width else depth["seconds"]
+    neurons = f"{args.method}, reconstruct {manifest.reconstruct}, " if width else ""
+    seconds = manifest.extra["seconds"] if width else depth["seconds"]
     print(f"wrote {args.out}: {layers}{neurons}intermediate sizes {min(sizes)}..{max(sizes)}, {size}"
           f"select + cut + refit took {seconds:.2f} s, {time.perf_counter() - start:.1f} s in all")

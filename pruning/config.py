@@ -12,6 +12,7 @@ from pruning.plan import Target, kept_count
 from pruning.registry import (
     ALLOCATIONS,
     AUTO,
+    AUTO_REFIT,
     DEFAULT_METHOD,
     METHODS,
     RECONSTRUCTIONS,
@@ -59,19 +60,21 @@ class PruneConfig:
         check_spread(self.allocation_spread)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
-        if self.schedule == "sequential" and self.allocation != "uniform":
+        layerwise = SCHEDULES[self.schedule].layerwise
+        if layerwise and self.allocation != "uniform":
             raise ConfigError("allocation", self.allocation, "the sequential schedule cuts each layer before later "
                                                              "layers are measured: use uniform")
-        if self.refit_target == "dense" and self.schedule != "sequential":
+        if self.refit_target == "dense" and not layerwise:
             raise ConfigError("refit_target", "dense", "pairs the pruned and unpruned models layer by layer: use "
                                                        "the sequential schedule")
-        if self.refit_target == "dense" and self.reconstruct not in ("lstsq", AUTO):
+        refits_dense = self.reconstruct == AUTO or RECONSTRUCTIONS[self.reconstruct].dense_target
+        if self.refit_target == "dense" and not refits_dense:
             raise ConfigError("refit_target", "dense", f"refits by least squares: use reconstruct lstsq, not "
                                                        f"{self.reconstruct}")
-        if self.method == "obs" and self.allocation == "global":
-            raise ConfigError("allocation", "global", "ranks standardised scores across layers, and obs scores are "
-                                                      "removal steps that standardise to the same range in every "
-                                                      "layer (a nearly uniform plan): use uniform, owl or sensitivity")
+        if METHODS[self.method].steps and ALLOCATIONS[self.allocation].ranks_across:
+            raise ConfigError("allocation", self.allocation, f"ranks standardised scores across layers, and "
+                              f"{self.method} scores are removal steps that standardise to the same range in every "
+                              f"layer (a nearly uniform plan): use uniform, owl or sensitivity")
 
     @property
     def target(self) -> Target:
@@ -94,8 +97,10 @@ class PruneConfig:
 
     @property
     def needs_text(self) -> bool:
-        """Whether calibration text itself is needed, not only statistics (sensitivity, sequential)."""
-        return ALLOCATIONS[self.allocation].needs_text or self.schedule == "sequential"
+        """Whether calibration text itself is needed, not only statistics (sensitivity, sequential, a
+        reconstruction that runs over the text)."""
+        return (ALLOCATIONS[self.allocation].needs_text or SCHEDULES[self.schedule].layerwise
+                or self.reconstruct != AUTO and RECONSTRUCTIONS[self.reconstruct].needs_text)
 
     def what_needs(self, need: str) -> str:
         """The settings that need ``need`` ('stats' or 'text') with the verb, e.g. "method 'hybrid' needs"."""
@@ -107,8 +112,10 @@ class PruneConfig:
             parts.append(f"allocation '{self.allocation}'")
         if need == "stats" and self.reconstruct != "none":
             parts.append(f"reconstruct '{self.reconstruct}'")
-        if need == "text" and self.schedule == "sequential":
-            parts.append("the sequential schedule")
+        if need == "text" and self.reconstruct != AUTO and RECONSTRUCTIONS[self.reconstruct].needs_text:
+            parts.append(f"reconstruct '{self.reconstruct}'")
+        if need == "text" and SCHEDULES[self.schedule].layerwise:
+            parts.append(f"the {self.schedule} schedule")
         return " and ".join(parts) + (" need" if len(parts) > 1 else " needs")
 
     def as_dict(self) -> dict:
@@ -142,7 +149,7 @@ def resolve_reconstruct(config: PruneConfig, intermediate_sizes: list[int], has_
     if not has_data:
         choose, why = "none", "no calibration data"
     elif has_second_moment is not None:
-        choose = "lstsq" if has_second_moment else "none"
+        choose = AUTO_REFIT if has_second_moment else "none"
         why = "the statistics hold second moments" if has_second_moment else \
             "the statistics have no second moments; calibrate with them for lstsq"
         if has_second_moment and fit_tokens is not None and hidden is not None:
@@ -155,9 +162,9 @@ def resolve_reconstruct(config: PruneConfig, intermediate_sizes: list[int], has_
                        f"with at least {needed} fitting tokens for lstsq")
     else:
         per_layer = second_moment_bytes([max(intermediate_sizes)])
-        choose = "lstsq" if per_layer <= AUTO_SECOND_MOMENT_LIMIT else "none"
+        choose = AUTO_REFIT if per_layer <= AUTO_SECOND_MOMENT_LIMIT else "none"
         why = f"one layer's second moment needs {human_bytes(per_layer)}" + (
-            "" if choose == "lstsq" else f", more than {human_bytes(AUTO_SECOND_MOMENT_LIMIT)}")
+            "" if choose == AUTO_REFIT else f", more than {human_bytes(AUTO_SECOND_MOMENT_LIMIT)}")
     return replace(config, reconstruct=choose), f"auto: {choose} ({why})"
 
 

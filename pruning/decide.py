@@ -13,17 +13,9 @@ from tqdm.auto import tqdm
 from calibrate.errors import GluPruneError
 from calibrate.glu import GLULayer, glu_layers
 from calibrate.stats import ActivationStats, LayerStats, PairedStats
-from pruning.allocation import counts_from_fractions, curve_counts, outlier_fraction, spread_fractions
+from pruning.allocators import Run
 from pruning.config import PruneConfig
-from pruning.error_curves import error_curve, kept_order
-from pruning.importance import layer_sensitivity, output_gradient_moments
-from pruning.plan import kept_count, plan_global, plan_uniform, top_k
-from pruning.reconstruct import reconstruct_layer
-from pruning.registry import score_neurons
-
-MIN_KEEP_FRACTION = 0.05  # non-uniform allocations keep at least this fraction of every layer
-CURVES = {"curve": True, "curve-output": False}  # error-curve allocations: measured in the loss gradient's metric?
-GRADIENT_TOKENS = 4096  # held-out tokens for that metric: a backward pass costs about 2.6 forward passes on CPU
+from pruning.registry import ALLOCATIONS, reconstruct_layer, score_neurons
 
 
 @dataclass
@@ -64,35 +56,13 @@ def layer_stats(stats: ActivationStats | None, index: int) -> tuple[LayerStats |
     return stats.layers[index], (stats.holdout or {}).get(index)
 
 
-def layer_curve(layer: GLULayer, scores: torch.Tensor, stats: LayerStats, metric: torch.Tensor | None) -> torch.Tensor:
-    """The refit error of ``layer`` at every kept width, keeping its neurons in ``scores`` order."""
-    if stats.second_moment is None:
-        raise GluPruneError("the curve allocations need second-moment statistics: calibrate with second moments "
-                            "(a refit such as --reconstruct lstsq does)")
-    return error_curve(layer.down_weight().detach().cpu(), stats.second_moment / max(stats.count, 1),
-                       kept_order(scores), metric=metric)
-
-
 def allocate(scores: dict[int, torch.Tensor], hidden: int, config: PruneConfig,
              importance: dict[int, float] | None,
              curves: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
     """Kept neuron indices per layer under ``config``'s target and allocation (pure); ``curves``:
     each layer's error at every kept width, for the curve allocations."""
-    target, sizes = config.target, {i: s.numel() for i, s in scores.items()}
-    if config.allocation == "uniform":
-        if len(set(sizes.values())) > 1:
-            raise GluPruneError("uniform allocation needs equal layer sizes: use the global allocation")
-        return plan_uniform(scores, kept_count(max(sizes.values()), hidden, target))
-    total = sum(kept_count(size, hidden, target) for size in sizes.values())
-    min_keep = max(target.multiple_of, int(MIN_KEEP_FRACTION * min(sizes.values())))
-    if config.allocation == "global":
-        return plan_global(scores, total, min_keep, multiple_of=target.multiple_of)
-    if config.allocation in CURVES:
-        counts = curve_counts(curves, sizes, total, min_keep, target.multiple_of, config.allocation_spread)
-        return {i: top_k(s, counts[i]) for i, s in scores.items()}
-    fractions = spread_fractions(importance, total / sum(sizes.values()), config.allocation_spread)
-    counts = counts_from_fractions(fractions, sizes, total, min_keep, target.multiple_of)
-    return {i: top_k(s, counts[i]) for i, s in scores.items()}
+    run = Run(config.target, config.allocation_spread, hidden)
+    return ALLOCATIONS[config.allocation].allocator.plan(scores, run, importance, curves or {})
 
 
 def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=None,
@@ -108,34 +78,21 @@ def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=Non
         return loader.loaded(layer.mlp) if loader is not None else nullcontext()
 
     selected = glu_layers(model, config.layer_list)
-    metrics = {}
-    if CURVES.get(config.allocation):
-        if not text_batches:
-            raise GluPruneError(f"the {config.allocation} allocation measures the loss gradient on calibration "
-                                f"text: give held-out calibration batches")
-        metrics = output_gradient_moments(model, config.layer_list, text_batches, GRADIENT_TOKENS, progress)
-    scores, outliers, curves = {}, {}, {}
+    allocator = ALLOCATIONS[config.allocation].allocator
+    run = Run(config.target, config.allocation_spread, model.config.hidden_size, model, config.layer_list,
+              text_batches, progress,
+              refit=lambda layer, kept: refit_layer(layer, kept, config.reconstruct,
+                                                    *layer_stats(stats, layer.index))[:2])
+    measure = allocator.measurer(run)
+    scores, measured = {}, {}
     for layer in tqdm(selected, desc="score", unit="layer", disable=not progress):
         fit, _ = layer_stats(stats, layer.index)
         with loaded(layer):
             scores[layer.index] = score_layer(layer, config, fit)
-            if config.allocation == "owl":
-                outliers[layer.index] = outlier_fraction(layer.down_weight().detach().cpu(), fit.l2)
-            if config.allocation in CURVES:
-                curves[layer.index] = layer_curve(layer, scores[layer.index], fit, metrics.get(layer.index))
-    importance = outliers or None
-    if curves:  # recorded: each layer's error at the uniform width
-        hidden = model.config.hidden_size
-        importance = {i: float(c[kept_count(c.numel() - 1, hidden, config.target)]) for i, c in curves.items()}
-    if config.allocation == "sensitivity":
-        if not text_batches:
-            raise GluPruneError("the sensitivity allocation measures each layer's loss on calibration text: "
-                                "give held-out calibration batches")
-        keep = {i: kept_count(s.numel(), model.config.hidden_size, config.target) for i, s in scores.items()}
-        trial = {i: top_k(s, keep[i]) for i, s in scores.items()}
-        importance = layer_sensitivity(model, trial, lambda layer, kept: refit_layer(
-            layer, kept, config.reconstruct, *layer_stats(stats, layer.index))[:2], text_batches, progress)
-    decision = Decision(allocate(scores, model.config.hidden_size, config, importance, curves),
+            if measure is not None:
+                measured[layer.index] = measure(layer, scores[layer.index], fit)
+    importance = allocator.importance(run, scores, measured)
+    decision = Decision(allocator.plan(scores, run, importance, measured),
                         refits={} if refits is None else refits, importance=importance)
     if config.reconstruct != "none":
         for layer in tqdm(selected, desc="refit", unit="layer", disable=not progress):

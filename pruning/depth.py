@@ -23,7 +23,7 @@ from calibrate.errors import ConfigError, GluPruneError
 from calibrate.glu import decoder, decoder_layers, glu_layers
 from calibrate.hooks import HookOwner, layer_input
 from calibrate.layer_importance import SCORES, LayerImportance
-from calibrate.manifest import Manifest, read_manifest, write
+from calibrate.manifest import Manifest, read, write
 from calibrate.stats import library_version
 from pruning.importance import total_nll
 from pruning.prune import PruneResult
@@ -182,10 +182,10 @@ def renumbered(manifest: dict, kept: list[int]) -> dict:
     return out
 
 
-def depth_record(before: dict | None, layers_before: int, removed: list[int], kept: list[int], config: DepthConfig,
+def depth_record(before: Manifest | None, layers_before: int, removed: list[int], kept: list[int], config: DepthConfig,
                  scores: dict[int, float] | None, statistics: dict | None, seconds: float) -> dict:
     """The manifest's ``depth`` section, in the original model's layer indices (composing earlier removals)."""
-    earlier = (before or {}).get("depth") or {}
+    earlier = (before.depth if before is not None else None) or {}
     original = earlier.get("kept_layers") or list(range(layers_before))
     record = {
         "removed_layers": sorted([*earlier.get("removed_layers", []), *(original[i] for i in removed)]),
@@ -214,12 +214,13 @@ def prune_depth(model, config: DepthConfig, importance: LayerImportance | None =
     layers_before = len(decoder_layers(model))  # an unknown family fails here
     remove, scores = config.choose(layers_before, importance)
     model = model if inplace else copy.deepcopy(model)
-    before = read_manifest(model.config)
+    before = read(model.config)
     kept = remove_layers(model, remove)
     sizes = [g.intermediate_size for g in glu_layers(model)]
     if len(set(sizes)) == 1:
         model.config.intermediate_size = sizes[0]
-    manifest = Manifest.from_dict(renumbered(before, kept) if before else {"base_model": model.config.name_or_path})
+    manifest = Manifest.from_dict(renumbered(before.to_dict(), kept) if before
+                                  else {"base_model": model.config.name_or_path})
     manifest = manifest.updated(intermediate_sizes=sizes, library_version=library_version(),
                                 depth=depth_record(before, layers_before, remove, kept, config, scores, statistics,
                                                    time.perf_counter() - start))

@@ -29,7 +29,7 @@ import torch
 from calibrate.errors import ConfigError, GluPruneError
 from calibrate.files import atomic_file, check_output
 from calibrate.glu import glu_layers, model_type, supported_families
-from calibrate.manifest import read, read_manifest
+from calibrate.manifest import read
 from calibrate.models import resolve
 from pruning.gguf_vocab import read_gguf_tokenizer, token_count, write_gguf_tokenizer, write_hf_tokenizer
 
@@ -335,14 +335,14 @@ def source_tokenizer(model, n_vocab: int) -> dict | None:
 
 
 def write_general(writer: gguf.GGUFWriter, model, qtype: Q) -> None:
-    manifest = read_manifest(model.config)
-    base = (manifest or {}).get("base_model") or model.config.name_or_path
+    manifest = read(model.config)
+    base = (manifest.base_model if manifest else None) or model.config.name_or_path
     if base:  # llama.cpp reads the name (e.g. 'phi3' selects token attributes): never a made-up one
         writer.add_name(f"{base} (glu-prune)" if manifest else str(base))
     writer.add_file_type(FILE_TYPES[qtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if manifest:
-        writer.add_string("glu_prune.manifest", json.dumps(manifest, sort_keys=True))
+        writer.add_string("glu_prune.manifest", json.dumps(manifest.to_dict(), sort_keys=True))
 
 
 def export_gguf(model, tokenizer, out: str | Path, outtype: str = "f16", force: bool = False,

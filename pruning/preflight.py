@@ -12,6 +12,7 @@ from calibrate.resources import MemoryLimit, human_bytes
 from calibrate.spill import spill_bytes
 from pruning.config import PruneConfig
 from pruning.plan import kept_count
+from pruning.registry import RECONSTRUCTIONS
 
 SHARE = 0.8  # of the memory limit a run plans to use: the rest for the libraries' own growth
 STREAMS = 2  # second moments per layer: the fit's and the held-out slice's
@@ -19,7 +20,7 @@ SOLVER_WORKSPACE = 32 << 20  # LAPACK's own buffers on a first factorisation, at
 
 
 def refit_peak(width: int, kept: int, hidden: int) -> int:
-    """Peak bytes of one layer's least-squares refit (:func:`pruning.reconstruct.reconstruct_layer`
+    """Peak bytes of one layer's least-squares refit (:func:`pruning.registry.reconstruct_layer`
     with held-out statistics): the fit and held-out second moments as read (2 width²) and each
     normalised by its token count (2 width², the held-out one while its products are formed), the
     kept block ``S[K, K]`` of each (2 K²), ``W S[:, K]`` and the held-out ``W H`` (a width × K slice and
@@ -53,7 +54,7 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
     (one line, the phase and the fix) when a phase does not fit even spilled. With no limit known it
     spills (what an offloaded prune did before it counted)."""
     second = calibrating and config.needs_second_moment
-    refit = config.reconstruct in ("lstsq", "lstsq-centred")
+    refit = RECONSTRUCTIONS[config.reconstruct].second_moment  # a least-squares refit: it solves
     kept = [kept_count(w, shapes.hidden, config.target) for w in shapes.widths]
     moments = sum(moment_bytes(w, STREAMS) for w in shapes.widths) if second else 0
     refits = shapes.hidden * sum(kept) * F64 if refit else 0  # held as the refit returns them

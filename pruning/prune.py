@@ -22,17 +22,19 @@ from calibrate.stats import ActivationStats, LayerStats, library_version
 from pruning.config import PruneConfig, resolve_reconstruct
 from pruning.decide import Decision, decide, refit_layer, score_layer
 from pruning.plan import kept_count, plan_uniform
-from pruning.registry import RECONSTRUCTIONS
+from pruning.registry import RECONSTRUCTIONS, SCHEDULES
 from pruning.surgery import apply_plan
 
 
 @dataclass
 class PruneResult:
-    """The pruned model, the kept neurons per layer, and the manifest (also in ``model.config.glu_prune``)."""
+    """The pruned model, the kept neurons per layer, and the manifest (stored in ``model.config.glu_prune``
+    as :meth:`Manifest.to_dict`). An offloaded prune's ``model`` is the empty (meta) model with the
+    pruned shapes: its weights are in the checkpoint it wrote."""
 
     model: torch.nn.Module
     plan: dict[int, torch.Tensor]
-    manifest: dict
+    manifest: Manifest
 
 
 def check_bias_support(model, reconstruct: str) -> None:
@@ -129,7 +131,7 @@ def prune(model, stats: ActivationStats | None, config: PruneConfig, *, inplace:
     ``text_batches`` are held-out calibration batches, needed by the ``sensitivity`` allocation;
     ``notes`` are added to the manifest (e.g. why reconstruct auto chose what it chose).
     """
-    if config.schedule != "one-shot":
+    if SCHEDULES[config.schedule].layerwise:
         raise GluPruneError("the sequential schedule calibrates as it prunes: use prune_sequential")
     start = time.perf_counter()
     config, auto, sizes_before = prepare(model, stats, config)

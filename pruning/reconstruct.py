@@ -15,8 +15,9 @@ error on held-out data (:class:`HeldOut`: the error of any refit from products f
 held-out activations themselves), found by walking downhill along the grid (:func:`walk`), and no
 refit at all (the kept columns as they are) is taken instead when its held-out error is not above
 the best ridge's: a refit that overfits its fitting tokens is never installed.
-Pure functions on tensors; :func:`reconstruct_layer` returns the new down weight and bias for one
-layer.
+Pure functions on tensors: one per reconstruction (:func:`keep_columns`, :func:`flap_bias`,
+:func:`lstsq`, :func:`lstsq_centred`), each returning the new down weight and bias of one layer;
+:func:`pruning.registry.reconstruct_layer` picks one by name.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-from calibrate.errors import ConfigError, GluPruneError
+from calibrate.errors import GluPruneError
 from calibrate.stats import LayerStats, PairedStats
 
 RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 FIXED_RIDGE = 1e-2  # the ridge without held-out statistics to choose one
 WALK_START = RIDGE_GRID.index(1e-2)  # where the downhill search of the ridge grid starts
+Refitted = tuple[torch.Tensor, torch.Tensor | None, dict]  # (down weight of the kept columns, bias or None, chosen)
 
 
 def removed_of(keep: torch.Tensor, size: int) -> torch.Tensor:
@@ -59,48 +61,10 @@ def ridge_scale(s_kk: torch.Tensor) -> torch.Tensor:
     return s_kk.diagonal().mean().clamp_min(1e-12)
 
 
-def lstsq_refit(weight: torch.Tensor, second: torch.Tensor, keep: torch.Tensor, alpha: float,
-                cross: torch.Tensor | None = None) -> torch.Tensor:
-    """``W S[:, K] (S[K, K] + λI)⁻¹`` with ``λ = alpha · mean diag S[K, K]``, by Cholesky in float64.
-
-    With ``cross = E[x dᵀ]`` the target is the dense output ``W d`` instead of ``W x``:
-    ``W E[d x_Kᵀ] (S[K, K] + λI)⁻¹``.
-    """
-    s_kk = second[keep][:, keep]
-    return ridge_solve(target_term(weight, second, keep, cross), s_kk, alpha * ridge_scale(s_kk), alpha)
-
-
 def target_term(weight: torch.Tensor, second: torch.Tensor, keep: torch.Tensor,
                 cross: torch.Tensor | None = None) -> torch.Tensor:
     """``T = W E[x x_Kᵀ]``, or ``W E[d x_Kᵀ]`` with ``cross = E[x dᵀ]`` (hidden × |K|), float64."""
     return weight.double() @ (second[:, keep] if cross is None else cross[keep].T)
-
-
-def ridge_solve(target: torch.Tensor, s_kk: torch.Tensor, ridge: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``T (S[K, K] + ridge·I)⁻¹`` by Cholesky; ``alpha`` names the ridge when it is singular."""
-    factor, info = torch.linalg.cholesky_ex(s_kk + ridge * torch.eye(len(s_kk), dtype=torch.float64))
-    if info != 0:
-        raise GluPruneError(f"the refit is singular at ridge {alpha:g}: use more calibration tokens")
-    return torch.cholesky_solve(target.T, factor).T
-
-
-def refit_error(weight: torch.Tensor, new_weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
-                holdout: LayerStats, pairs: PairedStats | None = None) -> float:
-    """``E||W x - W' x_K - b||²`` over the held-out statistics (``W d`` in place of ``W x`` with ``pairs``)."""
-    second, mean = moments(holdout, centred=False)
-    w = weight.double()
-    if pairs is not None:
-        cross, dense_second = pairs.means()
-        s_kk = second[keep][:, keep]
-        return float(torch.einsum("hi,ij,hj->", w, dense_second, w)
-                     - 2 * torch.einsum("hi,ki,hk->", w, cross[keep], new_weight)
-                     + torch.einsum("hk,kl,hl->", new_weight, s_kk, new_weight))
-    diff = w.clone()
-    diff[:, keep] -= new_weight
-    error = torch.einsum("hi,ij,hj->", diff, second, diff)
-    if bias is not None:
-        error = error - 2 * bias @ (diff @ mean) + bias @ bias
-    return float(error)
 
 
 @dataclass(frozen=True)
@@ -117,7 +81,7 @@ class HeldOut:
     output_mean: torch.Tensor  # W m
 
     def error(self, new_weight: torch.Tensor, bias: torch.Tensor | None = None) -> float:
-        """The held-out error of the refit ``new_weight`` (and ``bias``): :func:`refit_error`'s value."""
+        """The held-out error of the refit ``new_weight`` (and ``bias``), ``E||W x − W' x_K − b||²``."""
         error = self.total - 2 * (new_weight * self.across).sum() + ((new_weight @ self.s_kk) * new_weight).sum()
         if bias is not None:
             error = error - 2 * bias @ (self.output_mean - new_weight @ self.mean_k) + bias @ bias
@@ -241,12 +205,39 @@ def walk(error, size: int, start: int) -> int:
         at = best
 
 
-def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats,
-                      holdout: LayerStats | torch.Tensor | None = None, pairs: list[PairedStats] | None = None,
-                      search: str = "walk") -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def keep_columns(weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, holdout=None, pairs=None,
+                 search: str = "walk") -> Refitted:
+    """``none``: the kept columns of ``weight`` as they are (float64, on the CPU)."""
+    w = weight.double()
+    return w[:, keep.to(w.device)].cpu(), None, {}
+
+
+def flap_bias(weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, holdout=None, pairs=None,
+              search: str = "walk") -> Refitted:
+    """``bias``: the kept columns and FLAP's bias (:func:`bias_compensation`) from the fit mean."""
+    w = weight.double()
+    return w[:, keep.to(w.device)].cpu(), bias_compensation(w.cpu(), fit.mean, keep), {}
+
+
+def lstsq(weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, holdout: LayerStats | torch.Tensor | None = None,
+          pairs: list[PairedStats] | None = None, search: str = "walk") -> Refitted:
+    """``lstsq``: the least-squares refit on the uncentred second moment (:func:`ridge_refit`)."""
+    return ridge_refit(weight, keep, fit, holdout, pairs, search, centred=False)
+
+
+def lstsq_centred(weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats,
+                  holdout: LayerStats | torch.Tensor | None = None, pairs: list[PairedStats] | None = None,
+                  search: str = "walk") -> Refitted:
+    """``lstsq-centred``: the refit on the covariance, plus a bias (:func:`ridge_refit`)."""
+    return ridge_refit(weight, keep, fit, holdout, pairs, search, centred=True)
+
+
+def ridge_refit(weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, holdout: LayerStats | torch.Tensor | None,
+                pairs: list[PairedStats] | None, search: str,
+                centred: bool) -> Refitted:
     """New down weight (hidden × |K|) and bias (or None) of one layer, with what was chosen.
 
-    ``pairs`` (fit, then held-out; see :class:`calibrate.stats.PairedStats`) make ``lstsq`` fit the
+    ``pairs`` (fit, then held-out; see :class:`calibrate.stats.PairedStats`) make the refit fit the
     dense model's outputs instead of the layer's own. With ``holdout`` (held-out statistics, or
     held-out activations: see :class:`RidgeCandidates`) the candidates are no refit (the kept columns
     as they are) and every ridge of ``RIDGE_GRID``; the one with the least held-out error is taken,
@@ -255,19 +246,9 @@ def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit
     ``holdout``: ``FIXED_RIDGE``. The computation runs on ``weight``'s device, in float64; the
     results are on the CPU.
     """
-    if method not in ("none", "bias", "lstsq", "lstsq-centred"):
-        raise GluPruneError(f"unknown reconstruction '{method}'")
-    if pairs is not None and method != "lstsq":
-        raise ConfigError("reconstruct", method, "a refit toward the dense outputs needs lstsq")
-    if search not in ("walk", "grid"):
-        raise GluPruneError(f"unknown ridge search '{search}': use walk or grid")
     w = weight.double()
     keep_here = keep.to(w.device)
-    if method == "none":
-        return w[:, keep_here].cpu(), None, {}
-    if method == "bias":
-        return w[:, keep_here].cpu(), bias_compensation(w.cpu(), fit.mean, keep), {}
-    candidates = RidgeCandidates(w, keep_here, fit, holdout, method == "lstsq-centred", pairs)
+    candidates = RidgeCandidates(w, keep_here, fit, holdout, centred, pairs)
     if holdout is None:
         index = RIDGE_GRID.index(FIXED_RIDGE)
         factor = candidates.factor(index)

@@ -1,21 +1,31 @@
-"""Every method the library offers, what each needs, and where it can run: the one table that the
-command line's choices, the configuration's validation and the docs read.
+"""Every strategy the library offers, as an object carrying its callable and what it needs
+(statistics, second moments, calibration text) and where it can run (``streamable``: on an
+offloaded checkpoint): the one table that the command line's choices, the configuration's
+validation, :mod:`pruning.decide`, the comparison grid and the docs read. Nothing elsewhere
+dispatches on a strategy's name.
 
-Add a score: write the function in :mod:`pruning.scores` and one :class:`Method` line here.
-Add an allocation or a reconstruction: its pure maths in :mod:`pruning.allocation` /
-:mod:`pruning.reconstruct`, one line here, and its use in :mod:`pruning.decide`.
+Add a score: its function in :mod:`pruning.scores`, one :class:`Method` line here.
+Add an allocation: an :class:`pruning.allocators.Allocator` (its pure maths in
+:mod:`pruning.allocation`), one :class:`Allocation` line here.
+Add a reconstruction: its function in :mod:`pruning.reconstruct` with :data:`Refit`'s signature,
+one :class:`Reconstruction` line here.
+Each with its test; docs/architecture.md has the recipe.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from calibrate.errors import ConfigError, GluPruneError
-from calibrate.stats import LayerStats
-from pruning import scores
+from calibrate.stats import LayerStats, PairedStats
+from pruning import reconstruct, scores
+from pruning.allocators import Allocator, Curve, Global, Outliers, Sensitivity, Uniform
 from pruning.scores import Score
+
+Refit = Callable[..., tuple]  # (weight, keep, fit, holdout, pairs, search) -> (down weight, bias or None, chosen)
 
 
 @dataclass(frozen=True)
@@ -26,27 +36,48 @@ class Method:
     help: str
     data: bool = False
     second_moment: bool = False
+    steps: bool = False  # its scores are removal steps: the same range in every layer once standardised
 
 
 @dataclass(frozen=True)
 class Allocation:
-    """How kept neurons are spread over layers; ``needs_stats``/``needs_text``: statistics or calibration
-    text to measure per-layer importance; ``streamable``: works on an offloaded checkpoint."""
+    """How kept neurons are spread over layers, by ``allocator``'s steps; ``needs_stats``/``needs_text``:
+    statistics or calibration text to measure per-layer importance; ``streamable``: works on an
+    offloaded checkpoint."""
 
     help: str
+    allocator: Allocator
     needs_stats: bool = False
     needs_text: bool = False
     streamable: bool = True
+    ranks_across: bool = False  # ranks standardised scores across layers
 
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """A compensation of the removed neurons; ``adds_bias``: needs a family that reloads a down_proj bias."""
+    """A compensation of the removed neurons, computed by ``refit`` (:data:`Refit`) one layer at a time
+    from statistics; ``adds_bias``: needs a family that reloads a down_proj bias; ``dense_target``: can
+    refit toward the unpruned model's outputs (sequential, ``refit_target="dense"``); ``needs_text``:
+    its work runs layer by layer over the calibration text itself, not from statistics alone."""
 
     help: str
+    refit: Refit
     second_moment: bool = False
     adds_bias: bool = False
     streamable: bool = True
+    dense_target: bool = False
+    needs_text: bool = False
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When layers are measured and cut: ``layerwise``: calibrates as it prunes, one layer at a time
+    (calibration text, uniform allocation only; ``refit_target="dense"`` possible); ``streamable``:
+    runs on an offloaded checkpoint."""
+
+    help: str
+    layerwise: bool = False
+    streamable: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -63,36 +94,42 @@ METHODS: dict[str, Method] = {
     "hybrid": Method(scores.hybrid, "optipfair's hybrid: normalised PPM of gate, up and down times the activation "
                                     "L2 norm", data=True),
     "obs": Method(scores.obs, "optimal-brain-surgeon removal order on the down projection", data=True,
-                  second_moment=True),
+                  second_moment=True, steps=True),
 }
 DEFAULT_METHOD = "hybrid"
 
 ALLOCATIONS: dict[str, Allocation] = {
-    "uniform": Allocation("the same size in every layer"),
-    "global": Allocation("scores standardised per layer and ranked across layers"),
-    "owl": Allocation("more kept where the down projection has more activation outliers (OWL)", needs_stats=True),
+    "uniform": Allocation("the same size in every layer", Uniform()),
+    "global": Allocation("scores standardised per layer and ranked across layers", Global(), ranks_across=True),
+    "owl": Allocation("more kept where the down projection has more activation outliers (OWL)", Outliers(),
+                      needs_stats=True),
     "sensitivity": Allocation("more kept where pruning that layer alone costs more loss on held-out calibration "
-                              "text", needs_text=True, streamable=False),
+                              "text", Sensitivity(), needs_text=True, streamable=False),
     "curve": Allocation("equal marginal refit error across layers, from each layer's closed-form error curve "
                         "(second moments) measured in the loss gradient's metric (one backward pass over "
-                        "held-out calibration text)", needs_stats=True, needs_text=True, streamable=False),
+                        "held-out calibration text)", Curve(gradient=True, name="curve"), needs_stats=True,
+                        needs_text=True, streamable=False),
     "curve-output": Allocation("equal marginal refit error across layers, from each layer's closed-form error "
-                               "curve (second moments), the plain output error", needs_stats=True),
+                               "curve (second moments), the plain output error",
+                               Curve(gradient=False, name="curve-output"), needs_stats=True),
 }
 
 RECONSTRUCTIONS: dict[str, Reconstruction] = {
-    "none": Reconstruction("keep the kept columns as they are"),
-    "bias": Reconstruction("FLAP's bias: the removed neurons' mean contribution", adds_bias=True, streamable=False),
+    "none": Reconstruction("keep the kept columns as they are", reconstruct.keep_columns),
+    "bias": Reconstruction("FLAP's bias: the removed neurons' mean contribution", reconstruct.flap_bias,
+                           adds_bias=True, streamable=False),
     "lstsq": Reconstruction("least-squares refit of the kept down_proj columns, ridge chosen on held-out "
-                            "statistics", second_moment=True),
-    "lstsq-centred": Reconstruction("the refit on the covariance, plus a bias", second_moment=True, adds_bias=True,
-                                    streamable=False),
+                            "statistics", reconstruct.lstsq, second_moment=True, dense_target=True),
+    "lstsq-centred": Reconstruction("the refit on the covariance, plus a bias", reconstruct.lstsq_centred,
+                                    second_moment=True, adds_bias=True, streamable=False),
 }
-AUTO = "auto"  # lstsq when second moments are at hand or affordable (pruning.config.resolve_reconstruct)
+AUTO = "auto"  # AUTO_REFIT when second moments are at hand or affordable (pruning.config.resolve_reconstruct)
+AUTO_REFIT = "lstsq"  # the refit that auto chooses
 
-SCHEDULES = {
-    "one-shot": "score every layer on the dense model's statistics, then cut",
-    "sequential": "calibrate and cut one layer at a time, each on the model whose earlier layers are cut",
+SCHEDULES: dict[str, Schedule] = {
+    "one-shot": Schedule("score every layer on the dense model's statistics, then cut", streamable=True),
+    "sequential": Schedule("calibrate and cut one layer at a time, each on the model whose earlier layers are cut",
+                           layerwise=True),
 }
 REFIT_TARGETS = {
     "pruned": "refit each layer toward its own output on the pruned model's input",
@@ -122,3 +159,19 @@ def score_neurons(method: str, gate: torch.Tensor, up: torch.Tensor, down: torch
         raise GluPruneError(f"layer {layer}: statistics have {stats.size} neurons, the model {gate.shape[0]}: "
                             f"recalibrate on this model")
     return METHODS[method].score(gate.double(), up.double(), down.double(), stats, seed, layer).double()
+
+
+def reconstruct_layer(method: str, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats,
+                      holdout: LayerStats | torch.Tensor | None = None, pairs: list[PairedStats] | None = None,
+                      search: str = "walk") -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """New down weight (hidden × |K|) and bias (or None) of one layer under ``method``, with what was
+    chosen: its :class:`Reconstruction`'s ``refit`` (e.g. :func:`pruning.reconstruct.ridge_refit`,
+    which says what ``holdout``, ``pairs`` and ``search`` do)."""
+    if method not in RECONSTRUCTIONS:
+        raise GluPruneError(f"unknown reconstruction '{method}'")
+    if pairs is not None and not RECONSTRUCTIONS[method].dense_target:
+        dense = [n for n, r in RECONSTRUCTIONS.items() if r.dense_target]
+        raise ConfigError("reconstruct", method, f"a refit toward the dense outputs needs {' or '.join(dense)}")
+    if search not in ("walk", "grid"):
+        raise GluPruneError(f"unknown ridge search '{search}': use walk or grid")
+    return RECONSTRUCTIONS[method].refit(weight, keep, fit, holdout, pairs, search)

@@ -25,8 +25,8 @@ from calibrate.spill import SpilledTensors
 from calibrate.stats import ActivationStats
 from pruning.config import PruneConfig
 from pruning.decide import decide
-from pruning.prune import make_manifest, prepare
-from pruning.registry import ALLOCATIONS, RECONSTRUCTIONS
+from pruning.prune import PruneResult, make_manifest, prepare
+from pruning.registry import ALLOCATIONS, RECONSTRUCTIONS, SCHEDULES
 from pruning.save import model_card
 from pruning.surgery import apply_plan
 
@@ -55,17 +55,18 @@ def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: Mapping) -> dic
 
 def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path, stats: ActivationStats | None,
                      config: PruneConfig, force: bool = False, progress: bool = True,
-                     notes: dict | None = None, spill: str | Path | None = None) -> dict:
+                     notes: dict | None = None, spill: str | Path | None = None) -> PruneResult:
     """Prune the checkpoint behind ``loader`` into ``out_dir`` (written atomically); ``model`` is
     the empty (meta) model of :func:`calibrate.offload.offload_model`. With ``spill`` (a folder) the
-    refitted weights wait there, in the loader's dtype, until the rewrite. Returns the manifest."""
+    refitted weights wait there, in the loader's dtype, until the rewrite. Returns the result: the meta
+    model with the pruned shapes, the plan and the manifest."""
     start = time.perf_counter()
     for option, table, value in (("allocation", ALLOCATIONS, config.allocation),
                                  ("reconstruct", RECONSTRUCTIONS, config.reconstruct)):
         if not table[value].streamable:
             raise ConfigError(option, value, "does not run on an offloaded checkpoint: choose "
                               + " or ".join(k for k, v in table.items() if v.streamable) + ", or load the model")
-    if config.schedule != "one-shot":
+    if not SCHEDULES[config.schedule].streamable:
         raise ConfigError("schedule", config.schedule, "an offloaded checkpoint is pruned one-shot")
     config, auto, sizes_before = prepare(model, stats, config, loader)
     refits = SpilledTensors(Path(spill) / "refits", dtype=loader.dtype) if spill is not None else None
@@ -73,12 +74,12 @@ def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path,
     rules = sliced_tensors(model, decision.plan, decision.refits)
     apply_plan(model, decision.plan)  # on the meta model: new shapes and the config's sizes, no memory
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
-    record = write(model.config, manifest.updated(schedule="one-shot (streamed)", **(notes or {})))
-    write_checkpoint(loader, rules, model.config, tokenizer, out_dir, record, progress, force=force)
-    return record
+    manifest = write(model.config, manifest.updated(schedule="one-shot (streamed)", **(notes or {})))
+    write_checkpoint(loader, rules, model.config, tokenizer, out_dir, manifest, progress, force=force)
+    return PruneResult(model, decision.plan, manifest)
 
 
-def write_checkpoint(loader: LayerLoader, rules: dict, config, tokenizer, out: str | Path, record: dict,
+def write_checkpoint(loader: LayerLoader, rules: dict, config, tokenizer, out: str | Path, manifest: Manifest,
                      progress: bool, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
     """Every tensor read, changed by ``rules`` and written into shards of about ``max_shard_bytes``
     in a temporary folder renamed to ``out``: memory holds one output shard at most. Floating
@@ -98,4 +99,4 @@ def write_checkpoint(loader: LayerLoader, rules: dict, config, tokenizer, out: s
                 shutil.copy(weights.directory / extra, tmp / extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(Manifest.from_dict(record)))
+        (tmp / "README.md").write_text(model_card(manifest))

@@ -33,7 +33,7 @@ from pruning.heal import HealConfig, heal, training_batches
 from pruning.plan import kept_count
 from pruning.preflight import plan_offloaded, refit_peak
 from pruning.prune import PruneResult, prune, prune_sequential
-from pruning.registry import ALLOCATIONS, AUTO, RECONSTRUCTIONS
+from pruning.registry import ALLOCATIONS, AUTO, AUTO_REFIT, RECONSTRUCTIONS, SCHEDULES
 from pruning.stream import prune_checkpoint
 
 log = logging.getLogger("glu_prune")
@@ -103,7 +103,7 @@ def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrati
     config, why = resolve_reconstruct(config, sizes, has_second, has_data=stats is not None or calibrating,
                                       fit_tokens=None if stats is None else stats.tokens, hidden=hidden)
     notes = {}
-    if auto and stats is None and config.reconstruct == "lstsq" and settings is not None:
+    if auto and stats is None and config.reconstruct == AUTO_REFIT and settings is not None:
         tokens, budget = calibration_budget(widest_kept(config, sizes, hidden), settings.max_tokens, DEFAULT_TOKENS,
                                             HOLDOUT)
         if tokens is None:
@@ -121,7 +121,7 @@ def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrati
 
 def recheck_budget(config: PruneConfig, model, stats: ActivationStats, notes: dict) -> PruneConfig:
     """After calibrating for an auto refit: no refit when the corpus gave fewer fitting tokens than it needs."""
-    if "reconstruct_auto" not in notes or config.reconstruct != "lstsq":
+    if "reconstruct_auto" not in notes or config.reconstruct != AUTO_REFIT:
         return config
     sizes, hidden = [g.intermediate_size for g in glu_layers(model)], model.config.hidden_size
     checked, why = resolve_reconstruct(replace(config, reconstruct=AUTO), sizes, True, fit_tokens=stats.tokens,
@@ -139,13 +139,13 @@ def check_data(config: PruneConfig, stats: ActivationStats | None, corpus: Corpu
     if config.needs_stats and stats is None and corpus is None:
         raise GluPruneError(f"{config.what_needs('stats')} calibration statistics: give statistics or a "
                             f"corpus")
-    if config.schedule == "sequential" and stats is not None:
+    if SCHEDULES[config.schedule].layerwise and stats is not None:
         raise GluPruneError("the sequential schedule calibrates as it prunes: give a corpus, not statistics")
 
 
 def runs_offloaded(config: PruneConfig) -> bool:
     """Whether ``config`` can prune an offloaded checkpoint (one-shot, streamable choices)."""
-    return (config.schedule == "one-shot" and ALLOCATIONS[config.allocation].streamable
+    return (SCHEDULES[config.schedule].streamable and ALLOCATIONS[config.allocation].streamable
             and (config.reconstruct == AUTO or RECONSTRUCTIONS[config.reconstruct].streamable))
 
 
@@ -154,9 +154,9 @@ def offload_choice(model_name: str, config: PruneConfig, *, calibrating: bool, d
     """How to prune ``model_name``: offloaded when asked, or when the in-memory run (its weights, and
     the second moments it would calibrate when ``calibrating`` on a corpus) would not fit the memory
     limit and ``config`` runs offloaded. It changes how the model is computed, never which comes out."""
-    second = calibrating and config.schedule == "one-shot" and (config.needs_second_moment
+    second = calibrating and not SCHEDULES[config.schedule].layerwise and (config.needs_second_moment
                                                                 or config.reconstruct == AUTO)
-    refits = config.reconstruct in ("lstsq", "lstsq-centred", AUTO)
+    refits = config.reconstruct == AUTO or RECONSTRUCTIONS[config.reconstruct].second_moment
 
     def working(sizes: list[int], hidden: int) -> int:
         return max(refit_peak(s, kept_count(s, hidden, config.target), hidden) for s in sizes) if refits else 0
@@ -182,7 +182,7 @@ def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: Activatio
     batches = calibration_batches(tokenizer, corpus, settings) if corpus is not None else []
     meta = provenance(model.config.name_or_path, corpus, settings) if corpus \
         else {}
-    if config.schedule == "sequential":
+    if SCHEDULES[config.schedule].layerwise:
         return prune_sequential(model, batches, config, holdout=HOLDOUT, inplace=inplace, progress=progress,
                                 meta=meta, notes=notes)
     if stats is None and config.needs_stats:
@@ -196,13 +196,14 @@ def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: Activatio
 def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, *, stats: ActivationStats | None = None,
                     corpus: Corpus | None = None, settings: CalibrationSettings = CalibrationSettings(),
                     device: torch.device, dtype: torch.dtype, force: bool = False, progress: bool = True,
-                    notes: dict | None = None, spill_dir: str | Path | None = None) -> dict:
+                    notes: dict | None = None, spill_dir: str | Path | None = None) -> PruneResult:
     """Prune a local checkpoint into ``out`` without ever building the whole model: calibration one
     decoder layer at a time, then the checkpoint rewritten shard by shard. Before it starts, each
     phase's peak memory is counted (:func:`pruning.preflight.plan_offloaded`): when holding every
     layer's statistics and refitted weights would not fit (or whenever ``spill_dir`` is given), they
     wait in files in a temporary folder in ``spill_dir`` (default: beside ``out``) until the rewrite,
-    the bytes said and checked against the free disk first. Returns the manifest."""
+    the bytes said and checked against the free disk first. Returns the result (its model the empty
+    meta model with the pruned shapes: :func:`pruning.stream.prune_checkpoint`)."""
     check_output(out, force)
     model, loader, tokenizer = offload_model(model_name, device, dtype)
     config, auto, settings = resolve(config, model, stats, corpus is not None, settings)
@@ -323,5 +324,5 @@ def prune_depth_with_corpus(model, tokenizer, depth: DepthConfig, config: PruneC
         return result
     width = prune_with_corpus(result.model, tokenizer, config, corpus=corpus, settings=settings, inplace=True,
                               progress=progress)
-    manifest = read(width.model.config).updated(depth=result.manifest["depth"])
+    manifest = read(width.model.config).updated(depth=result.manifest.depth)
     return PruneResult(width.model, width.plan, write(width.model.config, manifest))

@@ -26,7 +26,7 @@ def main() -> None:
     lines += [f"| `{n}` | {r.help} | {yes(r.second_moment)} | {yes(r.adds_bias)} | {yes(r.streamable)} |"
               for n, r in RECONSTRUCTIONS.items()]
     lines += ["", "## Schedules and refit targets", ""]
-    lines += [f"- schedule `{n}`: {text}" for n, text in SCHEDULES.items()]
+    lines += [f"- schedule `{n}`: {s.help}" for n, s in SCHEDULES.items()]
     lines += [f"- refit target `{n}`: {text}" for n, text in REFIT_TARGETS.items()]
     print("\n".join(lines))
 

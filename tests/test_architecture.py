@@ -1,5 +1,5 @@
 """The import contract: layers only point down (calibrate < pruning < benchmarks < glu_prune_cli),
-and inside benchmarks/ its rooms only point down too (measures < deploy < grid < studies: the grid
+and inside benchmarks/ its rooms only point down too (measures, reference < deploy < grid < studies: the grid
 runs deploy's speed and lm-eval figures, deploy never needs the grid); nothing outside
 benchmarks/studies/ imports a study, and a study imports no other study (studies may import the
 product). No project module imports itself back through others. Every import in a file counts,
@@ -10,7 +10,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = {"calibrate": 0, "pruning": 1, "benchmarks": 2, "glu_prune_cli": 3}  # may import its own and lower
-ROOMS = {"benchmarks.measures": 0, "benchmarks.deploy": 1, "benchmarks.grid": 2, "benchmarks.studies": 3}
+ROOMS = {"benchmarks.measures": 0, "benchmarks.reference": 0, "benchmarks.deploy": 1, "benchmarks.grid": 2,
+         "benchmarks.studies": 3}
 STUDIES = "benchmarks.studies"  # one study per module or package below it
 
 

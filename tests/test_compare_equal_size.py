@@ -67,7 +67,7 @@ def test_rows_have_the_planned_parameter_counts(setup, tmp_path):
     stats = calibrate(base, batches, layer_importance=True, progress=False)
     depth = prune_depth(base, DepthConfig(2, "cosine"), stats.depth)
     assert by_model["depth-cosine-p0.2-law"]["removed_layers"] == \
-        ",".join(map(str, depth.manifest["depth"]["removed_layers"]))
+        ",".join(map(str, depth.manifest.removed_layers))
     assert by_model["depth-cosine-p0.2-law"]["perplexity"] == evaluated(depth.model, tokenizer, corpora[0])
     width = prune(base, stats, PruneConfig(intermediate_size=plan(profile, 0.2, "width").intermediate_size,
                                            method="hybrid")).model

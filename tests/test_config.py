@@ -132,7 +132,7 @@ def test_prune_copies_unless_asked_to_work_in_place():
     stats = calibrate(model, batches(), progress=False)
     result = prune(model, stats, PruneConfig(ratio=0.25))
     assert model.config.intermediate_size == 64 and result.model.config.intermediate_size == 48
-    assert result.model.config.glu_prune == result.manifest
+    assert result.model.config.glu_prune == result.manifest.to_dict()
     assert sorted(result.plan) == [0, 1, 2] and all(len(k) == 48 for k in result.plan.values())
     same = prune(model, stats, PruneConfig(ratio=0.25), inplace=True)
     assert same.model is model and model.config.intermediate_size == 48
@@ -172,7 +172,7 @@ def test_prune_with_a_corpus_raises_the_budget_or_falls_back_to_no_refit(tmp_pat
 
     def run(settings):
         return prune_with_corpus(model, tiny_tokenizer(), config, corpus=corpus, settings=settings,
-                                 progress=False).manifest
+                                 progress=False).manifest.to_dict()
 
     assert run(settings)["reconstruct"] == "lstsq"
     small = run(CalibrationSettings(seq_len=32, batch_size=2, max_tokens=64))

@@ -59,8 +59,8 @@ def test_remove_two_layers_reloads_with_stock_transformers(family, tmp_path):
     result = prune_depth(model, DepthConfig((0, 2)))
     pruned = result.model
     assert len(decoder_layers(pruned)) == 3 and len(decoder_layers(model)) == 5  # a copy was cut
-    assert result.manifest["depth"]["removed_layers"] == [0, 2]
-    assert result.manifest["depth"]["kept_layers"] == [1, 3, 4]
+    assert result.manifest.depth["removed_layers"] == [0, 2]
+    assert result.manifest.depth["kept_layers"] == [1, 3, 4]
     for new, layer in enumerate(decoder_layers(pruned)):
         assert layer.self_attn.layer_idx == new
     save_pruned(pruned, tiny_tokenizer(), tmp_path / "p")
@@ -175,9 +175,9 @@ def test_the_least_important_layers_are_removed():
         values = stats.depth.scores(score)
         expected = sorted(sorted(values, key=values.get)[:2])
         result = prune_depth(model, DepthConfig(2, score), stats.depth, statistics=stats.meta)
-        assert result.manifest["depth"]["removed_layers"] == expected
-        assert result.manifest["depth"]["layer_scores"] == {str(i): v for i, v in values.items()}
-        assert result.manifest["depth"]["statistics"]["model_type"] == "llama"
+        assert result.manifest.depth["removed_layers"] == expected
+        assert result.manifest.depth["layer_scores"] == {str(i): v for i, v in values.items()}
+        assert result.manifest.depth["statistics"]["model_type"] == "llama"
 
 
 def test_statistics_file_keeps_layer_importance(tmp_path):
@@ -212,12 +212,12 @@ def test_depth_then_width_on_an_already_pruned_manifest_renumbers_it():
     sizes = [g.intermediate_size for g in glu_layers(width)]
     kept = width.config.glu_prune["kept_indices"]
     result = prune_depth(width, DepthConfig((0, 2)))
-    manifest = result.manifest
+    manifest = result.manifest.to_dict()
     assert manifest["intermediate_sizes"] == [sizes[i] for i in (1, 3, 4)]
     assert manifest["kept_indices"] == {"0": kept["1"], "1": kept["3"]}
     assert manifest["layers"] == [0, 1] and manifest["config"]["layers"] == [0, 1]
     assert manifest["depth"]["kept_layers"] == [1, 3, 4]
-    again = prune_depth(result.model, DepthConfig((1,))).manifest["depth"]
+    again = prune_depth(result.model, DepthConfig((1,))).manifest.depth
     assert again["kept_layers"] == [1, 4] and again["removed_layers"] == [0, 2, 3]
     assert again["num_layers_before"] == 5
 

@@ -6,6 +6,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tiny import INTERMEDIATE, LAYERS, hooks_left, random_batches, stats_for, tiny_model
 
+from benchmarks.reference import lstsq_refit
 from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
 from calibrate.hooks import HookOwner
@@ -16,7 +17,6 @@ from pruning.decide import score_layer
 from pruning.error_curves import error_curve, kept_order
 from pruning.importance import output_gradient_moments
 from pruning.plan import top_k
-from pruning.reconstruct import lstsq_refit
 
 
 def down_inputs(model, batches) -> dict[int, torch.Tensor]:
@@ -106,11 +106,11 @@ def test_curve_allocations_keep_the_uniform_total_in_multiples(measured, allocat
     config = PruneConfig(ratio=0.4, method="hybrid", allocation=allocation, reconstruct="lstsq",
                          multiple_of=multiple_of, allocation_spread=0.3)
     result = prune(model, stats, config, text_batches=batches[:1])
-    sizes = result.manifest["intermediate_sizes"]
+    sizes = result.manifest.intermediate_sizes
     uniform = round(INTERMEDIATE * 0.6) // multiple_of * multiple_of
     assert sum(sizes) == LAYERS * uniform and all(s % multiple_of == 0 for s in sizes)
     assert all(abs(s / INTERMEDIATE - uniform / INTERMEDIATE) <= 0.3 + multiple_of / INTERMEDIATE for s in sizes)
-    assert result.manifest["allocation"] == allocation and len(result.manifest["layer_importance"]) == LAYERS
+    assert result.manifest.allocation == allocation and len(result.manifest.extra["layer_importance"]) == LAYERS
     assert [g.intermediate_size for g in glu_layers(result.model)] == sizes
 
 

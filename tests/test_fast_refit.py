@@ -17,20 +17,13 @@ import torch
 from hypothesis import given, settings
 from tiny import random_batches, tiny_model
 
+from benchmarks.reference import lstsq_refit, refit_error
 from benchmarks.studies.refit_speed import obs_order_by_copies, path_errors, ridge_candidates, ridge_path
 from calibrate.glu import glu_layers
 from calibrate.run import calibrate
 from calibrate.stats import LayerStats, PairedStats
-from pruning.reconstruct import (
-    RIDGE_GRID,
-    held_out,
-    lstsq_refit,
-    moments,
-    obs_removal_order,
-    reconstruct_layer,
-    refit_error,
-    ridge_scale,
-)
+from pruning.reconstruct import RIDGE_GRID, held_out, moments, obs_removal_order, ridge_scale
+from pruning.registry import reconstruct_layer
 
 EPS = torch.finfo(torch.float64).eps
 TOL_FACTOR = 8

@@ -16,8 +16,8 @@ from pruning.save import save_pruned
 def records() -> dict[str, dict]:
     model = tiny_model("llama")
     width = prune(model, stats_for(model), PruneConfig(ratio=0.5, method="wanda", reconstruct="bias"))
-    return {"width": width.manifest, "depth": prune_depth(model, DepthConfig((0,))).manifest,
-            "depth after width": prune_depth(width.model, DepthConfig((1,))).manifest}
+    return {"width": width.manifest.to_dict(), "depth": prune_depth(model, DepthConfig((0,))).manifest.to_dict(),
+            "depth after width": prune_depth(width.model, DepthConfig((1,))).manifest.to_dict()}
 
 
 def test_every_record_reads_back_as_the_same_dict():
@@ -43,5 +43,5 @@ def test_a_saved_model_carries_its_manifest_and_the_name_it_was_loaded_by(tmp_pa
     assert "glu_prune_name" not in vars(model)  # nothing hung on the model object
     result = prune(model, stats_for(model), PruneConfig(ratio=0.5, method="wanda"))
     save_pruned(result.model, tokenizer, tmp_path / "pruned")
-    assert saved_manifest(tmp_path / "pruned") == json.loads(json.dumps(result.manifest))
+    assert saved_manifest(tmp_path / "pruned") == json.loads(json.dumps(result.manifest.to_dict()))
     assert read(result.model.config).base_model == str(tmp_path / "base")

@@ -34,7 +34,7 @@ def test_global_allocation_keeps_the_best_standardised_scores_across_layers():
     expected = [int((owner[best] == i).sum()) for i in range(3)]
     assert min(expected) >= 3 and len(set(expected)) > 1  # the floor does not bind; the plan is not uniform
     result = prune(model, stats, PruneConfig(ratio=0.5, method="wanda", allocation="global"))
-    assert result.manifest["intermediate_sizes"] == expected
+    assert result.manifest.intermediate_sizes == expected
     for i in range(3):
         assert set(result.plan[i].tolist()) == set(best[owner[best] == i].remainder(INTERMEDIATE).tolist())
 

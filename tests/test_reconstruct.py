@@ -3,11 +3,13 @@ import torch
 from tiny import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+from benchmarks.reference import lstsq_refit, refit_error
 from calibrate.errors import GluPruneError
 from calibrate.run import calibrate
 from calibrate.stats import LayerStats, PairedStats
 from pruning import PruneConfig, prune, save_pruned
-from pruning.reconstruct import RIDGE_GRID, bias_compensation, lstsq_refit, moments, reconstruct_layer, refit_error
+from pruning.reconstruct import RIDGE_GRID, bias_compensation, moments
+from pruning.registry import reconstruct_layer
 
 
 def stats_of(x: torch.Tensor) -> LayerStats:
@@ -131,7 +133,7 @@ def test_bias_reconstruction_needs_a_family_that_reloads_biases():
 
 
 def test_obs_removes_first_the_neuron_whose_loss_a_refit_best_absorbs():
-    from pruning.reconstruct import lstsq_refit, obs_removal_order
+    from pruning.reconstruct import obs_removal_order
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(500, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)

@@ -130,7 +130,7 @@ REFIT = """
 import re, sys, torch
 from calibrate.offload import keep_large_allocations_mapped
 from calibrate.stats import LayerStats
-from pruning.reconstruct import reconstruct_layer
+from pruning.registry import reconstruct_layer
 
 def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024

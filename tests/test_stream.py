@@ -34,7 +34,8 @@ def test_streamed_pruning_writes_what_the_in_memory_path_saves(tmp_path, family,
     model = prune(model, stats, config).model
     save_pruned(model, tiny_tokenizer(), tmp_path / "memory")
     empty, loader, tokenizer = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float32)
-    record = prune_checkpoint(empty, loader, tokenizer, tmp_path / "streamed", stats, config, progress=False)
+    record = prune_checkpoint(empty, loader, tokenizer, tmp_path / "streamed", stats, config,
+                              progress=False).manifest.to_dict()
     assert record["intermediate_sizes"] == model.config.glu_prune["intermediate_sizes"]
     assert record["kept_indices"] == model.config.glu_prune["kept_indices"]
     memory, streamed = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
@@ -103,9 +104,9 @@ def test_a_non_uniform_model_is_offloaded_and_pruned_again(tmp_path):
     save_pruned(first, tiny_tokenizer(), tmp_path / "first")
     empty, loader, tokenizer = offload_model(str(tmp_path / "first"), torch.device("cpu"), torch.float32)
     record = prune_checkpoint(empty, loader, tokenizer, tmp_path / "second", None,
-                              PruneConfig(ratio=0.5, method="ppm", allocation="global"), progress=False)
+                              PruneConfig(ratio=0.5, method="ppm", allocation="global"), progress=False).manifest
     again = prune(load_pruned(tmp_path / "first"), None, PruneConfig(ratio=0.5, method="ppm", allocation="global"))
-    assert record["intermediate_sizes"] == again.manifest["intermediate_sizes"]
+    assert record.intermediate_sizes == again.manifest.intermediate_sizes
     ids = torch.randint(3, 120, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(load_pruned(tmp_path / "second")(ids).logits, again.model(ids).logits)

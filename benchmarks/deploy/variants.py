@@ -129,7 +129,7 @@ def build_models(out: Path, specs: list[ModelSpec], settings: BuildSettings, dat
                              allocation="uniform", reconstruct="none", seed=settings.seed)
         result = prune(model, stats, config, progress=False)
         save_pruned(result.model, tokenizer, folders[spec.name])
-        log.info("pruned %s: intermediate size %d", spec.name, result.manifest["intermediate_sizes"][0])
+        log.info("pruned %s: intermediate size %d", spec.name, result.manifest.intermediate_sizes[0])
     return folders
 
 

@@ -31,7 +31,7 @@ from pruning.equal_size import EqualSizePlan, SizeProfile, plan, size_profile
 from pruning.equal_size_models import build_plan
 from pruning.heal import HealConfig
 from pruning.prune import prune, prune_sequential
-from pruning.registry import needs_second_moment
+from pruning.registry import SCHEDULES, needs_second_moment
 from pruning.workflow import HOLDOUT, CalibrationSettings, calibrate_corpus, heal_with_corpus
 
 DEFAULT_METHODS = ["ppm", "hybrid", "wanda"]
@@ -175,7 +175,7 @@ class Grid:
         if spec.param_ratio is not None:
             return self.equal_size(spec).model
         config = spec.config(self.spread)
-        if config.schedule == "sequential":
+        if SCHEDULES[config.schedule].layerwise:
             return prune_sequential(self.base, self.calibration_batches(spec.calibration), config).model
         stats = self.statistics(spec.calibration) if spec.calibration else None
         text = split_holdout(self.calibration_batches(spec.calibration), HOLDOUT)[1] if config.needs_text else None

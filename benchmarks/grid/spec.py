@@ -7,10 +7,11 @@ from dataclasses import dataclass, replace
 from calibrate.corpora import BUILTIN
 from calibrate.errors import GluPruneError
 from calibrate.layer_importance import SCORES
+from pruning import registry
 from pruning.allocation import DEFAULT_SPREAD
 from pruning.config import PruneConfig
 from pruning.equal_size import check_param_ratio
-from pruning.registry import ALLOCATIONS, METHODS, choice
+from pruning.registry import ALLOCATIONS, METHODS, RECONSTRUCTIONS, REFIT_TARGETS, choice
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,9 @@ class ModelSpec:
 
     def config(self, spread: float) -> PruneConfig:
         """The pruning configuration of this (pruned) model."""
+        schedule, target = SCHEDULES[self.schedule]
         return PruneConfig(ratio=self.ratio, method=self.method, allocation=self.allocation, allocation_spread=spread,
-                           reconstruct=self.reconstruct, schedule="one-shot" if self.schedule == "one-shot" else
-                           "sequential", refit_target="dense" if self.schedule == "sequential-dense" else "pruned")
+                           reconstruct=self.reconstruct, schedule=schedule, refit_target=target)
 
 
 def parse_corpora(text: str) -> list[CorpusSpec]:
@@ -91,7 +92,12 @@ def parse_list(text: str, kind, flag: str) -> list:
     return values
 
 
-SCHEDULES = ("one-shot", "sequential", "sequential-dense")
+DEFAULT_TARGET = "pruned"
+# the grid's schedules → (registry schedule, refit target): each schedule, and each layerwise one toward
+# each other refit target as "<schedule>-<target>" (sequential-dense)
+SCHEDULES = {name: (name, DEFAULT_TARGET) for name in registry.SCHEDULES} | {
+    f"{name}-{target}": (name, target) for name, s in registry.SCHEDULES.items() if s.layerwise
+    for target in REFIT_TARGETS if target != DEFAULT_TARGET}
 DATA_ALLOCATIONS = tuple(name for name, a in ALLOCATIONS.items() if a.needs_stats or a.needs_text)
 
 
@@ -132,11 +138,12 @@ def grid_models(methods: list[str], ratios: list[float], corpora: list[str],
         for method in methods:
             for schedule in schedules:
                 for rec in reconstruct:
-                    if schedule == "sequential-dense" and rec != "lstsq":
+                    if SCHEDULES[schedule][1] != DEFAULT_TARGET and not (
+                            rec in RECONSTRUCTIONS and RECONSTRUCTIONS[rec].dense_target):
                         continue  # a refit toward the dense outputs is a least-squares refit
-                    for allocation in allocations if schedule == "one-shot" else ["uniform"]:
-                        data = METHODS[method].data or rec != "none" or schedule != "one-shot" or \
-                            allocation in DATA_ALLOCATIONS
+                    layerwise = registry.SCHEDULES[SCHEDULES[schedule][0]].layerwise
+                    for allocation in ["uniform"] if layerwise else allocations:
+                        data = METHODS[method].data or rec != "none" or layerwise or allocation in DATA_ALLOCATIONS
                         models += [ModelSpec(method, ratio, c, rec, schedule, allocation=allocation)
                                    for c in (corpora if data else [None])]
     models = list(dict.fromkeys(models))

@@ -34,7 +34,7 @@ from calibrate.glu import glu_layers, parse_layers
 from calibrate.models import load_model
 from calibrate.stats import LayerStats
 from pruning.plan import top_k
-from pruning.reconstruct import reconstruct_layer
+from pruning.registry import reconstruct_layer
 from pruning.workflow import CalibrationSettings, calibration_batches
 
 

@@ -7,7 +7,7 @@ rotates each repeat), it times:
 
 - ``old``: the search as it was (every ridge of the grid 1e-6..1: a Cholesky factorisation, a solve
   and the held-out error through ``H[K, K]``; always a refit);
-- ``new``: :func:`pruning.reconstruct.reconstruct_layer` as it is (no refit a candidate, the grid to
+- ``new``: :func:`pruning.registry.reconstruct_layer` as it is (no refit a candidate, the grid to
   1e3, scored downhill from 1e-2), with the held-out second moment;
 - ``rows``: the same with the held-out activations instead of their second moment;
 - ``grid``: the same scoring every ridge (the exhaustive float64 search), whose choice ``new`` and
@@ -27,7 +27,8 @@ import time
 import torch
 
 from calibrate.stats import LayerStats
-from pruning.reconstruct import RidgeCandidates, reconstruct_layer
+from pruning.reconstruct import RidgeCandidates
+from pruning.registry import reconstruct_layer
 
 SHAPES = {"smollm2": (576, 1536, 0.2), "1.5b": (1536, 8960, 0.2), "8b": (4096, 14336, 0.2)}  # hidden, inter, ratio
 OLD_GRID = 7  # RIDGE_GRID[:7] = 1e-6 .. 1, the grid as it was

@@ -3,7 +3,7 @@
 Three searches over ``RIDGE_GRID`` refit the same layers from the same statistics, taking turns
 layer by layer (the order rotates), so that load from elsewhere on the machine hits them alike:
 ``old`` (per ridge: a Cholesky refit, its target term and its held-out error from scratch), ``new``
-(:func:`pruning.reconstruct.reconstruct_layer`: the ridge-independent products once, per ridge a
+(:func:`pruning.registry.reconstruct_layer`: the ridge-independent products once, per ridge a
 factorisation, a solve and one product) and ``eigen`` (one eigendecomposition of ``S[K, K]`` gives
 every ridge's held-out error in closed form, the chosen ridge's weights by Cholesky). Prints, per
 kept fraction, each one's time and its speed ratio to ``old``, the largest absolute and relative
@@ -31,24 +31,15 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.reference import lstsq_refit, refit_error, ridge_solve
 from calibrate.corpora import load_corpus
 from calibrate.glu import glu_layers, parse_layers
 from calibrate.models import load_model
 from calibrate.stats import ActivationStats, LayerStats, PairedStats
 from pruning.config import PruneConfig
 from pruning.decide import allocate, score_layer
-from pruning.reconstruct import (
-    RIDGE_GRID,
-    held_out,
-    lstsq_refit,
-    moments,
-    obs_removal_order,
-    reconstruct_layer,
-    refit_error,
-    ridge_scale,
-    ridge_solve,
-    target_term,
-)
+from pruning.reconstruct import RIDGE_GRID, held_out, moments, obs_removal_order, ridge_scale, target_term
+from pruning.registry import reconstruct_layer
 from pruning.workflow import CalibrationSettings, calibrate_corpus, calibration_batches, provenance
 
 
@@ -200,7 +191,7 @@ def timed(fn, *args):
 
 
 def library_search(method: str, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, holdout: LayerStats):
-    """(weight, alpha, error) of :func:`pruning.reconstruct.reconstruct_layer`."""
+    """(weight, alpha, error) of :func:`pruning.registry.reconstruct_layer`."""
     new, _, info = reconstruct_layer(method, weight, keep, fit, holdout)
     return new, info["ridge"], info["holdout_error"]
 

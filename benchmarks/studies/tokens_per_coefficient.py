@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.reference import refit_error
 from calibrate.batches import collate, message_rows, packed_rows, pad_id
 from calibrate.corpora import load_corpus
 from calibrate.glu import glu_layers
@@ -45,7 +46,7 @@ from pruning.config import PruneConfig
 from pruning.decide import decide
 from pruning.plan import kept_count
 from pruning.prune import cut
-from pruning.reconstruct import RIDGE_GRID, RidgeCandidates, held_out, refit_error
+from pruning.reconstruct import RIDGE_GRID, RidgeCandidates, held_out
 
 OLD_GRID = 7  # the grid as it was: RIDGE_GRID[:7] = 1e-6 .. 1
 

@@ -13,7 +13,7 @@ fed random token ids (the last row of every batch half padding). Per shape it pr
   than the width), each ÷ the plain forward, and the bytes spilled;
 - one ``lstsq`` refit per layer: OLD (a reference copy of the former refit: a float64 Cholesky
   per ridge and the held-out error through the held-out second moment) and NEW (whatever
-  ``pruning.reconstruct.reconstruct_layer`` is now), each ÷ its calibration;
+  ``pruning.registry.reconstruct_layer`` is now), each ÷ its calibration;
 - the whole prune (calibration + ``pruning.prune.prune`` with ``lstsq``, the NEW path; the OLD total
   swaps in the OLD calibration and refit) ÷ the plain forward;
 - peak resident memory (and CUDA peak) per phase, and how far the NEW statistics are from the OLD
@@ -53,7 +53,7 @@ from calibrate.moments import MOMENT_TOLERANCE
 from calibrate.offload import ResidentLoader
 from pruning.config import PruneConfig
 from pruning.prune import prune
-from pruning.reconstruct import reconstruct_layer
+from pruning.registry import reconstruct_layer
 from pruning.workflow import calibrate_corpus
 
 MIB = 2**20
@@ -85,7 +85,6 @@ def build_model(shape: BenchShape, layers: int, vocab: int, device: str, dtype: 
                          tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-    model.glu_prune_name = f"random-{shape.hidden}x{shape.intermediate}"
     return model
 
 

@@ -4,10 +4,10 @@
 --offload`` runs it: per decoder layer, the time to fill it from the checkpoint, its calibration
 pass over the captured batches without and with the float64 x xᵀ recorder, and a bare float64
 x xᵀ update (``addmm``, the recorder's own), each per 1000 tokens. (b) One float64 Cholesky
-factorisation and solve, :func:`pruning.reconstruct.ridge_solve` (the refit's inner step), of a
+factorisation and solve, :func:`benchmarks.reference.ridge_solve` (the refit's inner step), of a
 synthetic positive-definite matrix at each size, with a Llama-shaped right-hand side (hidden =
 2/7 × size), at each thread count; a cubic law fitted and extrapolated. (c) One layer's whole
-``lstsq`` refit (:func:`pruning.reconstruct.reconstruct_layer`, the ridge grid chosen on a held-out
+``lstsq`` refit (:func:`pruning.registry.reconstruct_layer`, the ridge grid chosen on a held-out
 slice): on SmolLM2's real layer 0 and on synthetic Llama-shaped statistics; time and peak memory
 above its inputs. (d) The 8B/70B table of docs/scale.md, from (a)-(c) and stated GPU assumptions.
 
@@ -26,6 +26,7 @@ from contextlib import ExitStack
 import torch
 
 from benchmarks.measures import reset_peak, rss_mib
+from benchmarks.reference import ridge_solve
 from benchmarks.studies.scale.plan import (
     LLAMA_8B,
     LLAMA_70B,
@@ -45,7 +46,8 @@ from calibrate.offload import offload_model
 from calibrate.resources import human_bytes
 from calibrate.run import split_holdout
 from calibrate.stats import LayerStats
-from pruning.reconstruct import RIDGE_GRID, reconstruct_layer, ridge_solve
+from pruning.reconstruct import RIDGE_GRID
+from pruning.registry import reconstruct_layer
 
 GIB = 1024**3
 H100_BF16 = 989e12  # dense bf16 peak, FLOP/s (H100 SXM)
@@ -258,9 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  real layer 0 refit (lstsq, {len(RIDGE_GRID)} ridges, keeps {len(keep)} of {costs['size']}): "
           f"{seconds:.2f} s, peak {peak:.0f} MiB above inputs, ridge {chosen['ridge']:g}", flush=True)
 
-    print("(b) one Cholesky factorisation + solve (pruning.reconstruct.ridge_solve), float64:", flush=True)
+    print("(b) one Cholesky factorisation + solve (benchmarks.reference.ridge_solve), float64:", flush=True)
     solves = solve_costs([int(n) for n in args.sizes.split(",")], threads)
-    print("(c) one layer's lstsq refit (pruning.reconstruct.reconstruct_layer), synthetic Llama-shaped "
+    print("(c) one layer's lstsq refit (pruning.registry.reconstruct_layer), synthetic Llama-shaped "
           f"statistics, ratio {args.ratio}:", flush=True)
     refits = refit_costs([int(n) for n in args.refit_sizes.split(",")],
                          [int(t) for t in args.refit_threads.split(",")], args.ratio)

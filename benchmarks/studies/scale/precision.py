@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     same_kept = all(torch.equal(old_result.plan[i], new_result.plan[i]) for i in old_result.plan)
     differing = [i for i in old_result.plan if not torch.equal(old_result.plan[i], new_result.plan[i])]
     print(f"kept sets identical: {same_kept}" + (f" (differ in layers {differing})" if differing else ""))
-    ridges = {i: (old_result.manifest["reconstruct_choices"][i].get("ridge"),
-                  new_result.manifest["reconstruct_choices"][i].get("ridge"))
-              for i in old_result.manifest["reconstruct_choices"]}
+    ridges = {i: (old_result.manifest.choices[i].get("ridge"),
+                  new_result.manifest.choices[i].get("ridge"))
+              for i in old_result.manifest.choices}
     changed = {i: r for i, r in ridges.items() if r[0] != r[1]}
     print(f"chosen ridges identical: {not changed}" + (f" (old, new: {changed})" if changed else ""))
     print(f"WikiText-2 perplexity: OLD {old_ppl.perplexity:.4f}, NEW {new_ppl.perplexity:.4f} "
