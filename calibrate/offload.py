@@ -134,6 +134,16 @@ def offload_model(model_name: str, device: torch.device, dtype: torch.dtype):
 
 
 @dataclass(frozen=True)
+class Offloaded:
+    """How an offloaded model is run: ``loader`` fills one module at a time from the checkpoint,
+    ``device`` is where each runs, ``spill`` (a folder) keeps each layer's statistics in files."""
+
+    loader: object
+    device: torch.device | None = None
+    spill: str | Path | None = None
+
+
+@dataclass(frozen=True)
 class OffloadChoice:
     """Whether to work one decoder layer at a time, and why: how a result is computed, never which."""
 

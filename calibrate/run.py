@@ -14,6 +14,7 @@ from calibrate.glu import decoder, glu_layers, model_type
 from calibrate.hooks import StopForward, recording
 from calibrate.identity import fingerprint, weight_sample
 from calibrate.layer_importance import LayerImportance
+from calibrate.progress import showing, shown
 from calibrate.resources import check_memory, human_bytes, second_moment_bytes
 from calibrate.stats import ActivationStats
 
@@ -52,17 +53,21 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
         fit, held = split_holdout(list(batches), holdout)
         options = dict(layers=layers, second_moment=second_moment, max_tokens=max_tokens, meta=meta)
         stats = calibrate(model, fit, progress=progress, layer_importance=layer_importance, **options)
-        stats.holdout = _calibrate(model, held, progress=False, held_out=True, **options).layers
+        with showing(False):
+            stats.holdout = _calibrate(model, held, held_out=True, **options).layers
         stats.meta["holdout_tokens"] = str(next(iter(stats.holdout.values())).count)
         return stats
-    return _calibrate(model, batches, layers=layers, second_moment=second_moment, max_tokens=max_tokens,
-                      progress=progress, meta=meta, layer_importance=layer_importance)
+    with showing(progress):
+        return _calibrate(model, batches, layers=layers, second_moment=second_moment, max_tokens=max_tokens,
+                          meta=meta, layer_importance=layer_importance)
 
 
 def _calibrate(model, batches: Iterable[dict], *, layers: list[int] | None, second_moment: bool,
-               max_tokens: int | None, progress: bool, meta: dict | None, layer_importance: bool = False,
+               max_tokens: int | None, meta: dict | None, layer_importance: bool = False,
                held_out: bool = False) -> ActivationStats:
-    """One pass of :func:`calibrate` without a held-out split; ``held_out``: the recorders may keep activations."""
+    """One pass of :func:`calibrate` without a held-out split; ``held_out``: the recorders may keep activations.
+    Progress (a bar, the second moment's size): :func:`calibrate.progress.shown`."""
+    progress = shown()
     selected = glu_layers(model, layers)
     if second_moment:
         needed = second_moment_bytes([g.intermediate_size for g in selected])

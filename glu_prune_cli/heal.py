@@ -14,7 +14,7 @@ from calibrate.models import load_model
 from glu_prune_cli.options import add_corpus_options, add_model_options, add_output_options, corpus_from_args, positive
 from pruning.heal import HealConfig
 from pruning.save import save_pruned
-from pruning.workflow import heal_with_corpus
+from pruning.workflow import HealSettings, heal_with_corpus
 
 
 def add_heal(p: argparse.ArgumentParser) -> None:
@@ -65,10 +65,10 @@ def run_heal(args) -> None:
                         temperature=args.temperature, alpha=args.alpha, lora_rank=args.lora,
                         gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast,
                         checkpoint_every=args.checkpoint_every, seed=args.seed, max_seconds=args.max_seconds)
-    healed, record = heal_with_corpus(student, teacher, tokenizer, corpus, config, teacher_name=args.teacher,
-                                      seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                                      eval_parts=eval_parts, eval_tokens=args.eval_tokens, eval_docs=args.eval_docs,
-                                      checkpoint_dir=checkpoint, resume=args.resume)
+    run = HealSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                       eval_parts=eval_parts, eval_tokens=args.eval_tokens, eval_docs=args.eval_docs,
+                       checkpoint_dir=checkpoint, resume=args.resume)
+    healed, record = heal_with_corpus(student, teacher, tokenizer, corpus, config, teacher_name=args.teacher, run=run)
     save_pruned(healed, tokenizer, args.out, force=args.force)
     shutil.rmtree(checkpoint, ignore_errors=True)
     before, after = record["perplexity_before"], record["perplexity_after"]

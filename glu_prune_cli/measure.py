@@ -11,7 +11,7 @@ from calibrate.errors import GluPruneError
 from calibrate.files import check_output
 from calibrate.glu import glu_layers, parse_layers
 from calibrate.models import load_model, pick_device, pick_dtype
-from calibrate.offload import OffloadChoice, offload_model, should_offload
+from calibrate.offload import OffloadChoice, Offloaded, offload_model, should_offload
 from calibrate.perplexity import perplexity
 from calibrate.prompts import DEFAULT_REFERENCE
 from calibrate.resources import human_bytes
@@ -134,7 +134,7 @@ def run_calibrate(args) -> None:
     settings = settings_from_args(args)
     stats = calibrate_corpus(model, calibration_batches(tokenizer, corpus, settings),
                              provenance(args.model, corpus, settings), second_moment=args.second_moment,
-                             layers=layers, loader=loader, device=device if loader else None,
+                             layers=layers, offloaded=Offloaded(loader, device) if loader else None,
                              layer_importance=args.layer_importance)
     stats.meta["run"] = ("offloaded: " if run else "in memory: ") + run.why
     if distributed.world_size() > 1:

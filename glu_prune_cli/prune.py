@@ -25,7 +25,13 @@ from glu_prune_cli.options import (
     settings_from_args,
 )
 from pruning.save import save_pruned
-from pruning.workflow import offload_choice, prune_depth_with_corpus, prune_offloaded, prune_with_corpus
+from pruning.workflow import (
+    OffloadSettings,
+    offload_choice,
+    prune_depth_with_corpus,
+    prune_offloaded,
+    prune_with_corpus,
+)
 
 
 def add_prune(p: argparse.ArgumentParser) -> None:
@@ -58,10 +64,9 @@ def run_prune(args) -> None:
         else OffloadChoice(False, "--device-map")
     if run:
         stats = ActivationStats.load(args.stats) if args.stats is not None else None
-        result = prune_offloaded(args.model, args.out, config, stats=stats, corpus=corpus,
-                                   settings=settings_from_args(args), device=pick_device(args.device),
-                                   dtype=pick_dtype(args.dtype), force=args.force, notes=run.note,
-                                   spill_dir=args.spill_dir)
+        offload = OffloadSettings(pick_device(args.device), pick_dtype(args.dtype), args.spill_dir, run.note)
+        result = prune_offloaded(args.model, args.out, config, offload, stats=stats, corpus=corpus,
+                                 settings=settings_from_args(args), force=args.force)
         report(args, result.manifest, None, start)
         return
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)

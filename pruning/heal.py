@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from calibrate.batches import make_batches
 from calibrate.errors import ConfigError, GluPruneError
 from calibrate.files import atomic_file
+from calibrate.progress import showing, shown
 
 CHECKPOINT = "heal-state.pt"
 
@@ -179,13 +180,14 @@ def heal(student, teacher, batches: list[dict], config: HealConfig, checkpoint_d
         raise GluPruneError("healing needs at least one batch of calibration text")
     device = next(student.parameters()).device
     with seeded(config.seed, device):
-        return train(student, teacher, batches, config, device, checkpoint_dir, resume, progress, on_step)
+        with showing(progress):
+            return train(student, teacher, batches, config, device, checkpoint_dir, resume, on_step)
 
 
 def train(student, teacher, batches: list[dict], config: HealConfig, device: torch.device,
-          checkpoint_dir: str | Path | None, resume: bool, progress: bool,
+          checkpoint_dir: str | Path | None, resume: bool,
           on_step: Callable[[int, dict], None] | None):
-    """:func:`heal`'s training loop, under its random state."""
+    """:func:`heal`'s training loop, under its random state (progress bar: :func:`calibrate.progress.shown`)."""
     teacher.eval().requires_grad_(False)
     student.requires_grad_(True)
     model = with_lora(student, config.lora_rank) if config.lora_rank else student
@@ -209,7 +211,7 @@ def train(student, teacher, batches: list[dict], config: HealConfig, device: tor
             start_step, history = state["step"], state["history"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast)
     elapsed = history[-1]["seconds"] if history else 0.0  # training time only: callbacks and checkpoints excluded
-    bar = tqdm(total=config.steps, initial=start_step, unit="step", desc="heal", disable=not progress)
+    bar = tqdm(total=config.steps, initial=start_step, unit="step", desc="heal", disable=not shown())
     tokens_run = 0
     for step in range(start_step, config.steps):
         started = time.perf_counter()

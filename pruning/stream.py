@@ -10,16 +10,17 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from calibrate.errors import ConfigError
 from calibrate.files import atomic_dir
 from calibrate.glu import glu_layers
 from calibrate.manifest import Manifest, write
 from calibrate.offload import LayerLoader
+from calibrate.progress import bar, shown
 from calibrate.shards import MAX_SHARD_BYTES, ShardWriter
 from calibrate.spill import SpilledTensors
 from calibrate.stats import ActivationStats
@@ -53,14 +54,24 @@ def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: Mapping) -> dic
     return rules
 
 
-def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path, stats: ActivationStats | None,
-                     config: PruneConfig, force: bool = False, progress: bool = True,
-                     notes: dict | None = None, spill: str | Path | None = None) -> PruneResult:
-    """Prune the checkpoint behind ``loader`` into ``out_dir`` (written atomically); ``model`` is
+@dataclass(frozen=True)
+class Output:
+    """Where a pruned checkpoint goes: the folder ``out`` (replaced only with ``force``), with
+    ``tokenizer`` saved beside the weights when given."""
+
+    out: str | Path
+    tokenizer: object = None
+    force: bool = False
+
+
+def prune_checkpoint(model, loader: LayerLoader, stats: ActivationStats | None, config: PruneConfig, output: Output,
+                     *, notes: dict | None = None, spill: str | Path | None = None) -> PruneResult:
+    """Prune the checkpoint behind ``loader`` into ``output`` (written atomically); ``model`` is
     the empty (meta) model of :func:`calibrate.offload.offload_model`. With ``spill`` (a folder) the
     refitted weights wait there, in the loader's dtype, until the rewrite. Returns the result: the meta
-    model with the pruned shapes, the plan and the manifest."""
+    model with the pruned shapes, the plan and the manifest. Progress bars: :mod:`calibrate.progress`."""
     start = time.perf_counter()
+    progress = shown()
     for option, table, value in (("allocation", ALLOCATIONS, config.allocation),
                                  ("reconstruct", RECONSTRUCTIONS, config.reconstruct)):
         if not table[value].streamable:
@@ -75,20 +86,20 @@ def prune_checkpoint(model, loader: LayerLoader, tokenizer, out_dir: str | Path,
     apply_plan(model, decision.plan)  # on the meta model: new shapes and the config's sizes, no memory
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
     manifest = write(model.config, manifest.updated(schedule="one-shot (streamed)", **(notes or {})))
-    write_checkpoint(loader, rules, model.config, tokenizer, out_dir, manifest, progress, force=force)
+    write_checkpoint(loader, rules, model.config, manifest, output)
     return PruneResult(model, decision.plan, manifest)
 
 
-def write_checkpoint(loader: LayerLoader, rules: dict, config, tokenizer, out: str | Path, manifest: Manifest,
-                     progress: bool, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
+def write_checkpoint(loader: LayerLoader, rules: dict, config, manifest: Manifest, output: Output,
+                     max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Every tensor read, changed by ``rules`` and written into shards of about ``max_shard_bytes``
-    in a temporary folder renamed to ``out``: memory holds one output shard at most. Floating
+    in a temporary folder renamed to ``output.out``: memory holds one output shard at most. Floating
     tensors are written in the loader's dtype, as the in-memory path saves the model it loaded."""
-    weights = loader.weights
-    with atomic_dir(out, force=force) as tmp:
+    weights, tokenizer = loader.weights, output.tokenizer
+    with atomic_dir(output.out, force=output.force) as tmp:
         names = [name for file_names in weights.files().values() for name in file_names]
         shards = ShardWriter(tmp, max_shard_bytes)
-        for name in tqdm(names, desc="rewrite", unit="tensor", disable=not progress):
+        for name in bar(names, desc="rewrite", unit="tensor"):
             tensor = weights.get(name)
             tensor = tensor.to(loader.dtype) if tensor.is_floating_point() else tensor
             shards.add(name, rules[name](tensor) if name in rules else tensor)

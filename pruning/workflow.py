@@ -22,8 +22,9 @@ from calibrate.glu import check_layers, glu_layers
 from calibrate.layer_importance import LayerImportance
 from calibrate.layerwise import calibrate_layerwise
 from calibrate.manifest import Manifest, read, write
-from calibrate.offload import OffloadChoice, offload_model, should_offload
+from calibrate.offload import OffloadChoice, Offloaded, offload_model, should_offload
 from calibrate.perplexity import protocol_perplexity
+from calibrate.progress import shown
 from calibrate.run import calibrate, split_holdout
 from calibrate.spill import check_disk
 from calibrate.stats import ActivationStats, library_version
@@ -34,7 +35,7 @@ from pruning.plan import kept_count
 from pruning.preflight import plan_offloaded, refit_peak
 from pruning.prune import PruneResult, prune, prune_sequential
 from pruning.registry import ALLOCATIONS, AUTO, AUTO_REFIT, RECONSTRUCTIONS, SCHEDULES
-from pruning.stream import prune_checkpoint
+from pruning.stream import Output, prune_checkpoint
 
 log = logging.getLogger("glu_prune")
 HOLDOUT = 0.125  # the held-out fraction of the calibration batches on which a refit chooses its ridge
@@ -58,6 +59,35 @@ class CalibrationSettings:
         return self.max_tokens or DEFAULT_TOKENS
 
 
+@dataclass(frozen=True)
+class OffloadSettings:
+    """How :func:`prune_offloaded` runs: its layers on ``device`` in ``dtype``; ``spill_dir``: where
+    statistics and refits wait when spilled (default beside the output); ``notes`` for the manifest
+    (e.g. :attr:`OffloadChoice.note`)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    spill_dir: str | Path | None = None
+    notes: dict | None = None
+
+
+@dataclass(frozen=True)
+class HealSettings:
+    """How :func:`heal_with_corpus` trains and measures: training rows of ``seq_len`` tokens in
+    batches of ``batch_size``, ``max_tokens`` of them (None: ``HealConfig.steps``); perplexity on
+    ``eval_parts`` (``eval_tokens``, ``eval_docs``) before and after; resumable checkpoints in
+    ``checkpoint_dir`` (``resume``: continue from the latest)."""
+
+    seq_len: int = 256
+    batch_size: int = 4
+    max_tokens: int | None = None
+    eval_parts: dict[str, Corpus] | None = None
+    eval_tokens: int = 8192
+    eval_docs: int = 400
+    checkpoint_dir: str | Path | None = None
+    resume: bool = False
+
+
 def calibration_batches(tokenizer, corpus: Corpus, settings: CalibrationSettings) -> list[dict]:
     return list(make_batches(tokenizer, corpus, seq_len=settings.seq_len, max_tokens=settings.tokens,
                              batch_size=settings.batch_size, packing=settings.packing))
@@ -69,15 +99,17 @@ def provenance(model_name: str, corpus: Corpus, settings: CalibrationSettings) -
 
 
 def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: bool = False,
-                     layers: list[int] | None = None, loader=None, device: torch.device | None = None,
-                     progress: bool = True, layer_importance: bool = False, skip_loss: bool = True,
-                     spill: str | Path | None = None) -> ActivationStats:
+                     layers: list[int] | None = None, offloaded: Offloaded | None = None,
+                     layer_importance: bool = False, skip_loss: bool = True) -> ActivationStats:
     """Statistics of ``batches`` (with second moments: and of a held-out slice for the refit's
-    ridge); with a ``loader``, one decoder layer at a time from the checkpoint, each layer's
-    statistics kept in files under ``spill`` when given (not in memory). ``layer_importance``
-    adds every layer's input-output cosine (same pass) and, with ``skip_loss``, each layer's skip
-    loss on the held-out slice (:func:`pruning.depth.measure_skip_loss`); in memory only."""
+    ridge); ``offloaded``: one decoder layer at a time from the checkpoint, each layer's
+    statistics kept in files under its ``spill`` folder when given (not in memory).
+    ``layer_importance`` adds every layer's input-output cosine (same pass) and, with
+    ``skip_loss``, each layer's skip loss on the held-out slice
+    (:func:`pruning.depth.measure_skip_loss`); in memory only. Progress bars: :mod:`calibrate.progress`."""
+    progress = shown()
     holdout = HOLDOUT if second_moment else 0.0
+    loader = offloaded.loader if offloaded is not None else None
     if layer_importance and loader is not None:
         raise GluPruneError("layer importance needs the whole model in memory: drop --offload")
     if loader is None:
@@ -89,7 +121,8 @@ def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: b
         return stats
     fit, held = split_holdout(batches, holdout) if holdout else (batches, None)
     return calibrate_layerwise(model, fit, holdout_batches=held, layers=layers, second_moment=second_moment,
-                               meta=meta, loader=loader, device=device, progress=progress, spill=spill)
+                               meta=meta, loader=loader, device=offloaded.device, progress=progress,
+                               spill=offloaded.spill)
 
 
 def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrating: bool,
@@ -172,10 +205,12 @@ def offload_choice(model_name: str, config: PruneConfig, *, calibrating: bool, d
 
 def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: ActivationStats | None = None,
                       corpus: Corpus | None = None, settings: CalibrationSettings = CalibrationSettings(),
-                      inplace: bool = False, progress: bool = True, notes: dict | None = None) -> PruneResult:
+                      inplace: bool = False, notes: dict | None = None) -> PruneResult:
     """Prune ``model``: with the given ``stats``, or calibrating on ``corpus`` first when the config
     needs statistics (with second moments for a refit), or calibrating as it prunes (sequential).
-    ``notes`` go into the manifest (e.g. :attr:`OffloadChoice.note`)."""
+    ``notes`` go into the manifest (e.g. :attr:`OffloadChoice.note`). Progress bars: shown unless
+    :func:`calibrate.progress.showing` says otherwise."""
+    progress = shown()
     config, auto, settings = resolve(config, model, stats, corpus is not None, settings)
     notes = {**auto, **(notes or {})}
     check_data(config, stats, corpus)
@@ -187,30 +222,31 @@ def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: Activatio
                                 meta=meta, notes=notes)
     if stats is None and config.needs_stats:
         stats = calibrate_corpus(model, batches, meta, second_moment=config.needs_second_moment,
-                                 layers=config.layer_list, progress=progress)
+                                 layers=config.layer_list)
         config = recheck_budget(config, model, stats, notes)
     text = split_holdout(batches, HOLDOUT)[1] if config.needs_text else None
     return prune(model, stats, config, inplace=inplace, text_batches=text, progress=progress, notes=notes)
 
 
-def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, *, stats: ActivationStats | None = None,
-                    corpus: Corpus | None = None, settings: CalibrationSettings = CalibrationSettings(),
-                    device: torch.device, dtype: torch.dtype, force: bool = False, progress: bool = True,
-                    notes: dict | None = None, spill_dir: str | Path | None = None) -> PruneResult:
+def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, run: OffloadSettings, *,
+                    stats: ActivationStats | None = None, corpus: Corpus | None = None,
+                    settings: CalibrationSettings = CalibrationSettings(), force: bool = False) -> PruneResult:
     """Prune a local checkpoint into ``out`` without ever building the whole model: calibration one
-    decoder layer at a time, then the checkpoint rewritten shard by shard. Before it starts, each
-    phase's peak memory is counted (:func:`pruning.preflight.plan_offloaded`): when holding every
-    layer's statistics and refitted weights would not fit (or whenever ``spill_dir`` is given), they
-    wait in files in a temporary folder in ``spill_dir`` (default: beside ``out``) until the rewrite,
-    the bytes said and checked against the free disk first. Returns the result (its model the empty
-    meta model with the pruned shapes: :func:`pruning.stream.prune_checkpoint`)."""
+    decoder layer at a time, then the checkpoint rewritten shard by shard, as ``run`` says. Before
+    it starts, each phase's peak memory is counted (:func:`pruning.preflight.plan_offloaded`): when
+    holding every layer's statistics and refitted weights would not fit (or whenever
+    ``run.spill_dir`` is given), they wait in files in a temporary folder in ``run.spill_dir``
+    (default: beside ``out``) until the rewrite, the bytes said and checked against the free disk
+    first. Returns the result (its model the empty meta model with the pruned shapes:
+    :func:`pruning.stream.prune_checkpoint`)."""
     check_output(out, force)
-    model, loader, tokenizer = offload_model(model_name, device, dtype)
+    device, spill_dir = run.device, run.spill_dir
+    model, loader, tokenizer = offload_model(model_name, device, run.dtype)
     config, auto, settings = resolve(config, model, stats, corpus is not None, settings)
-    notes = {**auto, **(notes or {})}
+    notes = {**auto, **(run.notes or {})}
     check_data(config, stats, corpus)
     calibrating = config.needs_stats and stats is None
-    plan = plan_offloaded(shapes_of(model, config.layer_list, dtype), config, resources.memory_limit(),
+    plan = plan_offloaded(shapes_of(model, config.layer_list, run.dtype), config, resources.memory_limit(),
                           tokens=settings.tokens, batch_tokens=settings.batch_size * settings.seq_len,
                           calibrating=calibrating)
     folder = Path(spill_dir if spill_dir is not None else Path(out).absolute().parent)
@@ -226,12 +262,11 @@ def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, *, st
         if calibrating:
             batches = calibration_batches(tokenizer, corpus, settings)
             stats = calibrate_corpus(model, batches, provenance(model_name, corpus, settings),
-                                     second_moment=config.needs_second_moment,
-                                     layers=config.layer_list, loader=loader, device=device,
-                                     progress=progress, spill=spill)
+                                     second_moment=config.needs_second_moment, layers=config.layer_list,
+                                     offloaded=Offloaded(loader, device, spill))
             config = recheck_budget(config, model, stats, notes)
-        return prune_checkpoint(model, loader, tokenizer, out, stats, config, force=force, progress=progress,
-                                notes=notes, spill=spill)
+        return prune_checkpoint(model, loader, stats, config, Output(out, tokenizer, force), notes=notes,
+                                spill=spill)
 
 
 @contextmanager
@@ -245,12 +280,12 @@ def spill_folder(parent: Path, name: str, wanted: bool):
 
 
 def heal_with_corpus(student, teacher, tokenizer, corpus: Corpus, config: HealConfig, *, teacher_name: str,
-                     seq_len: int = 256, batch_size: int = 4, max_tokens: int | None = None,
-                     eval_parts: dict[str, Corpus] | None = None, eval_tokens: int = 8192, eval_docs: int = 400,
-                     checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True):
+                     run: HealSettings = HealSettings()):
     """Distil ``student`` from ``teacher`` on ``corpus``'s calibration part, measuring perplexity on
-    ``eval_parts`` before and after; the healed model's manifest gains a ``healing`` section.
-    ``max_tokens`` sets the number of steps from the training tokens instead of ``config.steps``."""
+    ``run.eval_parts`` before and after; the healed model's manifest gains a ``healing`` section.
+    ``run.max_tokens`` sets the number of steps from the training tokens instead of ``config.steps``."""
+    seq_len, batch_size, max_tokens = run.seq_len, run.batch_size, run.max_tokens
+    eval_parts, eval_tokens, eval_docs = run.eval_parts, run.eval_tokens, run.eval_docs
     batches = training_batches(tokenizer, corpus, seq_len=seq_len, batch_size=batch_size)
     if max_tokens is not None:
         per_step = max(1, sum(int(b["attention_mask"].sum()) for b in batches) // len(batches))
@@ -263,8 +298,8 @@ def heal_with_corpus(student, teacher, tokenizer, corpus: Corpus, config: HealCo
 
     manifest = read(student.config) or Manifest([], base_model=teacher_name)
     before = measure(student)
-    healed, history = heal(student, teacher, batches, config, checkpoint_dir=checkpoint_dir, resume=resume,
-                           progress=progress)
+    healed, history = heal(student, teacher, batches, config, checkpoint_dir=run.checkpoint_dir, resume=run.resume,
+                           progress=shown())
     healing = {
         "teacher": teacher_name, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
         "seq_len": seq_len, "batch_size": batch_size, "config": asdict(config), "steps": len(history),
@@ -278,7 +313,7 @@ def heal_with_corpus(student, teacher, tokenizer, corpus: Corpus, config: HealCo
 
 
 def depth_importance(model, tokenizer, depth: DepthConfig, stats: ActivationStats | None, corpus: Corpus | None,
-                     settings: CalibrationSettings, progress: bool = True) -> tuple[LayerImportance, dict]:
+                     settings: CalibrationSettings) -> tuple[LayerImportance, dict]:
     """(the layer importance ``depth`` chooses by, its provenance): from ``stats`` when they hold it,
     else measured on ``corpus``."""
     skip = depth.score == "skip-loss"
@@ -291,14 +326,14 @@ def depth_importance(model, tokenizer, depth: DepthConfig, stats: ActivationStat
                             f"or statistics from glu-prune calibrate --layer-importance")
     meta = provenance(model.config.name_or_path, corpus, settings)
     measured = calibrate_corpus(model, calibration_batches(tokenizer, corpus, settings), meta, layer_importance=True,
-                                skip_loss=skip, progress=progress)
+                                skip_loss=skip)
     return measured.depth, measured.meta
 
 
 def prune_depth_with_corpus(model, tokenizer, depth: DepthConfig, config: PruneConfig | None = None, *,
                             stats: ActivationStats | None = None, corpus: Corpus | None = None,
-                            settings: CalibrationSettings = CalibrationSettings(), inplace: bool = False,
-                            progress: bool = True) -> PruneResult:
+                            settings: CalibrationSettings = CalibrationSettings(),
+                            inplace: bool = False) -> PruneResult:
     """Remove ``depth``'s decoder layers; then, with a width ``config``, calibrate the remaining model
     on ``corpus`` and prune its neurons (:func:`prune_with_corpus`). One manifest records both: its
     per-layer fields (and ``config.layers``) refer to the remaining layers, ``depth.kept_layers``
@@ -317,12 +352,11 @@ def prune_depth_with_corpus(model, tokenizer, depth: DepthConfig, config: PruneC
         if config.layers is not None:
             check_layers(config.layer_list, layers - depth.count)
     importance, used = (None, None) if depth.explicit else depth_importance(model, tokenizer, depth, stats, corpus,
-                                                                            settings, progress)
+                                                                            settings)
     model = model if inplace else copy.deepcopy(model)
     result = prune_depth(model, depth, importance, inplace=True, statistics=used)
     if config is None:
         return result
-    width = prune_with_corpus(result.model, tokenizer, config, corpus=corpus, settings=settings, inplace=True,
-                              progress=progress)
+    width = prune_with_corpus(result.model, tokenizer, config, corpus=corpus, settings=settings, inplace=True)
     manifest = read(width.model.config).updated(depth=result.manifest.depth)
     return PruneResult(width.model, width.plan, write(width.model.config, manifest))

@@ -196,3 +196,56 @@ def test_the_architecture_page_names_every_module():
     modules = [m for m in import_graph(REPO, LAYERS) if not (REPO / m.replace(".", "/")).is_dir()]
     assert len(modules) > 60
     assert [m for m in modules if f"`{m.split('.', 1)[1].replace('.', '/')}`" not in page] == []
+
+
+PARAMETER_LIMIT = 8  # parameters of a function in the product's library and command line (self/cls not counted)
+PARAMETER_PACKAGES = ("calibrate", "pruning", "glu_prune_cli")
+LONG_SIGNATURES = {  # function -> why it keeps more than PARAMETER_LIMIT parameters
+    "calibrate/run.py:calibrate": "the public calibration call: layers, second moments, held-out fraction, token "
+                                  "budget, progress, provenance, layer importance are independent keyword "
+                                  "settings with defaults, kept for the API's users",
+    "calibrate/layerwise.py:calibrate_layerwise": "the layer-by-layer runner's entry, whose modes (after_layer, "
+                                                  "dense_pairs, loader/device/spill) are being turned into pass "
+                                                  "objects by the runner's own change (issue 26, item 4)",
+    "calibrate/tasks.py:evaluate_task": "a task's evaluation protocol: shots, size, seed, reference label, batch "
+                                        "size, prefix cache and progress are independent settings with defaults",
+    "calibrate/prompts.py:task_documents": "pure text assembly from the task's parts (texts, labels, shot pool, "
+                                           "label order) and the protocol's shots, seed, part and reference",
+}
+
+
+def long_signatures(root: Path, packages: tuple[str, ...], limit: int) -> dict[str, int]:
+    """``path:function`` -> parameter count, for every function (methods too) over ``limit``."""
+    found = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    args = node.args
+                    names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+                    count = len(names) - (names[:1] in (["self"], ["cls"])) + bool(args.vararg) + bool(args.kwarg)
+                    if count > limit:
+                        found[f"{path.relative_to(root)}:{node.name}"] = count
+    return found
+
+
+def test_no_function_takes_more_than_eight_parameters_but_the_named_ones():
+    assert sorted(long_signatures(REPO, PARAMETER_PACKAGES, PARAMETER_LIMIT)) == sorted(LONG_SIGNATURES)
+
+
+def test_the_parameter_check_sees_a_long_signature(tmp_path):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "m.py").write_text("def f(a, b, c, d, e, f, g, h, i):\n    pass\n"
+                                           "class C:\n    def m(self, a, b, c, d, e, f, g, h):\n        pass\n"
+                                           "def k(a, *rest, **options):\n    pass\n")
+    assert long_signatures(tmp_path, ("lib",), PARAMETER_LIMIT) == {"lib/m.py:f": 9}
+    assert long_signatures(tmp_path, ("lib",), 2) == {"lib/m.py:f": 9, "lib/m.py:m": 8, "lib/m.py:k": 3}
+
+
+MODULE_LINES = 400  # lines of a module in the product and the benchmarks
+
+
+def test_no_module_is_over_400_lines():
+    long = {str(p.relative_to(REPO)): n for package in ("calibrate", "pruning", "glu_prune_cli", "benchmarks")
+            for p in sorted((REPO / package).rglob("*.py")) if (n := len(p.read_text().splitlines())) > MODULE_LINES}
+    assert long == {}

@@ -161,6 +161,7 @@ def test_prune_with_a_corpus_raises_the_budget_or_falls_back_to_no_refit(tmp_pat
     from tiny import tiny_tokenizer
 
     from calibrate.corpora import load_corpus
+    from calibrate.progress import showing
     from pruning import config as config_module
     from pruning.workflow import CalibrationSettings, prune_with_corpus
 
@@ -171,8 +172,9 @@ def test_prune_with_a_corpus_raises_the_budget_or_falls_back_to_no_refit(tmp_pat
     settings = CalibrationSettings(seq_len=32, batch_size=2)
 
     def run(settings):
-        return prune_with_corpus(model, tiny_tokenizer(), config, corpus=corpus, settings=settings,
-                                 progress=False).manifest.to_dict()
+        with showing(False):
+            result = prune_with_corpus(model, tiny_tokenizer(), config, corpus=corpus, settings=settings)
+        return result.manifest.to_dict()
 
     assert run(settings)["reconstruct"] == "lstsq"
     small = run(CalibrationSettings(seq_len=32, batch_size=2, max_tokens=64))

@@ -5,11 +5,12 @@ from tiny import save_tiny, tiny_tokenizer, tiny_workspace
 
 from calibrate.errors import GluPruneError
 from calibrate.offload import offload_model
+from calibrate.progress import showing
 from calibrate.run import calibrate
 from calibrate.stats import ActivationStats
 from pruning import PruneConfig, prune
 from pruning.save import load_pruned, save_pruned
-from pruning.stream import prune_checkpoint
+from pruning.stream import Output, prune_checkpoint
 
 
 def checkpoint(tmp_path, family):
@@ -34,8 +35,9 @@ def test_streamed_pruning_writes_what_the_in_memory_path_saves(tmp_path, family,
     model = prune(model, stats, config).model
     save_pruned(model, tiny_tokenizer(), tmp_path / "memory")
     empty, loader, tokenizer = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float32)
-    record = prune_checkpoint(empty, loader, tokenizer, tmp_path / "streamed", stats, config,
-                              progress=False).manifest.to_dict()
+    with showing(False):
+        record = prune_checkpoint(empty, loader, stats, config, Output(tmp_path / "streamed", tokenizer)).manifest
+    record = record.to_dict()
     assert record["intermediate_sizes"] == model.config.glu_prune["intermediate_sizes"]
     assert record["kept_indices"] == model.config.glu_prune["kept_indices"]
     memory, streamed = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
@@ -52,9 +54,9 @@ def test_streamed_pruning_refuses_foreign_statistics_and_bias(tmp_path):
     other = ActivationStats(stats.layers, stats.meta, identity=stats.identity * 1.1)
     empty, loader, tokenizer = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float32)
     with pytest.raises(GluPruneError, match="another model"):
-        prune_checkpoint(empty, loader, tokenizer, tmp_path / "o", other, PruneConfig(ratio=0.4))
+        prune_checkpoint(empty, loader, other, PruneConfig(ratio=0.4), Output(tmp_path / "o", tokenizer))
     with pytest.raises(GluPruneError, match="offloaded checkpoint"):
-        prune_checkpoint(empty, loader, tokenizer, tmp_path / "o", stats, PruneConfig(ratio=0.4, reconstruct="bias"))
+        prune_checkpoint(empty, loader, stats, PruneConfig(ratio=0.4, reconstruct="bias"), Output(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
 
 
@@ -86,7 +88,8 @@ def test_small_output_shards_with_an_index(tmp_path):
 
     stream.write_checkpoint = tiny_shards
     try:
-        prune_checkpoint(empty, loader, tokenizer, tmp_path / "s", stats, PruneConfig(ratio=0.4), progress=False)
+        with showing(False):
+            prune_checkpoint(empty, loader, stats, PruneConfig(ratio=0.4), Output(tmp_path / "s", tokenizer))
     finally:
         stream.write_checkpoint = original
     index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
@@ -103,8 +106,9 @@ def test_a_non_uniform_model_is_offloaded_and_pruned_again(tmp_path):
     first = prune(model, stats, PruneConfig(ratio=0.3, allocation="owl")).model
     save_pruned(first, tiny_tokenizer(), tmp_path / "first")
     empty, loader, tokenizer = offload_model(str(tmp_path / "first"), torch.device("cpu"), torch.float32)
-    record = prune_checkpoint(empty, loader, tokenizer, tmp_path / "second", None,
-                              PruneConfig(ratio=0.5, method="ppm", allocation="global"), progress=False).manifest
+    with showing(False):
+        record = prune_checkpoint(empty, loader, None, PruneConfig(ratio=0.5, method="ppm", allocation="global"),
+                                  Output(tmp_path / "second", tokenizer)).manifest
     again = prune(load_pruned(tmp_path / "first"), None, PruneConfig(ratio=0.5, method="ppm", allocation="global"))
     assert record.intermediate_sizes == again.manifest.intermediate_sizes
     ids = torch.randint(3, 120, (1, 12))

@@ -106,6 +106,7 @@ def build_models(out: Path, specs: list[ModelSpec], settings: BuildSettings, dat
         return folders
     from calibrate.corpora import load_corpus
     from calibrate.files import atomic_dir
+    from calibrate.progress import showing
     from pruning.config import PruneConfig
     from pruning.prune import prune
     from pruning.save import save_pruned
@@ -122,8 +123,9 @@ def build_models(out: Path, specs: list[ModelSpec], settings: BuildSettings, dat
         return folders
     corpus = load_corpus(settings.corpus, part="calibration", data_dir=data_dir)
     calibration = CalibrationSettings(max_tokens=settings.calib_tokens)
-    stats = calibrate_corpus(model, calibration_batches(tokenizer, corpus, calibration),
-                             provenance(settings.model, corpus, calibration), progress=progress)
+    with showing(progress):
+        stats = calibrate_corpus(model, calibration_batches(tokenizer, corpus, calibration),
+                                 provenance(settings.model, corpus, calibration))
     for spec in missing:
         config = PruneConfig(ratio=spec.ratio, multiple_of=spec.multiple_of, method=settings.method,
                              allocation="uniform", reconstruct="none", seed=settings.seed)

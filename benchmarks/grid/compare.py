@@ -22,17 +22,18 @@ from calibrate.errors import GluPruneError
 from calibrate.manifest import read
 from calibrate.models import load_model, pick_device, pick_dtype
 from calibrate.perplexity import protocol_perplexity
+from calibrate.progress import showing
 from calibrate.prompts import DEFAULT_REFERENCE
 from calibrate.run import split_holdout
 from calibrate.stats import ActivationStats
 from calibrate.tasks import evaluate_task, load_task
 from pruning.allocation import DEFAULT_SPREAD
 from pruning.equal_size import EqualSizePlan, SizeProfile, plan, size_profile
-from pruning.equal_size_models import build_plan
+from pruning.equal_size_models import Cell, build_plan
 from pruning.heal import HealConfig
 from pruning.prune import prune, prune_sequential
 from pruning.registry import SCHEDULES, needs_second_moment
-from pruning.workflow import HOLDOUT, CalibrationSettings, calibrate_corpus, heal_with_corpus
+from pruning.workflow import HOLDOUT, CalibrationSettings, HealSettings, calibrate_corpus, heal_with_corpus
 
 DEFAULT_METHODS = ["ppm", "hybrid", "wanda"]
 DEFAULT_RATIOS = [0.2, 0.4]
@@ -149,8 +150,9 @@ class Grid:
                                         f"{16 * self.calib_seq_len}, or use a larger corpus")
                 meta = {"corpus": corpus, "source": self.calibration_part(corpus).source, "part": "calibration",
                         "seq_len": str(self.calib_seq_len), "model": self.model_name}
-                stats = calibrate_corpus(self.base, batches, meta, second_moment=self.second_moment, progress=False,
-                                         layer_importance=self.layer_importance, skip_loss=self.skip_loss)
+                with showing(False):
+                    stats = calibrate_corpus(self.base, batches, meta, second_moment=self.second_moment,
+                                             layer_importance=self.layer_importance, skip_loss=self.skip_loss)
                 path.parent.mkdir(exist_ok=True)
                 stats.save(path)
                 self.stats[corpus] = stats
@@ -166,8 +168,9 @@ class Grid:
         if spec.heal_steps:
             part = self.calibration_part(spec.calibration)
             healing = HealConfig(steps=spec.heal_steps, lora_rank=spec.heal_lora)
-            model, _ = heal_with_corpus(model, self.base, self.tokenizer, part, healing,
-                                        teacher_name=self.model_name, seq_len=self.heal_seq_len, progress=False)
+            with showing(False):
+                model, _ = heal_with_corpus(model, self.base, self.tokenizer, part, healing,
+                                            teacher_name=self.model_name, run=HealSettings(seq_len=self.heal_seq_len))
         return model, time.perf_counter() - start
 
     def pruned(self, spec: ModelSpec):
@@ -196,8 +199,8 @@ class Grid:
         part = self.calibration_part(spec.calibration) if spec.calibration else None
         settings = CalibrationSettings(seq_len=self.calib_seq_len, max_tokens=self.calib_tokens, batch_size=8,
                                        packing=True)  # as calibration_batches
-        return build_plan(self.base, self.tokenizer, self.equal_size_plan(spec), layer_score=score or "cosine",
-                          method=method or "hybrid", reconstruct=spec.reconstruct,
+        cell = Cell(layer_score=score or "cosine", method=method or "hybrid", reconstruct=spec.reconstruct)
+        return build_plan(self.base, self.tokenizer, self.equal_size_plan(spec), cell,
                           stats=self.statistics(spec.calibration) if spec.calibration else None, corpus=part,
                           settings=settings)
 

@@ -28,6 +28,7 @@ from calibrate.corpora import load_corpus
 from calibrate.files import write_text
 from calibrate.models import load_model, load_pruned
 from calibrate.perplexity import protocol_perplexity
+from calibrate.progress import showing
 from calibrate.stats import ActivationStats
 from pruning.config import PruneConfig
 from pruning.depth import DepthConfig, prune_depth
@@ -76,10 +77,10 @@ class Study:
         if path.is_file():
             return ActivationStats.load(path, model=self.base)
         part = self.calibration_part(name)
-        stats = calibrate_corpus(self.base, calibration_batches(self.tok, part, self.settings),
-                                 provenance(self.args.model, part, self.settings), second_moment=True,
-                                 layer_importance=True, skip_loss=self.args.layer_score == "skip-loss",
-                                 progress=False)
+        with showing(False):
+            stats = calibrate_corpus(self.base, calibration_batches(self.tok, part, self.settings),
+                                     provenance(self.args.model, part, self.settings), second_moment=True,
+                                     layer_importance=True, skip_loss=self.args.layer_score == "skip-loss")
         path.parent.mkdir(exist_ok=True)
         stats.save(path)
         return stats
@@ -94,10 +95,10 @@ class Study:
                                statistics=stats.meta).model
         if p.kind == "width":
             return prune(self.base, self.stats(name), self.width_config(p.intermediate_size)).model
-        return prune_depth_with_corpus(self.base, self.tok, DepthConfig(p.remove_layers, self.args.layer_score),
-                                       self.width_config(p.intermediate_size), stats=self.stats(name),
-                                       corpus=self.calibration_part(name), settings=self.settings,
-                                       progress=False).model
+        with showing(False):
+            return prune_depth_with_corpus(self.base, self.tok, DepthConfig(p.remove_layers, self.args.layer_score),
+                                           self.width_config(p.intermediate_size), stats=self.stats(name),
+                                           corpus=self.calibration_part(name), settings=self.settings).model
 
     def command(self, p: EqualSizePlan | None, name: str) -> str:
         a = self.args

@@ -20,6 +20,7 @@ from calibrate.corpora import load_corpus
 from calibrate.files import write_text
 from calibrate.models import load_model
 from calibrate.perplexity import protocol_perplexity
+from calibrate.progress import showing
 from pruning.config import PruneConfig
 from pruning.heal import HealConfig, heal, training_batches
 from pruning.workflow import CalibrationSettings, prune_with_corpus
@@ -29,8 +30,9 @@ def heal_run(base, tokenizer, corpus: str, parts: dict, ratio: float, config: He
              data_dir=None, seq_len: int = 256) -> dict:
     """Prune ``base`` (hybrid, ``ratio``) on ``corpus``, heal it and record the curve."""
     calibration = load_corpus(corpus, part="calibration", data_dir=data_dir)
-    student = prune_with_corpus(base, tokenizer, PruneConfig(ratio=ratio, method="hybrid"), corpus=calibration,
-                                settings=CalibrationSettings(seq_len=128, max_tokens=8192), progress=False).model
+    with showing(False):
+        student = prune_with_corpus(base, tokenizer, PruneConfig(ratio=ratio, method="hybrid"), corpus=calibration,
+                                    settings=CalibrationSettings(seq_len=128, max_tokens=8192)).model
 
     def measure(model, names) -> dict[str, float]:
         model.eval()

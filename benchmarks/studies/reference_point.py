@@ -9,6 +9,7 @@ import time
 
 from calibrate.corpora import load_corpus
 from calibrate.models import load_model
+from calibrate.progress import showing
 from pruning.config import PruneConfig
 from pruning.decide import decide
 from pruning.prune import prepare
@@ -21,7 +22,8 @@ def main() -> None:
     for name in ("wikitext2", "sms_spam"):
         corpus = load_corpus(name, part="calibration")
         batches = calibration_batches(tok, corpus, CalibrationSettings(max_tokens=1408))
-        stats = calibrate_corpus(model, batches, {}, second_moment=True, progress=False)
+        with showing(False):
+            stats = calibrate_corpus(model, batches, {}, second_moment=True)
         print(name, "fit", stats.tokens, "held-out", next(iter(stats.holdout.values())).count, flush=True)
         print(" auto:", prepare(model, stats, PruneConfig(ratio=0.2, reconstruct="auto"))[1], flush=True)
         d = decide(model, stats, PruneConfig(ratio=0.2, reconstruct="lstsq"))

@@ -50,7 +50,8 @@ from benchmarks.studies.scale.plan import (
 from benchmarks.studies.scale.reference import float64_accumulation, old_refit
 from calibrate.glu import decoder, glu_layers
 from calibrate.moments import MOMENT_TOLERANCE
-from calibrate.offload import ResidentLoader
+from calibrate.offload import Offloaded, ResidentLoader
+from calibrate.progress import showing
 from pruning.config import PruneConfig
 from pruning.prune import prune
 from pruning.registry import reconstruct_layer
@@ -152,8 +153,9 @@ def calibration(model, batches: list[dict], device: str, second_moment: bool, ol
     """An offloaded prune's calibration (layer by layer, held-out eighth, spilled), OLD or NEW accumulation."""
     patch = float64_accumulation() if old else nullcontext()
     with patch, phase(device, {}) as out:
-        stats = calibrate_corpus(model, batches, {}, second_moment=second_moment, loader=ResidentLoader(),
-                                 device=torch.device(device), progress=False, spill=spill)
+        with showing(False):
+            stats = calibrate_corpus(model, batches, {}, second_moment=second_moment,
+                                     offloaded=Offloaded(ResidentLoader(), torch.device(device), spill))
     out["spilled"] = folder_bytes(spill)
     out["stats"] = stats
     return out

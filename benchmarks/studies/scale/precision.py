@@ -19,6 +19,7 @@ from benchmarks.studies.scale.reference import float64_accumulation
 from calibrate.corpora import load_corpus
 from calibrate.models import load_model
 from calibrate.perplexity import protocol_perplexity
+from calibrate.progress import showing
 from pruning.config import PruneConfig
 from pruning.prune import prune
 from pruning.workflow import CalibrationSettings, calibrate_corpus, calibration_batches
@@ -44,10 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("old", "new"):
         start = time.perf_counter()
         if name == "old":
-            with float64_accumulation():
-                stats = calibrate_corpus(model, batches, {}, second_moment=True, progress=False)
+            with float64_accumulation(), showing(False):
+                stats = calibrate_corpus(model, batches, {}, second_moment=True)
         else:
-            stats = calibrate_corpus(model, batches, {}, second_moment=True, progress=False)
+            with showing(False):
+                stats = calibrate_corpus(model, batches, {}, second_moment=True)
         seconds = time.perf_counter() - start
         result = prune(model, stats, PruneConfig(ratio=args.ratio, method=args.method, reconstruct="lstsq"))
         ppl = protocol_perplexity(result.model, tokenizer, evaluation)
