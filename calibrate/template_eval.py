@@ -11,6 +11,8 @@ from calibrate.tasks import Task, TaskResult, check_task, evaluate_task
 from calibrate.templates import PromptTemplate, half_raw, tables, template_documents
 
 CALIBRATION_FORMS = ("templates", "templates-mix")
+TASK_TEXTS = ("prompts", *CALIBRATION_FORMS)  # what --task calibrates on; prompts: the task's own, with 'N/A'
+DEFAULT_TASK_TEXT = "prompts"
 
 
 @dataclass

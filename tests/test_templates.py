@@ -11,6 +11,7 @@ from tiny import save_tiny, tiny_model, tiny_tokenizer
 from calibrate.corpora import load_corpus
 from calibrate.errors import GluPruneError
 from calibrate.prompts import SMS_FORMAT, fixed_shots
+from calibrate.stats import ActivationStats
 from calibrate.tasks import balanced_subset, evaluate_task, load_task
 from calibrate.template_eval import evaluate_templates, templates_task_corpus
 from calibrate.templates import (
@@ -180,3 +181,19 @@ def test_no_evaluation_message_in_any_templates_shots_or_calibration_text(data_d
 
 def test_half_raw_follows_each_document_with_at_least_as_much_raw_text():
     assert half_raw(["ab", "cd", "ef"], ["xxxx", "y", "zzzzzzzz"]) == ["xxxx", "ab\ncd", "y", "ef"]
+
+
+def test_calibrate_with_task_text_uses_the_calibration_templates(tmp_path):
+    save_tiny(tmp_path / "m")
+    path = write_csv(tmp_path / "t.csv")
+    task = csv_task(tmp_path)
+    flags = ["calibrate", "--model", str(tmp_path / "m"), "--task", str(path), "--text-field", "body", "--label-field",
+             "tag", "--seq-len", "32", "--max-tokens", "256", "--device", "cpu"]
+    for text in ("templates", "templates-mix"):
+        assert main([*flags, "--task-text", text, "--out", str(tmp_path / f"{text}.st")]) == 0
+        assert ActivationStats.load(tmp_path / f"{text}.st").meta["corpus"] == f"t:{text}"
+        documents = templates_task_corpus(task, text).texts
+        assert documents[0].startswith(GENERIC_CALIBRATION[0].format(task.labels).instruction)
+        assert not split_pieces(documents) & {GENERIC_EVALUATION[k].format(task.labels).example(t, label)
+                                              for k in range(5)
+                                              for t, label in zip(task.evaluation.texts, task.evaluation.labels)}
