@@ -6,7 +6,9 @@ i % 5 == 4. ``sms_spam:task`` is the same messages written as the few-shot
 prompts of the ``sms_spam`` task (calibrate/prompts.py: shots from the calibration part only, each
 message followed by its label word) and ``sms_spam:mix`` half raw messages, half those prompts;
 ``sms_spam:task-ref`` and ``sms_spam:mix-ref`` end each prompt with the content-free query the task's
-choice subtracts (``Message: N/A`` and ``Label:``, no label word).
+choice subtracts (``Message: N/A`` and ``Label:``, no label word). ``sms_spam:templates`` writes each
+calibration message in one of the task's calibration templates (calibrate/templates.py), never an
+evaluation template; ``sms_spam:templates-mix`` alternates those with raw messages.
 Custom corpora (a ``.txt`` file of blank-line separated documents, a folder of ``.txt``
 files, ``.jsonl``/``.json``/``.csv``/``.parquet`` with a text field, or a hub dataset
 ``name[:config]``) use the same fixed hold-out: document i is in the evaluation part when
@@ -32,6 +34,7 @@ from calibrate.prompts import (
     mix_documents,
     task_documents,
 )
+from calibrate.templates import half_raw, tables, template_documents
 
 PARTS = ("calibration", "evaluation", "all")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
@@ -77,7 +80,7 @@ BUILTINS = {
 }
 # built-in corpora whose rows carry labels: their label order (the last is the positive one) and prompt format
 LABELLED: dict[str, tuple[tuple[str, ...], TaskFormat]] = {"sms_spam": (("ham", "spam"), SMS_FORMAT)}
-TASK_FORMS = ("task", "mix", "task-ref", "mix-ref")
+TASK_FORMS = ("task", "mix", "task-ref", "mix-ref", "templates", "templates-mix")
 BUILTIN = set(BUILTINS) | {f"{name}:{form}" for name in LABELLED for form in TASK_FORMS}
 
 
@@ -192,6 +195,8 @@ def task_corpus(name: str, form: str, part: str | None, split: str | None, data_
                                                  f"evaluation")
     order, fmt = LABELLED[name]
     pool_texts, pool_labels, source = labelled_part(name, "calibration", data_dir)
+    if form.startswith("templates"):
+        return templates_corpus(name, form, part, (pool_texts, pool_labels), order, source)
     texts, labels = (pool_texts, pool_labels) if part == "calibration" else labelled_part(name, part, data_dir)[:2]
     documents = task_documents(fmt, texts, labels, (pool_texts, pool_labels), list(order), DEFAULT_SHOTS,
                                DEFAULT_SEED, same_part=part == "calibration",
@@ -200,6 +205,23 @@ def task_corpus(name: str, form: str, part: str | None, split: str | None, data_
         documents = mix_documents(texts, documents)
     query = f", each then asking for the label of {DEFAULT_REFERENCE!r}" if form.endswith("-ref") else ""
     where = f"{source} ({part} part as {DEFAULT_SHOTS}-shot {name} prompts{query}, seed {DEFAULT_SEED})"
+    return Corpus(f"{name}:{form}", "documents", documents, where, part)
+
+
+def templates_corpus(name: str, form: str, part: str, pool: tuple[list[str], list[str]], order: tuple[str, ...],
+                     source: str) -> Corpus:
+    """``NAME:templates``: each calibration message in one of the task's calibration templates
+    (calibrate/templates.py, never an evaluation template), with its own shots and label word;
+    ``NAME:templates-mix``: those documents alternating with raw messages, half of each by characters."""
+    if part != "calibration":
+        raise ConfigError("part", part, f"corpus '{name}:{form}' is calibration text only: use calibration")
+    texts, labels = pool
+    templates = tables(name)[1]
+    documents = template_documents(templates, texts, labels, order)
+    if form.endswith("-mix"):
+        documents = half_raw(texts, documents)
+    where = (f"{source} (calibration part in {len(templates)} calibration templates "
+             f"{', '.join(t.name for t in templates)}{', half raw messages' if form.endswith('-mix') else ''})")
     return Corpus(f"{name}:{form}", "documents", documents, where, part)
 
 

@@ -57,6 +57,7 @@ from calibrate.prompts import (
     task_documents,
 )
 from calibrate.task_metrics import BOOTSTRAP, LEVEL, auc, bootstrap_intervals, recalls
+from calibrate.templates import PromptTemplate
 
 TASK_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 SPLITS = {"calibration": "calibration", "train": "calibration", "evaluation": "evaluation", "test": "evaluation"}
@@ -115,6 +116,7 @@ class TaskResult:
     seconds: float
     repeats: int = 0
     note: str = ""
+    template: str = ""
     scores: list[list[float]] = field(default_factory=list)
     truth: list[str] = field(default_factory=list)
 
@@ -331,14 +333,22 @@ def label_scores(model, tokenizer, fmt: TaskFormat, labels: tuple[str, ...], pro
 
 def evaluate_task(model, tokenizer, task: Task, shots: int = DEFAULT_SHOTS, size: int | None = None,
                   seed: int = DEFAULT_SEED, reference: str | None = DEFAULT_REFERENCE, batch_size: int = 16,
-                  prefix_cache: bool = True, progress: bool = False) -> TaskResult:
+                  prefix_cache: bool = True, progress: bool = False, template: PromptTemplate | None = None
+                  ) -> TaskResult:
     """Few-shot accuracy of ``model`` on ``task`` (see the module docstring): balanced accuracy,
     per-label recall, AUC of the margin (two labels), and their 95% stratified bootstrap intervals.
-    ``reference`` None chooses by the plain scores."""
+    ``reference`` None chooses by the plain scores. A ``template`` (calibrate/templates.py) sets the
+    format, the shots and their order, and the reference instead of ``shots``/``reference`` and the
+    task's format; ``seed`` still draws the evaluated subset, so every template sees the same messages."""
     check_task(task)
     order = task.labels
-    shot_ids = fixed_shots(task.calibration.labels, list(order), shots, seed,
-                           where=f"the calibration part of task '{task.name}'")
+    where = f"the calibration part of task '{task.name}'"
+    if template is None:
+        shot_ids = fixed_shots(task.calibration.labels, list(order), shots, seed, where=where)
+    else:
+        task = copy.copy(task)
+        task.format, shots, reference = template.format(order), template.shots, template.reference
+        shot_ids = template.shot_indices(task.calibration.labels, order, where=where)
     shot_pairs = [(task.calibration.texts[i], task.calibration.labels[i]) for i in shot_ids]
     chosen = balanced_subset(task.evaluation.labels, order, size, seed, task.name)
     texts = [task.evaluation.texts[i] for i in chosen]
@@ -369,4 +379,4 @@ def evaluate_task(model, tokenizer, task: Task, shots: int = DEFAULT_SHOTS, size
         positive=task.positive, format=task.format.describe(), prompt=task.format.prompt(shot_pairs, "{text}"),
         shot_indices=shot_ids, prefix_tokens=prefix, seconds=round(seconds, 3), repeats=task.repeats,
         note="" if two else f"{len(order)} labels: no AUC (it needs two)",
-        scores=scores.tolist(), truth=truth_labels)
+        scores=scores.tolist(), truth=truth_labels, template=template.name if template is not None else "")

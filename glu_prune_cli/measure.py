@@ -17,6 +17,8 @@ from calibrate.prompts import DEFAULT_REFERENCE
 from calibrate.resources import human_bytes
 from calibrate.stats import ActivationStats, summary
 from calibrate.tasks import TaskResult, evaluate_task, load_task
+from calibrate.template_eval import TemplateReport, evaluate_templates
+from calibrate.templates import pick_templates
 from glu_prune_cli.options import (
     add_calibration_options,
     add_corpus_options,
@@ -57,6 +59,9 @@ def add_task_options(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_REFERENCE!r}; docs/tasks.md)")
     p.add_argument("--no-reference", dest="reference", action="store_const", const=None,
                    help="choose the label by its plain log-likelihood")
+    p.add_argument("--templates", default=None, metavar="NAMES",
+                   help="score the task under prompt templates instead: all, unseen (all but default) or "
+                        "comma-separated names (docs/tasks.md); one row per template and the spread")
 
 
 def task_line(model: str, result: TaskResult) -> str:
@@ -70,9 +75,34 @@ def task_line(model: str, result: TaskResult) -> str:
             f"{result.seconds:.1f} s")
 
 
+def template_rows(model: str, report: TemplateReport) -> str:
+    """The report as a table: one row per template, then the spread."""
+    lines = [f"{model} on task {report.task} ({report.results[0].n} evaluation examples) under "
+             f"{len(report.results)} templates", f"{'template':<12} {'shots':>5} {'reference':>10} "
+             f"{'balanced accuracy':>26} {'AUC':>22} {'plain':>6}"]
+    for r in report.results:
+        low, high = r.balanced_accuracy_ci
+        area = f"{r.auc:.3f} [{r.auc_ci[0]:.3f}, {r.auc_ci[1]:.3f}]" if r.auc is not None else "-"
+        ref = repr(r.reference) if r.reference is not None else "none"
+        lines.append(f"{r.template:<12} {r.shots:>5} {ref:>10} {r.balanced_accuracy:>9.3f} [{low:.3f}, {high:.3f}]"
+                     f" {area:>22} {r.plain_balanced_accuracy:>6.3f}")
+    for figure in ("balanced_accuracy", "auc"):
+        spread = report.spread(figure)
+        if spread is not None:
+            lines.append(f"{figure.replace('_', ' ')}: min {spread[0]:.3f}, max {spread[1]:.3f}")
+    return "\n".join(lines)
+
+
 def run_task_eval(args) -> None:
     task = load_task(args.task, data_dir=args.data_dir, text_field=args.text_field, label_field=args.label_field)
+    templates = pick_templates(task.name, args.templates) if args.templates is not None else None
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    if templates is not None:
+        report = evaluate_templates(model, tokenizer, task, templates, size=args.task_size, seed=args.seed,
+                                    batch_size=args.batch_size or 16, progress=not args.json)
+        print(json.dumps({**report.to_dict(), "model": args.model, "dtype": args.dtype}) if args.json
+              else template_rows(args.model, report))
+        return
     result = evaluate_task(model, tokenizer, task, shots=args.shots, size=args.task_size, seed=args.seed,
                            reference=args.reference, batch_size=args.batch_size or 16, progress=not args.json)
     if args.json:

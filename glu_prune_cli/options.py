@@ -9,6 +9,7 @@ from calibrate.errors import GluPruneError
 from calibrate.glu import parse_layers
 from calibrate.layer_importance import SCORES
 from calibrate.tasks import load_task, task_calibration_corpus
+from calibrate.template_eval import DEFAULT_TASK_TEXT, TASK_TEXTS, templates_task_corpus
 from pruning.allocation import DEFAULT_SPREAD
 from pruning.config import PruneConfig
 from pruning.depth import DepthConfig, parse_removal
@@ -53,6 +54,10 @@ def add_corpus_options(p: argparse.ArgumentParser, part: str, required: bool = T
                             "asking for the label of 'N/A' (sms_spam, the same as --corpus sms_spam:task-ref, or a "
                             ".csv/.jsonl/.json/.parquet file; docs/tasks.md)")
         p.add_argument("--label-field", default=None, help="label column of a --task file (default: label)")
+        p.add_argument("--task-text", default=DEFAULT_TASK_TEXT, choices=TASK_TEXTS,
+                       help=f"with --task: calibrate on the task's own prompts with the 'N/A' query (prompts), on "
+                            f"its calibration prompt templates (templates), or on those and raw text, half each "
+                            f"(templates-mix); default {DEFAULT_TASK_TEXT} (docs/tasks.md)")
         p.set_defaults(task_calibration=True)
     p.add_argument("--part", default=None, help=f"calibration, evaluation or all (default: {part})")
     p.add_argument("--split", default=None, help="a raw split name instead of --part (e.g. test, validation)")
@@ -68,7 +73,8 @@ def corpus_from_args(args, default_part: str) -> Corpus:
         if args.split is not None or args.part not in (None, "calibration"):
             raise GluPruneError("--task calibrates on the task's calibration part: drop --part and --split")
         task = load_task(args.task, data_dir=args.data_dir, text_field=args.text_field, label_field=args.label_field)
-        return task_calibration_corpus(task)
+        return task_calibration_corpus(task) if args.task_text == "prompts" else templates_task_corpus(task,
+                                                                                                         args.task_text)
     if args.corpus is None:
         raise GluPruneError("give --corpus (or --task for a labelled task's prompts)")
     part = args.part if args.part or args.split else default_part

@@ -112,6 +112,7 @@ CASES = [
     ("--label-field not in the task file", "eval --model {d}/llama --task {d}/task.csv --label-field kind"),
     ("task whose examples all have one label", "eval --model {d}/llama --task {d}/one-label.csv"),
     ("fewer calibration examples than --shots", "eval --model {d}/llama --task {d}/task.csv --shots 100"),
+    ("unknown prompt template (--templates)", "eval --model {d}/llama --task {d}/task.csv --templates fancy"),
     ("calibrate with both --corpus and --task",
      "calibrate --model {d}/llama --corpus {d}/c.txt --task {d}/task.csv --out {d}/s.st"),
     ("calibrate with neither --corpus nor --task", "calibrate --model {d}/llama --out {d}/s.st"),
