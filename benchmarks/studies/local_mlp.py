@@ -194,7 +194,7 @@ def main() -> None:
                                   CalibrationSettings(max_tokens=args.tokens))
     fit, held = split_holdout(batches)
     start = time.process_time()
-    stats = calibrate_corpus(model, batches, {}, second_moment=False, progress=False)
+    stats = calibrate_corpus(model, batches, {}, second_moment=False)
     print(f"calibration (first-order): {time.process_time() - start:.1f} CPU s", flush=True)
     plan = decide(model, stats, PruneConfig(ratio=args.ratio)).plan
     print("| method | target | CPU s after calibration | WikiText-2 | SMS | layers refitted / optimised |")
