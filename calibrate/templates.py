@@ -81,18 +81,17 @@ def ordered(indices: list[int], labels: list[str], order: tuple[str, ...], how: 
     return sorted(indices, key=lambda i: rank[labels[i]])
 
 
-SMS_EVALUATION = (
+SMS_EVALUATION = (  # the unseen ones chosen on calibration messages only (docs/tasks.md#unseen-prompt-templates)
     PromptTemplate("default", "Each SMS message below is labelled spam or ham (not spam).", "Message: {text}\nLabel:",
                    {"ham": " ham", "spam": " spam"}),
-    PromptTemplate("yes-no", "Is each text message below spam? Answer yes or no.", "Text message: {text}\nIs it spam?",
-                   {"ham": " no", "spam": " yes"}, shots=4, seed=101, order="grouped"),
+    PromptTemplate("yes-no", "For each SMS, answer whether it is spam (yes or no).", "SMS: {text}\nSpam? Answer:",
+                   {"ham": " no", "spam": " yes"}, shots=6, seed=111),
+    PromptTemplate("yes-no-plain", "For each SMS, answer whether it is spam (yes or no).", "SMS: {text}\nSpam? Answer:",
+                   {"ham": " no", "spam": " yes"}, shots=6, seed=111, reference=None),
     PromptTemplate("junk", "Sort each phone message into junk or normal.", 'SMS: "{text}"\nCategory:',
-                   {"ham": " normal", "spam": " junk"}, shots=6, seed=202, order="grouped-reversed", reference=None),
-    PromptTemplate("plain", "Label each message as ham (a normal message) or spam.", "Message: {text}\nAnswer:",
-                   {"ham": " ham", "spam": " spam"}, shots=2, seed=303, reference=None),
-    PromptTemplate("inbox", "Mobile phone messages, each marked as spam or as a normal message (ham).",
-                   "{text}\n=> this message is", {"ham": " ham", "spam": " spam"}, shots=8, seed=404,
-                   reference="[no text]"),
+                   {"ham": " normal", "spam": " junk"}, shots=6, seed=202, reference=None),
+    PromptTemplate("answer", "Label each message as ham (a normal message) or spam.", "Message: {text}\nAnswer:",
+                   {"ham": " ham", "spam": " spam"}, shots=8, seed=303),
 )
 
 SMS_CALIBRATION = (
