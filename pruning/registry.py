@@ -2,7 +2,9 @@
 (statistics, second moments, calibration text) and where it can run (``streamable``: on an
 offloaded checkpoint): the one table that the command line's choices, the configuration's
 validation, :mod:`pruning.decide`, the comparison grid and the docs read. Nothing elsewhere
-dispatches on a strategy's name.
+dispatches on a strategy's name (the defaults ``none``, ``uniform`` and ``one-shot`` mean "no
+reconstruction / no allocation / no schedule" and are compared as values; tests/test_registry.py
+checks it).
 
 Add a score: its function in :mod:`pruning.scores`, one :class:`Method` line here.
 Add an allocation: an :class:`pruning.allocators.Allocator` (its pure maths in

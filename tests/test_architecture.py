@@ -204,9 +204,10 @@ LONG_SIGNATURES = {  # function -> why it keeps more than PARAMETER_LIMIT parame
     "calibrate/run.py:calibrate": "the public calibration call: layers, second moments, held-out fraction, token "
                                   "budget, progress, provenance, layer importance are independent keyword "
                                   "settings with defaults, kept for the API's users",
-    "calibrate/layerwise.py:calibrate_layerwise": "the layer-by-layer runner's entry, whose modes (after_layer, "
-                                                  "dense_pairs, loader/device/spill) are being turned into pass "
-                                                  "objects by the runner's own change (issue 26, item 4)",
+    "calibrate/layerwise.py:calibrate_layerwise": "the layer-by-layer runner's entry: its modes (after_layer, "
+                                                  "dense_pairs, loader/device/spill) belong in pass objects of the "
+                                                  "runner (issue 26, item 4), which another change is reworking; "
+                                                  "left as it is here to keep the two apart",
     "calibrate/tasks.py:evaluate_task": "a task's evaluation protocol: shots, size, seed, reference label, batch "
                                         "size, prefix cache and progress are independent settings with defaults",
     "calibrate/prompts.py:task_documents": "pure text assembly from the task's parts (texts, labels, shot pool, "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -45,19 +46,56 @@ TASK_FIGURES = ("balanced_accuracy", "balanced_accuracy_ci", "accuracy", "recall
                 "plain_balanced_accuracy", "plain_recall", "n", "seconds")
 
 
+@dataclass(frozen=True)
+class GridOptions:
+    """Every setting of a grid run but its model, corpora and folder (:func:`compare`'s keywords):
+    evaluation (``eval_tokens``, ``eval_docs``, ``seq_len``), calibration (``calib_tokens``,
+    ``calib_seq_len``, the allocation ``spread``; ``second_moment``, ``layer_importance``,
+    ``skip_loss`` as the cells need them), healing rows, the extra columns (``speed``, ``lm_eval*``,
+    ``tasks``/``task_*``), where it runs (``device``, ``dtype``, ``batch_size``) and ``progress``."""
+
+    data_dir: str | Path | None = None
+    eval_tokens: int = 8192
+    eval_docs: int = 400
+    seq_len: int = 512
+    calib_tokens: int = 8192
+    calib_seq_len: int = 128
+    spread: float = DEFAULT_SPREAD
+    batch_size: int = 4
+    device: str | None = None
+    dtype: str = "float32"
+    speed: bool = False
+    second_moment: bool = False
+    heal_seq_len: int = 256
+    lm_eval: list[str] | None = None
+    lm_eval_include: str | None = None
+    lm_eval_limit: int | None = None
+    tasks: list[str] | None = None
+    task_shots: int = 4
+    task_size: int | None = None
+    task_seed: int = 0
+    task_reference: str | None = DEFAULT_REFERENCE
+    layer_importance: bool = False
+    skip_loss: bool = False
+    progress: bool = True
+
+
 class Grid:
     """One comparison run over a results folder; every finished cell is kept and skipped next time.
 
     A folder holds the results of one set of :meth:`settings`: a run with other settings is refused.
     """
 
-    def __init__(self, model: str, corpora: list[CorpusSpec], out_dir: Path, data_dir=None, eval_tokens=8192,
-                 eval_docs=400, seq_len=512, calib_tokens=8192, calib_seq_len=128, spread=DEFAULT_SPREAD,
-                 batch_size=4, device=None, dtype="float32", speed=False, second_moment=False, heal_seq_len=256,
-                 lm_eval: list[str] | None = None, lm_eval_include: str | None = None, lm_eval_limit: int | None = None,
-                 tasks: list[str] | None = None, task_shots: int = 4, task_size: int | None = None, task_seed: int = 0,
-                 task_reference: str | None = DEFAULT_REFERENCE, calibration_corpora: list[CorpusSpec] | None = None,
-                 layer_importance: bool = False, skip_loss: bool = False, loaded: tuple | None = None, progress=True):
+    def __init__(self, model: str, corpora: list[CorpusSpec], out_dir: Path, options: GridOptions = GridOptions(),
+                 calibration_corpora: list[CorpusSpec] | None = None, loaded: tuple | None = None):
+        o = options
+        data_dir, eval_tokens, eval_docs, seq_len = o.data_dir, o.eval_tokens, o.eval_docs, o.seq_len
+        calib_tokens, calib_seq_len, spread, batch_size = o.calib_tokens, o.calib_seq_len, o.spread, o.batch_size
+        device, dtype, speed, second_moment, heal_seq_len = o.device, o.dtype, o.speed, o.second_moment, o.heal_seq_len
+        lm_eval, lm_eval_include, lm_eval_limit = o.lm_eval, o.lm_eval_include, o.lm_eval_limit
+        tasks, task_shots, task_size, task_seed = o.tasks, o.task_shots, o.task_size, o.task_seed
+        task_reference, layer_importance, skip_loss, progress = o.task_reference, o.layer_importance, o.skip_loss, \
+            o.progress
         self.model_name, self.corpora, self.out = model, corpora, Path(out_dir)
         self.calibration_specs = corpora if calibration_corpora is None else calibration_corpora
         self.data_dir, self.eval_tokens, self.eval_docs, self.seq_len = data_dir, eval_tokens, eval_docs, seq_len
@@ -307,33 +345,36 @@ def compare(model: str, corpora: list[CorpusSpec], ratios: list[float] | None, m
     ``param_ratios`` instead of ``ratios``: every cell removes that fraction of the model's total
     parameters by the equal-size plans of :mod:`pruning.equal_size`: 'depth-cosine' and
     'depth-skip-loss' whole layers, a width method uniform neurons (refit by ``reconstruct``),
-    'both-<method>' half by layers (cosine), the rest by that method's neurons.
+    'both-<method>' half by layers (cosine), the rest by that method's neurons. ``options``: the
+    fields of :class:`GridOptions`.
     """
     from benchmarks.grid.report import write_reports
 
     if ratios and param_ratios:
         raise GluPruneError("--ratios (fractions of GLU neurons) and --param-ratios (fractions of all parameters) "
                             "are exclusive: give one of them")
+    settings = GridOptions(**options)  # an unknown option fails here, before any work
     calibration = check_calibration_corpora(corpora, calibration_corpora)
     names = [c.name for c in calibration]
     if not param_ratios:
         specs = grid_models(methods, ratios or DEFAULT_RATIOS, names, reconstruct, schedules, heal_steps, allocations,
                             heal_lora)
         second_moment = any(needs_second_moment(m, r) for m in methods for r in reconstruct)
-        grid = Grid(model, corpora, out_dir, second_moment=second_moment, calibration_corpora=calibration, **options)
+        grid = Grid(model, corpora, out_dir, replace(settings, second_moment=second_moment), calibration)
     else:
         if list(schedules) != ["one-shot"] or list(allocations) != ["uniform"]:
             raise GluPruneError("--param-ratios prunes neurons uniformly, one-shot: drop --schedule and --allocation")
         specs = equal_size_models(methods, param_ratios, names, reconstruct, heal_steps, heal_lora)
         kinds = [equal_size_method(m) for m in methods]
         second_moment = any(needs_second_moment(w, r) for kind, _, w in kinds if kind == "width" for r in reconstruct)
-        loaded = load_model(model, device=options.get("device"), dtype=options.get("dtype", "float32"))
+        loaded = load_model(model, device=settings.device, dtype=settings.dtype)
         profile = size_profile(loaded[0])
         for spec in specs[1:]:
             plan(profile, spec.param_ratio, spec.plan_kind[0])  # a plan refused before anything is written
-        grid = Grid(model, corpora, out_dir, second_moment=second_moment, calibration_corpora=calibration,
-                    layer_importance=any(kind != "width" for kind, _, _ in kinds),
-                    skip_loss=any(score == "skip-loss" for _, score, _ in kinds), loaded=loaded, **options)
+        settings = replace(settings, second_moment=second_moment,
+                           layer_importance=any(kind != "width" for kind, _, _ in kinds),
+                           skip_loss=any(score == "skip-loss" for _, score, _ in kinds))
+        grid = Grid(model, corpora, out_dir, settings, calibration, loaded=loaded)
     rows, extras = grid.run(specs)
     tasks = next((found for name, found in extras.items() if name.startswith(TASK)), [])
     return write_reports(rows, Path(out_dir), extras.get(SPEED, []), extras.get(LM_EVAL, []), tasks)
