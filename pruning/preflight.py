@@ -47,11 +47,13 @@ class Plan:
 
 
 def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | None, *, tokens: int,
-                   batch_tokens: int, calibrating: bool) -> Plan:
+                   batch_tokens: int, calibrating: bool, held_tokens: int | None = None) -> Plan:
     """The :class:`Plan` of pruning a model of ``shapes`` offloaded under ``limit``: in memory when every
     phase fits in ``SHARE`` of it with every layer's statistics and refits held, else spilled; refused
     (one line, the phase and the fix) when a phase does not fit even spilled. With no limit known it
-    spills (what an offloaded prune did before it counted)."""
+    spills (what an offloaded prune did before it counted). ``held_tokens``: the held-out slice's real
+    tokens (default an eighth of ``tokens``), which decide its spilled form and bytes
+    (:func:`calibrate.spill.spill_bytes`)."""
     second = calibrating and config.needs_second_moment
     refit = config.reconstruct in ("lstsq", "lstsq-centred")
     kept = [kept_count(w, shapes.hidden, config.target) for w in shapes.widths]
@@ -69,7 +71,9 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
                 "refit": (0 if spilled else held_moments) + one_refit + held_refits,
                 "rewrite": rewrite_peak(shapes, held=held_refits)}
 
-    disk = (spill_bytes(shapes.widths, STREAMS) if second else 0, refits // F64 * shapes.itemsize)
+    held = tokens // 8 if held_tokens is None else held_tokens
+    rows_itemsize = F64 if shapes.itemsize == F64 else 4  # held-out rows: float32, float64 from a float64 model
+    disk = (spill_bytes(shapes.widths, held, rows_itemsize) if second else 0, refits // F64 * shapes.itemsize)
     whole = peaks(spilled=False)
     if limit is not None and max(whole.values()) <= SHARE * limit.bytes:
         return Plan(False, whole, *disk)
