@@ -18,17 +18,32 @@ STREAMS = 2  # second moments per layer: the fit's and the held-out slice's
 SOLVER_WORKSPACE = 32 << 20  # LAPACK's own buffers on a first factorisation, at most (13-18 MiB at 1536-3072)
 
 
-def refit_peak(width: int, kept: int, hidden: int) -> int:
+def refit_peak(width: int, kept: int, hidden: int, held_rows: int = 0) -> int:
     """Peak bytes of one layer's least-squares refit (:func:`pruning.reconstruct.reconstruct_layer`
-    with held-out statistics): the fit and held-out second moments as read (2 width²) and each
-    normalised by its token count (2 width², the held-out one while its products are formed), the
-    kept block ``S[K, K]`` of each (2 K²), ``W S[:, K]`` and the held-out ``W H`` (a width × K slice and
-    hidden × width products), and each ridge's shifted matrix, its Cholesky factor and the solve's
-    hidden × K results (float64 throughout), and the solver's workspace. Checked against the peak RSS
-    of a refit in tests/test_spill.py."""
+    with held-out statistics, :class:`pruning.reconstruct.RidgeCandidates`' working set).
+
+    With a held-out second moment (``held_rows`` 0): the fit and held-out second moments as read
+    (2 width²) and each normalised by its token count (2 width², the held-out one while its products
+    are formed), the kept block ``S[K, K]`` of each (2 K²), ``W S[:, K]`` and the held-out ``W H`` (a
+    width × K slice and hidden × width products), and each ridge's shifted matrix, its Cholesky
+    factor and the solve's hidden × K results. With ``held_rows`` held-out activations (float32 as
+    kept, fewer than the width) instead: the fit moment as read and normalised (2 width²), the rows in
+    float64 with their kept columns and their outputs ``x Wᵀ``, then per ridge the shifted matrix,
+    the factor and the best one so far (5 K² with ``S[K, K]`` and the identity), the rows' solve (K ×
+    rows) and its hidden × rows predictions and residuals; no refit's error reads the removed columns
+    of the rows again. Float64 throughout, and the solver's workspace. Checked against the peak RSS of
+    a refit in tests/test_spill.py."""
+    workspace = min(SOLVER_WORKSPACE, 2 * F64 * kept * kept)
+    if held_rows:
+        h, rows = held_rows, held_rows * width // 2  # the float32 rows as kept, in float64 elements
+        base = width * width + rows + hidden * width
+        forming = base + width * width + kept * width + kept * kept + hidden * kept + h * width + h * hidden + h * kept
+        solving = base + hidden * kept + 5 * kept * kept + 3 * h * kept + 4 * hidden * h
+        plain = base + hidden * kept + kept * kept + h * kept + 2 * h * width + h * hidden
+        return F64 * max(forming, solving, plain) + workspace
     forming = 4 * width * width + kept * width + kept * kept + 3 * hidden * width + hidden * kept
     solving = 3 * width * width + 5 * kept * kept + 4 * hidden * kept
-    return F64 * max(forming, solving) + min(SOLVER_WORKSPACE, 2 * F64 * kept * kept)
+    return F64 * max(forming, solving) + workspace
 
 
 @dataclass(frozen=True)
@@ -60,7 +75,13 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
     moments = sum(moment_bytes(w, STREAMS) for w in shapes.widths) if second else 0
     refits = shapes.hidden * sum(kept) * F64 if refit else 0  # held as the refit returns them
     largest = max(shapes.widths, default=0)
-    one_refit = max((refit_peak(w, k, shapes.hidden) for w, k in zip(shapes.widths, kept)), default=0) if refit else 0
+    held = tokens // 8 if held_tokens is None else held_tokens
+
+    def rows(width: int) -> int:  # the held-out slice's rows, kept while no more than the width
+        return held if second and held <= width else 0
+
+    one_refit = max((refit_peak(w, k, shapes.hidden, rows(w)) for w, k in zip(shapes.widths, kept)),
+                    default=0) if refit else 0
     streams = STREAMS if second else 0
 
     def peaks(spilled: bool) -> dict[str, int]:
@@ -71,7 +92,6 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
                 "refit": (0 if spilled else held_moments) + one_refit + held_refits,
                 "rewrite": rewrite_peak(shapes, held=held_refits)}
 
-    held = tokens // 8 if held_tokens is None else held_tokens
     rows_itemsize = F64 if shapes.itemsize == F64 else 4  # held-out rows: float32, float64 from a float64 model
     disk = (spill_bytes(shapes.widths, held, rows_itemsize) if second else 0, refits // F64 * shapes.itemsize)
     whole = peaks(spilled=False)

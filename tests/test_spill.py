@@ -100,10 +100,10 @@ SHAPES = Shapes(hidden=896, widths=[4864] * 24, itemsize=4, layer_bytes=60 * MiB
                 largest_tensor=519 * MiB, total_bytes=1885 * MiB)  # a 0.5B model's
 
 
-def plan(limit):
+def plan(limit, held_tokens=None):
     return plan_offloaded(SHAPES, PruneConfig(ratio=0.2, reconstruct="lstsq"),
                           None if limit is None else MemoryLimit(limit, "cgroup v1 memory.limit_in_bytes"),
-                          tokens=8192, batch_tokens=1024, calibrating=True)
+                          tokens=8192, batch_tokens=1024, calibrating=True, held_tokens=held_tokens)
 
 
 def test_spilling_is_decided_by_each_phase_s_peak():
@@ -111,7 +111,8 @@ def test_spilling_is_decided_by_each_phase_s_peak():
     assert not plan(64 * GiB).spill and plan(64 * GiB).peaks["refit"] > moments
     spilled = plan(4 * GiB)
     assert spilled.spill and max(spilled.peaks.values()) <= 0.8 * 4 * GiB
-    assert spilled.peaks["refit"] == refit_peak(4864, 3891, 896) + 896 * 3891 * 4
+    # the 1024 held-out tokens are fewer than the width: the refit works on their rows
+    assert spilled.peaks["refit"] == refit_peak(4864, 3891, 896, 1024) + 896 * 3891 * 4
     # on disk: the fit x xᵀ as a packed triangle, the 1024 held-out tokens' float32 rows (fewer than the width)
     assert spilled.stats_disk == 24 * (4864 * 4865 // 2 * 8 + 1024 * 4864 * 4) < moments / 1.8
     assert spilled.refits_disk == 24 * 896 * 3891 * 4
@@ -119,9 +120,9 @@ def test_spilling_is_decided_by_each_phase_s_peak():
 
 
 def test_a_phase_that_cannot_fit_even_spilled_is_refused_in_one_line_with_the_fix():
-    needed = refit_peak(4864, 3891, 896)
+    needed = refit_peak(4864, 3891, 896)  # 8192 held-out tokens, more than the width: a held-out x xᵀ
     with pytest.raises(GluPruneError) as refused:
-        plan(int(needed / 0.8) - 1)
+        plan(int(needed / 0.8) - 1, held_tokens=8192)
     message = str(refused.value)
     assert message.startswith("the refit of one layer needs ") and "\n" not in message
     assert message.endswith("is available: --reconstruct none (or bias), or a larger memory limit")
@@ -150,7 +151,7 @@ def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
 keep_large_allocations_mapped()  # as an offloaded run does
-n, hidden, kept = (int(a) for a in sys.argv[1:])
+n, hidden, kept, rows = (int(a) for a in sys.argv[1:])
 g = torch.Generator().manual_seed(0)
 
 def stats(tokens):
@@ -164,6 +165,8 @@ def stats(tokens):
     return s
 
 fit, held, weight = stats(2048), stats(512), torch.randn(hidden, n, generator=g)
+if rows:  # the held-out slice as calibration keeps it when it has fewer tokens than neurons: float32 rows
+    held = torch.randn(rows, n, generator=g)
 before = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from here
 reconstruct_layer("lstsq", weight, torch.arange(kept), fit, held)
@@ -171,9 +174,11 @@ print(status("VmHWM") - before)
 """
 
 
-def test_one_refit_stays_within_the_working_set_the_pre_flight_counts(tmp_path):
-    """SmolLM2's width, in a fresh process: the refit's peak above what was held before it (the two raw
-    second moments, counted by refit_peak too) stays within refit_peak."""
+@pytest.mark.parametrize("rows", [0, 512])
+def test_one_refit_stays_within_the_working_set_the_pre_flight_counts(tmp_path, rows):
+    """SmolLM2's width, in a fresh process: the refit's peak above what was held before it (the raw
+    second moments or the float32 held-out rows, counted by refit_peak too) stays within refit_peak,
+    with a held-out second moment (rows 0) and with held-out rows."""
     import subprocess
     import sys
     from pathlib import Path
@@ -181,14 +186,15 @@ def test_one_refit_stays_within_the_working_set_the_pre_flight_counts(tmp_path):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("no /proc/self/clear_refs to reset the peak RSS")
     n, hidden, kept = 1536, 576, 1229
-    done = subprocess.run([sys.executable, "-c", REFIT, str(n), str(hidden), str(kept)], capture_output=True,
-                          text=True, cwd=Path(__file__).parents[1], env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    done = subprocess.run([sys.executable, "-c", REFIT, str(n), str(hidden), str(kept), str(rows)],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                          env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     grew = int(done.stdout.split()[-1])
-    counted = refit_peak(n, kept, hidden) - 2 * 8 * n * n
+    held_before = 8 * n * n + (4 * rows * n if rows else 8 * n * n)
+    counted = refit_peak(n, kept, hidden, rows) - held_before
+    print("measured", rows, grew, counted)
     assert 0.25 * counted < grew <= counted, (grew, counted)  # counted, and not grossly overcounted
-
-
 @pytest.mark.parametrize("size", [1, 7, 1030])  # 1030: more than one strip of the symmetry check
 def test_a_packed_second_moment_reads_back_bit_for_bit_in_half_the_bytes(tmp_path, size):
     from calibrate.moments import gram
