@@ -108,7 +108,7 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
 PHASES = {"calibration": "the calibration of one layer", "refit": "the refit of one layer",
           "rewrite": "the checkpoint's rewrite"}
 WHAT = {"calibration": "its weights, the captured activations and its float64 second moments",
-        "refit": "its fit and held-out float64 second moments and the solve's buffers",
+        "refit": "its float64 fit second moment, the held-out statistics and the solve's buffers",
         "rewrite": "the largest tensor, its changed copy and a shard"}
 FIX = {"calibration": "fewer --max-tokens, or --reconstruct none (no second moments), or a larger memory limit",
        "refit": "--reconstruct none (or bias), or a larger memory limit",
