@@ -19,17 +19,32 @@ STREAMS = 2  # second moments per layer: the fit's and the held-out slice's
 SOLVER_WORKSPACE = 32 << 20  # LAPACK's own buffers on a first factorisation, at most (13-18 MiB at 1536-3072)
 
 
-def refit_peak(width: int, kept: int, hidden: int) -> int:
+def refit_peak(width: int, kept: int, hidden: int, held_rows: int = 0) -> int:
     """Peak bytes of one layer's least-squares refit (:func:`pruning.registry.reconstruct_layer`
-    with held-out statistics): the fit and held-out second moments as read (2 width²) and each
-    normalised by its token count (2 width², the held-out one while its products are formed), the
-    kept block ``S[K, K]`` of each (2 K²), ``W S[:, K]`` and the held-out ``W H`` (a width × K slice and
-    hidden × width products), and each ridge's shifted matrix, its Cholesky factor and the solve's
-    hidden × K results (float64 throughout), and the solver's workspace. Checked against the peak RSS
-    of a refit in tests/test_spill.py."""
+    with held-out statistics, :class:`pruning.reconstruct.RidgeCandidates`' working set).
+
+    With a held-out second moment (``held_rows`` 0): the fit and held-out second moments as read
+    (2 width²) and each normalised by its token count (2 width², the held-out one while its products
+    are formed), the kept block ``S[K, K]`` of each (2 K²), ``W S[:, K]`` and the held-out ``W H`` (a
+    width × K slice and hidden × width products), and each ridge's shifted matrix, its Cholesky
+    factor and the solve's hidden × K results. With ``held_rows`` held-out activations (float32 as
+    kept, fewer than the width) instead: the fit moment as read and normalised (2 width²), the rows in
+    float64 with their kept columns and their outputs ``x Wᵀ``, then per ridge the shifted matrix,
+    the factor and the best one so far (5 K² with ``S[K, K]`` and the identity), the rows' solve (K ×
+    rows) and its hidden × rows predictions and residuals; no refit's error reads the removed columns
+    of the rows again. Float64 throughout, and the solver's workspace. Checked against the peak RSS of
+    a refit in tests/test_spill.py."""
+    workspace = min(SOLVER_WORKSPACE, 2 * F64 * kept * kept)
+    if held_rows:
+        h, rows = held_rows, held_rows * width // 2  # the float32 rows as kept, in float64 elements
+        base = width * width + rows + hidden * width
+        forming = base + width * width + kept * width + kept * kept + hidden * kept + h * width + h * hidden + h * kept
+        solving = base + hidden * kept + 5 * kept * kept + 3 * h * kept + 4 * hidden * h
+        plain = base + hidden * kept + kept * kept + h * kept + 2 * h * width + h * hidden
+        return F64 * max(forming, solving, plain) + workspace
     forming = 4 * width * width + kept * width + kept * kept + 3 * hidden * width + hidden * kept
     solving = 3 * width * width + 5 * kept * kept + 4 * hidden * kept
-    return F64 * max(forming, solving) + min(SOLVER_WORKSPACE, 2 * F64 * kept * kept)
+    return F64 * max(forming, solving) + workspace
 
 
 @dataclass(frozen=True)
@@ -48,18 +63,26 @@ class Plan:
 
 
 def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | None, *, tokens: int,
-                   batch_tokens: int, calibrating: bool) -> Plan:
+                   batch_tokens: int, calibrating: bool, held_tokens: int | None = None) -> Plan:
     """The :class:`Plan` of pruning a model of ``shapes`` offloaded under ``limit``: in memory when every
     phase fits in ``SHARE`` of it with every layer's statistics and refits held, else spilled; refused
     (one line, the phase and the fix) when a phase does not fit even spilled. With no limit known it
-    spills (what an offloaded prune did before it counted)."""
+    spills (what an offloaded prune did before it counted). ``held_tokens``: the held-out slice's real
+    tokens (default an eighth of ``tokens``), which decide its spilled form and bytes
+    (:func:`calibrate.spill.spill_bytes`)."""
     second = calibrating and config.needs_second_moment
     refit = RECONSTRUCTIONS[config.reconstruct].second_moment  # a least-squares refit: it solves
     kept = [kept_count(w, shapes.hidden, config.target) for w in shapes.widths]
     moments = sum(moment_bytes(w, STREAMS) for w in shapes.widths) if second else 0
     refits = shapes.hidden * sum(kept) * F64 if refit else 0  # held as the refit returns them
     largest = max(shapes.widths, default=0)
-    one_refit = max((refit_peak(w, k, shapes.hidden) for w, k in zip(shapes.widths, kept)), default=0) if refit else 0
+    held = tokens // 8 if held_tokens is None else held_tokens
+
+    def rows(width: int) -> int:  # the held-out slice's rows, kept while no more than the width
+        return held if second and held <= width else 0
+
+    one_refit = max((refit_peak(w, k, shapes.hidden, rows(w)) for w, k in zip(shapes.widths, kept)),
+                    default=0) if refit else 0
     streams = STREAMS if second else 0
 
     def peaks(spilled: bool) -> dict[str, int]:
@@ -70,7 +93,8 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
                 "refit": (0 if spilled else held_moments) + one_refit + held_refits,
                 "rewrite": rewrite_peak(shapes, held=held_refits)}
 
-    disk = (spill_bytes(shapes.widths, STREAMS) if second else 0, refits // F64 * shapes.itemsize)
+    rows_itemsize = F64 if shapes.itemsize == F64 else 4  # held-out rows: float32, float64 from a float64 model
+    disk = (spill_bytes(shapes.widths, held, rows_itemsize) if second else 0, refits // F64 * shapes.itemsize)
     whole = peaks(spilled=False)
     if limit is not None and max(whole.values()) <= SHARE * limit.bytes:
         return Plan(False, whole, *disk)
@@ -85,7 +109,7 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
 PHASES = {"calibration": "the calibration of one layer", "refit": "the refit of one layer",
           "rewrite": "the checkpoint's rewrite"}
 WHAT = {"calibration": "its weights, the captured activations and its float64 second moments",
-        "refit": "its fit and held-out float64 second moments and the solve's buffers",
+        "refit": "its float64 fit second moment, the held-out statistics and the solve's buffers",
         "rewrite": "the largest tensor, its changed copy and a shard"}
 FIX = {"calibration": "fewer --max-tokens, or --reconstruct none (no second moments), or a larger memory limit",
        "refit": "--reconstruct none (or bias), or a larger memory limit",

@@ -246,9 +246,10 @@ def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, run: 
     notes = {**auto, **(run.notes or {})}
     check_data(config, stats, corpus)
     calibrating = config.needs_stats and stats is None
+    batches = calibration_batches(tokenizer, corpus, settings) if calibrating else None
     plan = plan_offloaded(shapes_of(model, config.layer_list, run.dtype), config, resources.memory_limit(),
                           tokens=settings.tokens, batch_tokens=settings.batch_size * settings.seq_len,
-                          calibrating=calibrating)
+                          calibrating=calibrating, held_tokens=held_tokens(batches))
     folder = Path(spill_dir if spill_dir is not None else Path(out).absolute().parent)
     spilling = (plan.spill or spill_dir is not None) and plan.disk_if_spilled > 0
     if spilling:
@@ -260,13 +261,20 @@ def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, run: 
                  resources.human_bytes(max(plan.peaks.values())))
     with spill_folder(folder, Path(out).name, spilling) as spill:
         if calibrating:
-            batches = calibration_batches(tokenizer, corpus, settings)
             stats = calibrate_corpus(model, batches, provenance(model_name, corpus, settings),
                                      second_moment=config.needs_second_moment, layers=config.layer_list,
                                      offloaded=Offloaded(loader, device, spill))
             config = recheck_budget(config, model, stats, notes)
         return prune_checkpoint(model, loader, stats, config, Output(out, tokenizer, force), notes=notes,
                                 spill=spill)
+
+
+def held_tokens(batches: list[dict] | None) -> int | None:
+    """The real tokens of the held-out slice :func:`calibrate_corpus` takes from ``batches``."""
+    if not batches or len(batches) < 2:
+        return None
+    return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+               for b in split_holdout(batches, HOLDOUT)[1])
 
 
 @contextmanager

@@ -125,10 +125,10 @@ def test_spilled_statistics_equal_the_in_memory_ones(tmp_path):
     memory = calibrate_layerwise(model, batches[:-1], **options)
     spilled = calibrate_layerwise(model, batches[:-1], spill=tmp_path / "spill", **options)
     assert isinstance(spilled.layers, SpilledLayers) and sorted(spilled.layers) == [0, 1, 2]
-    # only the x xᵀ matrices go to disk, as raw float64: the per-neuron sums stay in memory
+    # only the x xᵀ matrices go to disk, as raw float64 upper triangles: the per-neuron sums stay in memory
     assert sorted(p.name for p in (tmp_path / "spill" / "fit").iterdir()) == [
         f"layer-{i}.second_moment.bin" for i in range(3)]
-    assert (tmp_path / "spill" / "fit" / "layer-0.second_moment.bin").stat().st_size == 8 * 64 * 64
+    assert (tmp_path / "spill" / "fit" / "layer-0.second_moment.bin").stat().st_size == 8 * 64 * 65 // 2
     for mine, theirs in ((memory.layers, spilled.layers), (memory.holdout, spilled.holdout)):
         for i in mine:
             a, b = mine[i], theirs[i]

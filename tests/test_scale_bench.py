@@ -18,4 +18,5 @@ def test_scale_bench_on_miniature_shapes(capsys):
         assert label in out
     tiny = results["tiny"]
     assert 0 <= tiny["difference"] <= MOMENT_TOLERANCE
-    assert tiny["new_spilled"] > 0 and tiny["old_spilled"] > tiny["new_spilled"]  # the held-out slice as activations
+    assert tiny["new_spilled"] > 0 and tiny["old_spilled"] > tiny["new_spilled"]  # packed, held-out slice as rows
+    assert tiny["new_spilled"] == tiny["announced"]  # the folder measured = the bytes the pre-flight announces

@@ -37,28 +37,39 @@ def run(argv) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-def test_the_spilled_bytes_are_the_announced_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch", [4, 1])
+def test_the_spilled_bytes_are_the_announced_bytes(tmp_path, monkeypatch, batch):
+    """Write, measure the folder, compare: the spill folder is kept (not removed after the cut) and
+    its files' sizes add up to the bytes announced before anything was written. Batches of 4 rows of
+    32 tokens hold out one batch (128 tokens, more than the 64 neurons: a packed x xᵀ), batches of
+    one row hold out two (64 tokens: their activations)."""
     tiny_workspace(tmp_path)
-    written, announced = [], []
-    write_raw, check_disk = spill.write_raw, spill.check_disk
+    announced, kept = [], tmp_path / "kept-spill"
+    check_disk = spill.check_disk
 
-    def counting(tensor, path):
-        written.append((path.name, write_raw(tensor, path)))
-        return written[-1][1]
+    @contextlib.contextmanager
+    def kept_folder(parent, name, wanted):
+        kept.mkdir()
+        yield str(kept) if wanted else None
 
-    monkeypatch.setattr(spill, "write_raw", counting)
+    monkeypatch.setattr("pruning.workflow.spill_folder", kept_folder)
     monkeypatch.setattr("pruning.workflow.check_disk", lambda folder, needed, what, *a: (
         announced.append(needed), check_disk(folder, needed, what, *a)))
-    code, err = run(prune_args(tmp_path, "--spill-dir", str(tmp_path)))
+    code, err = run(prune_args(tmp_path, "--spill-dir", str(tmp_path), "--batch-size", str(batch)))
     assert code == 0, err
     assert re.search(r"note: writing [\d.]+ KiB of the spilled statistics and refitted weights to a temporary folder "
                      rf"in {tmp_path} \([\d.]+ [KMGT]iB free\), removed after use", err), err
-    assert announced == [sum(n for _, n in written)] and announced[0] > 0
-    # per layer: the fit and held-out x xᵀ (64² float64) and the refitted down weight (32 x 48 float32)
-    assert sorted(name for name, _ in written)[:3] == ["layer-0.0.bin", "layer-0.second_moment.bin",
-                                                      "layer-0.second_moment.bin"]
-    assert announced[0] == 3 * (2 * 64 * 64 * 8 + 32 * 48 * 4)
-    assert not list(tmp_path.glob(".out.stats-*"))  # removed after the cut
+    files = {str(f.relative_to(kept)): f.stat().st_size for f in kept.rglob("*") if f.is_file()}
+    assert announced == [sum(files.values())] and announced[0] > 0, files
+    # per layer: the fit x xᵀ as a packed triangle (64 · 65 / 2 float64), the held-out slice's 64 rows as
+    # float32 activations (no more tokens than the 64 neurons) and the refitted down weight (32 x 48 float32)
+    held = {4: ("second_moment", 64 * 65 // 2 * 8), 1: ("activations", 64 * 64 * 4)}[batch]
+    # per layer: the fit x xᵀ as a packed triangle (64 · 65 / 2 float64), the held-out slice (packed, or
+    # its rows as float32 activations) and the refitted down weight (32 x 48 float32)
+    assert files["fit/layer-0.second_moment.bin"] == 64 * 65 // 2 * 8
+    assert files[f"holdout/layer-0.{held[0]}.bin"] == held[1]
+    assert files["refits/layer-0.0.bin"] == 32 * 48 * 4
+    assert len(files) == 9 and announced[0] == 3 * (64 * 65 // 2 * 8 + held[1] + 32 * 48 * 4)
 
 
 def test_a_spill_larger_than_the_free_disk_is_refused_in_one_line_with_nothing_left(tmp_path, monkeypatch):
@@ -82,16 +93,17 @@ def test_spilled_or_not_the_pruned_checkpoint_is_the_same(tmp_path):
     assert code == 0 and "temporary folder" in err
     held, spilled = tensors(tmp_path / "held"), tensors(tmp_path / "out")
     assert held.keys() == spilled.keys() and all(torch.equal(held[k], spilled[k]) for k in held)
+    assert not list(tmp_path.glob(".out.stats-*"))  # the spill folder is removed after the cut
 
 
 SHAPES = Shapes(hidden=896, widths=[4864] * 24, itemsize=4, layer_bytes=60 * MiB, embedding_bytes=519 * MiB,
                 largest_tensor=519 * MiB, total_bytes=1885 * MiB)  # a 0.5B model's
 
 
-def plan(limit):
+def plan(limit, held_tokens=None):
     return plan_offloaded(SHAPES, PruneConfig(ratio=0.2, reconstruct="lstsq"),
                           None if limit is None else MemoryLimit(limit, "cgroup v1 memory.limit_in_bytes"),
-                          tokens=8192, batch_tokens=1024, calibrating=True)
+                          tokens=8192, batch_tokens=1024, calibrating=True, held_tokens=held_tokens)
 
 
 def test_spilling_is_decided_by_each_phase_s_peak():
@@ -99,15 +111,18 @@ def test_spilling_is_decided_by_each_phase_s_peak():
     assert not plan(64 * GiB).spill and plan(64 * GiB).peaks["refit"] > moments
     spilled = plan(4 * GiB)
     assert spilled.spill and max(spilled.peaks.values()) <= 0.8 * 4 * GiB
-    assert spilled.peaks["refit"] == refit_peak(4864, 3891, 896) + 896 * 3891 * 4
-    assert spilled.stats_disk == moments and spilled.refits_disk == 24 * 896 * 3891 * 4
+    # the 1024 held-out tokens are fewer than the width: the refit works on their rows
+    assert spilled.peaks["refit"] == refit_peak(4864, 3891, 896, 1024) + 896 * 3891 * 4
+    # on disk: the fit x xᵀ as a packed triangle, the 1024 held-out tokens' float32 rows (fewer than the width)
+    assert spilled.stats_disk == 24 * (4864 * 4865 // 2 * 8 + 1024 * 4864 * 4) < moments / 1.8
+    assert spilled.refits_disk == 24 * 896 * 3891 * 4
     assert plan(None).spill  # no limit known: spilled, as before the count
 
 
 def test_a_phase_that_cannot_fit_even_spilled_is_refused_in_one_line_with_the_fix():
-    needed = refit_peak(4864, 3891, 896)
+    needed = refit_peak(4864, 3891, 896)  # 8192 held-out tokens, more than the width: a held-out x xᵀ
     with pytest.raises(GluPruneError) as refused:
-        plan(int(needed / 0.8) - 1)
+        plan(int(needed / 0.8) - 1, held_tokens=8192)
     message = str(refused.value)
     assert message.startswith("the refit of one layer needs ") and "\n" not in message
     assert message.endswith("is available: --reconstruct none (or bias), or a larger memory limit")
@@ -136,7 +151,7 @@ def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
 keep_large_allocations_mapped()  # as an offloaded run does
-n, hidden, kept = (int(a) for a in sys.argv[1:])
+n, hidden, kept, rows = (int(a) for a in sys.argv[1:])
 g = torch.Generator().manual_seed(0)
 
 def stats(tokens):
@@ -150,6 +165,8 @@ def stats(tokens):
     return s
 
 fit, held, weight = stats(2048), stats(512), torch.randn(hidden, n, generator=g)
+if rows:  # the held-out slice as calibration keeps it when it has fewer tokens than neurons: float32 rows
+    held = torch.randn(rows, n, generator=g)
 before = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from here
 reconstruct_layer("lstsq", weight, torch.arange(kept), fit, held)
@@ -157,9 +174,11 @@ print(status("VmHWM") - before)
 """
 
 
-def test_one_refit_stays_within_the_working_set_the_pre_flight_counts(tmp_path):
-    """SmolLM2's width, in a fresh process: the refit's peak above what was held before it (the two raw
-    second moments, counted by refit_peak too) stays within refit_peak."""
+@pytest.mark.parametrize("rows", [0, 512])
+def test_one_refit_stays_within_the_working_set_the_pre_flight_counts(tmp_path, rows):
+    """SmolLM2's width, in a fresh process: the refit's peak above what was held before it (the raw
+    second moments or the float32 held-out rows, counted by refit_peak too) stays within refit_peak,
+    with a held-out second moment (rows 0) and with held-out rows."""
     import subprocess
     import sys
     from pathlib import Path
@@ -167,9 +186,65 @@ def test_one_refit_stays_within_the_working_set_the_pre_flight_counts(tmp_path):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("no /proc/self/clear_refs to reset the peak RSS")
     n, hidden, kept = 1536, 576, 1229
-    done = subprocess.run([sys.executable, "-c", REFIT, str(n), str(hidden), str(kept)], capture_output=True,
-                          text=True, cwd=Path(__file__).parents[1], env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    done = subprocess.run([sys.executable, "-c", REFIT, str(n), str(hidden), str(kept), str(rows)],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                          env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     grew = int(done.stdout.split()[-1])
-    counted = refit_peak(n, kept, hidden) - 2 * 8 * n * n
+    held_before = 8 * n * n + (4 * rows * n if rows else 8 * n * n)
+    counted = refit_peak(n, kept, hidden, rows) - held_before
+    print("measured", rows, grew, counted)
     assert 0.25 * counted < grew <= counted, (grew, counted)  # counted, and not grossly overcounted
+@pytest.mark.parametrize("size", [1, 7, 1030])  # 1030: more than one strip of the symmetry check
+def test_a_packed_second_moment_reads_back_bit_for_bit_in_half_the_bytes(tmp_path, size):
+    from calibrate.moments import gram
+    from calibrate.stats import LayerStats
+
+    g = torch.Generator().manual_seed(size)
+    stats = LayerStats.zeros(size, second_moment=True)
+    stats.second_moment = gram(torch.randn(3 * size + 5, size, generator=g))
+    stats.count = 3 * size + 5
+    spilled = spill.SpilledLayers(tmp_path)
+    spilled[0] = stats
+    path = tmp_path / "layer-0.second_moment.bin"
+    assert path.stat().st_size == spill.packed_bytes(size) == 8 * size * (size + 1) // 2 == spilled.written
+    back = spilled[0].second_moment
+    assert back.dtype == torch.float64 and torch.equal(back, stats.second_moment)
+    lopsided = stats.second_moment.clone()
+    lopsided[-1, 0] += 1.0  # not symmetric bit for bit: written whole, read back as it was
+    spilled[1] = dataclasses_replace(stats, second_moment=lopsided)
+    assert (tmp_path / "layer-1.second_moment.bin").stat().st_size == 8 * size * size
+    assert torch.equal(spilled[1].second_moment, lopsided)
+
+
+def dataclasses_replace(stats, **changes):
+    import dataclasses
+
+    return dataclasses.replace(stats, **changes)
+
+
+def test_held_out_rows_spilled_give_the_refit_choice_made_in_memory(tmp_path):
+    """A planted layer whose refit beats no refit (correlated neurons), 32 held-out rows for 48 neurons
+    kept as activations: spilled and read back, the refit chooses the same candidate, same weights."""
+    from calibrate.moments import gram
+    from calibrate.stats import LayerStats
+    from pruning.registry import reconstruct_layer
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(12, 48, generator=g)
+
+    def rows(tokens):
+        return torch.randn(tokens, 12, generator=g) @ mix + 0.05 * torch.randn(tokens, 48, generator=g)
+
+    fit, x_held = LayerStats.zeros(48, second_moment=True), rows(32)
+    fit.second_moment, fit.count = gram(rows(600)), 600
+    held = LayerStats.zeros(48, second_moment=True, activations=True)
+    held.activations, held.count = x_held, 32
+    spilled_fit, spilled_held = spill.SpilledLayers(tmp_path / "fit"), spill.SpilledLayers(tmp_path / "holdout")
+    spilled_fit[3], spilled_held[3] = fit, held
+    assert (tmp_path / "holdout" / "layer-3.activations.bin").stat().st_size == 32 * 48 * 4
+    weight, keep = torch.randn(16, 48, generator=g), torch.arange(0, 48, 2)
+    memory = reconstruct_layer("lstsq", weight, keep, fit, held.activations)
+    disk = reconstruct_layer("lstsq", weight, keep, spilled_fit[3], spilled_held[3].activations)
+    assert memory[2]["choice"] != "none"  # the planted refit wins: the comparison is not trivially none = none
+    assert memory[2] == disk[2] and torch.equal(memory[0], disk[0])

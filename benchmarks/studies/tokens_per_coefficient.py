@@ -17,7 +17,10 @@ Two tables:
 - **tokens per coefficient**: perplexity (PROTOCOL.md: seq_len 512, 8192 tokens / 400 messages) on
   both corpora of the model pruned with ``none``, with the refit as it was (``old``: the 7 ridges
   1e-6..1, always a refit) and with ``lstsq`` as it is (no refit a candidate, the grid to 1e3), the
-  held-out slice ``--holdout`` tokens; and how many layers chose no refit.
+  held-out slice ``--holdout`` tokens, or with ``--holdout-per-fit 7`` a seventh of each budget's
+  fitting tokens (what ``prune`` holds out: an eighth of the calibration tokens); and how many
+  layers chose no refit. One pruned copy of the model and two running sums are held at a time
+  (about 3 GB for SmolLM2).
 
     python -m benchmarks.studies.tokens_per_coefficient --data-dir ../shared/data [--tpc 1,2,5,10,50]
         [--corpora wikitext2,sms_spam] [--holdout 2048] [--out out/tpc]
@@ -79,6 +82,42 @@ def calibrated(model, rows: list[list[int]], pad: int) -> ActivationStats:
     return calibrate(model, batches, second_moment=True, progress=False)
 
 
+@torch.inference_mode()
+def add_into(running: ActivationStats | None, part: ActivationStats) -> ActivationStats:
+    """``running`` with ``part``'s sums added in place (one set of second moments held, not three as
+    ``merge`` would: the old, the part and the merged); ``part`` itself when there is no ``running``."""
+    if running is None:
+        return part
+    for i, s in running.layers.items():
+        t = part.layers[i]
+        s.count += t.count
+        for name in ("sum", "abs_sum", "sq_sum"):
+            getattr(s, name).add_(getattr(t, name))
+        torch.maximum(s.max_abs, t.max_abs, out=s.max_abs)
+        s.second_moment.add_(t.second_moment)
+    running.meta["tokens"] = str(running.tokens)
+    return running
+
+
+def fraction_slices(model, tokenizer, name: str, args, kept: int):
+    """Per budget (fit tokens, fit stats, held-out stats), the held-out slice a ``args.holdout_per_fit``-th
+    of the fitting tokens (as the product's held-out eighth of the calibration tokens gives: 1/7 of
+    the fitting ones): nested prefixes of a held-out pool at the corpus's start, then the fitting
+    chunks. Two running sums are held, whatever the budgets."""
+    corpus = load_corpus(name, part="calibration", data_dir=args.data_dir)
+    fits = [math.ceil(t * kept) for t in args.tpc]
+    helds = [math.ceil(f / args.holdout_per_fit) for f in fits]
+    edges = helds + [helds[-1] + f for f in fits]
+    rows = token_rows(tokenizer, corpus, args.seq_len, edges[-1] + 4 * args.seq_len)
+    groups = chunks(rows, edges)
+    pad = pad_id(tokenizer)
+    held, fit = None, None
+    for held_group, fit_group in zip(groups[:len(fits)], groups[len(fits):]):
+        held = add_into(held, calibrated(model, held_group, pad))
+        fit = add_into(fit, calibrated(model, fit_group, pad))
+        yield fit.tokens, fit, held
+
+
 def slices(model, tokenizer, name: str, args, kept: int):
     """(held-out prefixes {tokens: stats}, test stats, an iterator of (fit tokens, fit stats) per budget)."""
     corpus = load_corpus(name, part="calibration", data_dir=args.data_dir)
@@ -103,8 +142,7 @@ def budgets_of(model, groups, pad):
     """(fit tokens, fit stats) of each budget, calibrated as they are asked for."""
     running = None
     for group in groups:
-        part = calibrated(model, group, pad)
-        running = part if running is None else running.merge(part)
+        running = add_into(running, calibrated(model, group, pad))
         yield running.tokens, running
 
 
@@ -158,9 +196,13 @@ def old_refit(model, stats: ActivationStats, config: PruneConfig):
         _, alpha, new, _ = search.chosen()
         decision.refits[layer.index] = (new, None)
         ridges.append(alpha)
+    return pruned_by(model, decision), ridges
+
+
+def pruned_by(model, decision):
     pruned = copy.deepcopy(model)
     cut(pruned, decision)
-    return pruned, ridges
+    return pruned
 
 
 def replace_reconstruct(config: PruneConfig, reconstruct: str) -> PruneConfig:
@@ -169,8 +211,7 @@ def replace_reconstruct(config: PruneConfig, reconstruct: str) -> PruneConfig:
 
 def new_refit(model, stats: ActivationStats, config: PruneConfig):
     decision = decide(model, stats, replace_reconstruct(config, "lstsq"))
-    pruned = copy.deepcopy(model)
-    cut(pruned, decision)
+    pruned = pruned_by(model, decision)
     nones = sum(c["choice"] == "none" for c in decision.choices.values())
     return pruned, nones, [c["ridge"] for c in decision.choices.values()]
 
@@ -184,22 +225,29 @@ def evaluate(model, tokenizer, parts) -> dict[str, float]:
 
 
 def table(model, tokenizer, config, name, held: ActivationStats, budgets, parts, old_until: int) -> list[dict]:
-    """A perplexity row per budget; the refit as it was is evaluated up to ``old_until`` fitting tokens."""
+    """A perplexity row per budget of ``budgets`` ((fit tokens, fit stats) or (fit tokens, fit stats,
+    held-out stats), else ``held`` for every budget); the refit as it was is evaluated up to
+    ``old_until`` fitting tokens. One pruned copy of the model at a time."""
     rows = []
-    for tokens, fit in budgets:
-        stats = ActivationStats(fit.layers, fit.meta, held.layers)
+    for tokens, fit, *own in budgets:
+        slice_ = own[0] if own else held
+        stats = ActivationStats(fit.layers, fit.meta, slice_.layers)
         start = time.perf_counter()
-        none = copy.deepcopy(model)
-        cut(none, decide(model, stats, replace_reconstruct(config, "none")))
+        none = pruned_by(model, decide(model, stats, replace_reconstruct(config, "none")))
+        row = {"calibrated": name, "fit_tokens": tokens, "holdout": slice_.tokens, "none": evaluate(none, tokenizer,
+                                                                                                   parts)}
+        del none
         new, nones, ridges = new_refit(model, stats, config)
-        old, old_ridges = old_refit(model, stats, config)
-        row = {"calibrated": name, "fit_tokens": tokens, "holdout": held.tokens, "none_layers": nones,
-               "ridges": ridges, "old_ridges": old_ridges, "none": evaluate(none, tokenizer, parts)}
+        row.update(none_layers=nones, ridges=ridges)
         # no refit in every layer: the no-refit model itself
         row["lstsq"] = row["none"] if nones == len(ridges) else evaluate(new, tokenizer, parts)
-        same = ridges == old_ridges  # the same ridge in every layer: the same weights, bit for bit
-        if same or tokens <= old_until:
+        del new
+        if tokens <= old_until:
+            old, old_ridges = old_refit(model, stats, config)
+            row["old_ridges"] = old_ridges
+            same = ridges == old_ridges  # the same ridge in every layer: the same weights, bit for bit
             row["old"] = row["lstsq"] if same else evaluate(old, tokenizer, parts)
+            del old
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -207,14 +255,14 @@ def table(model, tokenizer, config, name, held: ActivationStats, budgets, parts,
 
 
 def markdown(rows: list[dict], kept: int) -> str:
-    lines = ["| calibrated on | fit tokens | tokens / coefficient | none: WikiText-2 / SMS | old lstsq: WikiText-2 "
-             "/ SMS | lstsq: WikiText-2 / SMS | layers choosing none |", "| --- | ---: | ---: | ---: | ---: | ---: "
-             "| ---: |"]
+    lines = ["| calibrated on | fit tokens | held-out tokens | tokens / coefficient | none: WikiText-2 / SMS "
+             "| old lstsq: WikiText-2 / SMS | lstsq: WikiText-2 / SMS | layers choosing none |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         cells = [" / ".join(f"{r[k][c]:.2f}" for c in ("wikitext2", "sms_spam")) if k in r else "-"
                  for k in ("none", "old", "lstsq")]
-        lines.append(f"| {r['calibrated']} | {r['fit_tokens']} | {r['fit_tokens'] / kept:.1f} | " + " | ".join(cells)
-                     + f" | {r['none_layers']} |")
+        lines.append(f"| {r['calibrated']} | {r['fit_tokens']} | {r['holdout']} | {r['fit_tokens'] / kept:.1f} | "
+                     + " | ".join(cells) + f" | {r['none_layers']} |")
     return "\n".join(lines)
 
 
@@ -227,6 +275,9 @@ def main() -> None:
     p.add_argument("--tpc", default="1,2,5,10,50", help="tokens per coefficient of the budgets")
     p.add_argument("--holdout-sizes", default="512,1024,2048,4096")
     p.add_argument("--holdout", type=int, default=2048, help="the held-out size of the perplexity table")
+    p.add_argument("--holdout-per-fit", type=float, default=None,
+                   help="table only: the held-out slice 1/N of each budget's fitting tokens (7: the product's "
+                        "held-out eighth of the calibration tokens) instead of a fixed --holdout")
     p.add_argument("--test-tokens", type=int, default=8192)
     p.add_argument("--study-layers", default="0,3,6,9,12,15,18,21,24,27")
     p.add_argument("--seq-len", type=int, default=128)
@@ -251,9 +302,18 @@ def main() -> None:
     layers = [int(i) for i in args.study_layers.split(",")]
     rows = []
     for name in args.corpora.split(","):
+        mine = []
+        if args.holdout_per_fit:  # the table alone, its held-out slice growing with the budget
+            for budget in fraction_slices(model, tokenizer, name, args, kept):
+                mine += table(model, tokenizer, config, name, None, [budget], parts, args.old_until)
+                (out / f"table-{name}.json").write_text(json.dumps(mine, indent=1))
+            rows += mine
+            continue
+        if "holdout" in args.skip:  # the table alone: only its held-out slice, no test slice
+            args.holdout_sizes, args.test_tokens = [args.holdout], 1
         held, test, budgets = slices(model, tokenizer, name, args, kept)
         print(f"{name}: kept {kept}, held-out {list(held)}", flush=True)
-        study, mine = [], []
+        study = []
         for budget in budgets:  # one budget at a time: each result is written as soon as it is measured
             if "holdout" not in args.skip:
                 study += holdout_study(model, config, held, test, [budget], layers)

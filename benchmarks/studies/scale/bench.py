@@ -52,6 +52,7 @@ from calibrate.glu import decoder, glu_layers
 from calibrate.moments import MOMENT_TOLERANCE
 from calibrate.offload import Offloaded, ResidentLoader
 from calibrate.progress import showing
+from calibrate.spill import spill_bytes
 from pruning.config import PruneConfig
 from pruning.prune import prune
 from pruning.registry import reconstruct_layer
@@ -207,6 +208,9 @@ def bench(name: str, shape: BenchShape, args) -> dict:
         old = calibration(model, batches, args.device, True, True, work / "old")
         new = calibration(model, batches, args.device, True, False, work / "new")
         difference = moment_difference(old["stats"], new["stats"])
+        held_rows = any(s.activations is not None for s in new["stats"].holdout.values())
+        held_tokens = next(iter(new["stats"].holdout.values())).count
+        announced = spill_bytes([shape.intermediate] * layers, held_tokens, 8 if dtype == torch.float64 else 4)
         fit_tokens = new["stats"].tokens
         new_fit = old_fit = pruned = None
         if args.refit:
@@ -225,7 +229,7 @@ def bench(name: str, shape: BenchShape, args) -> dict:
         "old_spilled": old["spilled"], "new_spilled": new["spilled"], "difference": difference,
         "seconds": {k: p["seconds"] for k, p in (("forward", forward), ("first", first), ("old", old), ("new", new))},
         "cpu": {k: p["cpu"] for k, p in (("forward", forward), ("first", first), ("old", old), ("new", new))},
-        "fit_tokens": fit_tokens,
+        "fit_tokens": fit_tokens, "held_rows": held_rows, "announced": announced,
     }
     if pruned is not None:
         rest = max(pruned["seconds"] - new_fit["seconds"], 0.0)  # scoring, planning, cut: the same for both paths
@@ -269,7 +273,8 @@ def print_result(name: str, shape: BenchShape, args, r: dict, phases: dict) -> N
         print(f"refit ÷ calibration: {old_refit}NEW {r['new_refit_ratio']:.2f}x")
         old_total = f"OLD {r['old_total_ratio']:.2f}x, " if "old_total_ratio" in r else ""
         print(f"total prune ÷ plain forward: {old_total}NEW {r['new_total_ratio']:.2f}x")
-    print(f"bytes spilled: OLD {r['old_spilled'] / MIB:.1f} MiB, NEW {r['new_spilled'] / MIB:.1f} MiB")
+    print(f"bytes spilled: OLD {r['old_spilled'] / MIB:.1f} MiB, NEW {r['new_spilled'] / MIB:.1f} MiB "
+          f"({r['new_spilled']} bytes; announced by calibrate.spill.spill_bytes: {r['announced']})")
     verdict = "within" if r["difference"] <= MOMENT_TOLERANCE else "OUTSIDE"
     print(f"statistics NEW against OLD: max ||S_new - S_old||_F / ||S_old||_F = {r['difference']:.2e} "
           f"({verdict} the tolerance {MOMENT_TOLERANCE:g})")
@@ -283,7 +288,7 @@ def measured_rates(r: dict, shape: BenchShape, cores: int = 2) -> dict[str, floa
                        shape.heads, True)
     f, t = layer_flops_per_token(plan_shape), {k: v / cores for k, v in r["cpu"].items()}
     layers, tokens, fit = r["layers"], r["tokens"], r["fit_tokens"]
-    moment_tokens = fit if r["new_spilled"] < r["old_spilled"] else tokens  # held-out slice kept as activations
+    moment_tokens = fit if r["held_rows"] else tokens  # held-out slice kept as activations: no x xᵀ of it
     return {"forward": f["forward"] * tokens * layers / t["forward"],
             "old moment": f["old moment"] * tokens * layers / max(t["old"] - t["first"], 1e-9),
             "new moment": f["new moment"] * moment_tokens * layers / max(t["new"] - t["first"], 1e-9)}
