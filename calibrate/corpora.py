@@ -34,7 +34,7 @@ from calibrate.prompts import (
     mix_documents,
     task_documents,
 )
-from calibrate.templates import half_raw, tables, template_documents
+from calibrate.templates import calibration_documents
 
 PARTS = ("calibration", "evaluation", "all")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
@@ -215,13 +215,8 @@ def templates_corpus(name: str, form: str, part: str, pool: tuple[list[str], lis
     ``NAME:templates-mix``: those documents alternating with raw messages, half of each by characters."""
     if part != "calibration":
         raise ConfigError("part", part, f"corpus '{name}:{form}' is calibration text only: use calibration")
-    texts, labels = pool
-    templates = tables(name)[1]
-    documents = template_documents(templates, texts, labels, order)
-    if form.endswith("-mix"):
-        documents = half_raw(texts, documents)
-    where = (f"{source} (calibration part in {len(templates)} calibration templates "
-             f"{', '.join(t.name for t in templates)}{', half raw messages' if form.endswith('-mix') else ''})")
+    documents, what = calibration_documents(name, form, *pool, order)
+    where = f"{source} ({what}{', half raw messages' if form.endswith('-mix') else ''})"
     return Corpus(f"{name}:{form}", "documents", documents, where, part)
 
 

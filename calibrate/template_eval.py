@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from calibrate.corpora import Corpus
 from calibrate.prompts import DEFAULT_SEED
 from calibrate.tasks import Task, TaskResult, check_task, evaluate_task
-from calibrate.templates import PromptTemplate, half_raw, tables, template_documents
+from calibrate.templates import PromptTemplate, calibration_documents
 
 CALIBRATION_FORMS = ("templates", "templates-mix")
 TASK_TEXTS = ("prompts", *CALIBRATION_FORMS)  # what --task calibrates on; prompts: the task's own, with 'N/A'
@@ -48,11 +48,7 @@ def templates_task_corpus(task: Task, form: str = "templates", seed: int = DEFAU
     if form not in CALIBRATION_FORMS:
         raise ValueError(f"form {form!r} is not one of {CALIBRATION_FORMS}")
     check_task(task)
-    part, templates = task.calibration, tables(task.name)[1]
-    documents = template_documents(templates, part.texts, part.labels, task.labels, seed)
-    if form == "templates-mix":
-        documents = half_raw(part.texts, documents)
+    part = task.calibration
+    documents, what = calibration_documents(task.name, form, part.texts, part.labels, task.labels, seed)
     raw = ", half raw texts" if form == "templates-mix" else ""
-    return Corpus(f"{task.name}:{form}", "documents", documents,
-                  f"{task.source} (calibration part in {len(templates)} calibration templates "
-                  f"{', '.join(t.name for t in templates)}{raw})", "calibration")
+    return Corpus(f"{task.name}:{form}", "documents", documents, f"{task.source} ({what}{raw})", "calibration")

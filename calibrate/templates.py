@@ -181,3 +181,16 @@ def half_raw(raw: list[str], formatted: list[str]) -> list[str]:
             break
         mixed += [document, "\n".join(block)]
     return mixed
+
+
+def calibration_documents(task_name: str, form: str, texts: list[str], labels: list[str], order: tuple[str, ...],
+                          seed: int = DEFAULT_SEED) -> tuple[list[str], str]:
+    """(documents, what they are) of a task's calibration (text, label) pairs written in its calibration
+    templates (``form`` ``templates``), or those documents followed by raw texts (``templates-mix``,
+    :func:`half_raw`)."""
+    templates = tables(task_name)[1]
+    documents = template_documents(templates, texts, labels, order, seed)
+    if form.endswith("-mix"):
+        documents = half_raw(texts, documents)
+    names = ", ".join(t.name for t in templates)
+    return documents, f"calibration part in {len(templates)} calibration templates {names}"
