@@ -89,40 +89,36 @@ class Grid:
     def __init__(self, model: str, corpora: list[CorpusSpec], out_dir: Path, options: GridOptions = GridOptions(),
                  calibration_corpora: list[CorpusSpec] | None = None, loaded: tuple | None = None):
         o = options
-        data_dir, eval_tokens, eval_docs, seq_len = o.data_dir, o.eval_tokens, o.eval_docs, o.seq_len
-        calib_tokens, calib_seq_len, spread, batch_size = o.calib_tokens, o.calib_seq_len, o.spread, o.batch_size
-        device, dtype, speed, second_moment, heal_seq_len = o.device, o.dtype, o.speed, o.second_moment, o.heal_seq_len
-        lm_eval, lm_eval_include, lm_eval_limit = o.lm_eval, o.lm_eval_include, o.lm_eval_limit
-        tasks, task_shots, task_size, task_seed = o.tasks, o.task_shots, o.task_size, o.task_seed
-        task_reference, layer_importance, skip_loss, progress = o.task_reference, o.layer_importance, o.skip_loss, \
-            o.progress
         self.model_name, self.corpora, self.out = model, corpora, Path(out_dir)
         self.calibration_specs = corpora if calibration_corpora is None else calibration_corpora
-        self.data_dir, self.eval_tokens, self.eval_docs, self.seq_len = data_dir, eval_tokens, eval_docs, seq_len
-        self.calib_tokens, self.calib_seq_len, self.spread = calib_tokens, calib_seq_len, spread
-        self.batch_size, self.progress, self.second_moment = batch_size, progress, second_moment
-        self.heal_seq_len, self.dtype = heal_seq_len, dtype
-        self.layer_importance, self.skip_loss = layer_importance, layer_importance and skip_loss
-        self.speed_device = device_name(pick_device(device)) if speed else None
-        self.lm_eval = {"tasks": lm_eval, "include": lm_eval_include, "limit": lm_eval_limit} if lm_eval else None
-        if lm_eval:
+        self.data_dir, self.eval_tokens, self.eval_docs = o.data_dir, o.eval_tokens, o.eval_docs
+        self.seq_len = o.seq_len
+        self.calib_tokens, self.calib_seq_len, self.spread = o.calib_tokens, o.calib_seq_len, o.spread
+        self.batch_size, self.progress, self.second_moment = o.batch_size, o.progress, o.second_moment
+        self.heal_seq_len, self.dtype = o.heal_seq_len, o.dtype
+        self.layer_importance, self.skip_loss = o.layer_importance, o.layer_importance and o.skip_loss
+        self.speed_device = device_name(pick_device(o.device)) if o.speed else None
+        self.lm_eval = ({"tasks": o.lm_eval, "include": o.lm_eval_include, "limit": o.lm_eval_limit}
+                        if o.lm_eval else None)
+        if o.lm_eval:
             harness()  # a missing extra fails before any work
-        self.tasks = labelled_tasks(tasks or [], data_dir)  # a bad task fails before any work too
-        self.task_options = {"shots": task_shots, "size": task_size, "seed": task_seed, "reference": task_reference}
+        self.tasks = labelled_tasks(o.tasks or [], o.data_dir)  # a bad task fails before any work too
+        self.task_options = {"shots": o.task_shots, "size": o.task_size, "seed": o.task_seed,
+                             "reference": o.task_reference}
         self.out.mkdir(parents=True, exist_ok=True)
         record_settings(self.out, self.settings())
         self.store = ResultStore(self.out)
         self.extras: dict[str, tuple[ResultStore, object]] = {}  # per-model measurements beside perplexity
-        if speed:
+        if o.speed:
             self.extras[SPEED] = (ResultStore(self.out, "speed.json"), measure_speed)
-        if lm_eval:
+        if o.lm_eval:
             self.extras[LM_EVAL] = (ResultStore(self.out, "lm_eval.json"), lambda m: lm_eval_scores(
-                m, self.tokenizer, lm_eval, include_path=lm_eval_include, limit=lm_eval_limit))
+                m, self.tokenizer, o.lm_eval, include_path=o.lm_eval_include, limit=o.lm_eval_limit))
         task_store = ResultStore(self.out, "tasks.json")  # one file, one cell per (model, task)
         for name in self.tasks:
             self.extras[TASK + name] = (task_store, lambda m, name=name: self.task_scores(m, name))
-        self.base, self.tokenizer = loaded or load_model(model, device=device, dtype=dtype)
-        self.eval_parts = {c.name: load_corpus(c.source, part="evaluation", data_dir=data_dir, name=c.name)
+        self.base, self.tokenizer = loaded or load_model(model, device=o.device, dtype=o.dtype)
+        self.eval_parts = {c.name: load_corpus(c.source, part="evaluation", data_dir=o.data_dir, name=c.name)
                            for c in corpora}
         self.stats: dict[str, ActivationStats] = {}
         self.calibration_parts: dict = {}
