@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from calibrate.errors import GluPruneError
 from calibrate.footprint import calibration_peak, shapes_of
 from calibrate.glu import check_layers, decoder, decoder_layers, glu_layers
 from calibrate.hooks import TOKEN_BLOCK, HookOwner, real_rows, recording
 from calibrate.offload import ResidentLoader
+from calibrate.progress import bar
 from calibrate.resources import check_memory, human_bytes, second_moment_bytes
-from calibrate.run import batch_tensors, finish_stats
+from calibrate.run import batch_tensors, finish_stats, split_holdout
 from calibrate.spill import SpilledLayers
 from calibrate.stats import ActivationStats, LayerStats, PairedStats
 
@@ -192,15 +192,16 @@ def offloaded_floor(model, batches: list[dict], layers: list[int], dtype: torch.
     return calibration_peak(shapes_of(model, layers, dtype), tokens, batch_tokens, streams=0)
 
 
-def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iterable[dict] | None = None,
+def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
                         layers: list[int] | None = None, second_moment: bool = False,
                         max_tokens: int | None = None, after_layer: AfterLayer | None = None,
-                        progress: bool = True, meta: dict | None = None, loader=None,
+                        meta: dict | None = None, loader=None,
                         device: torch.device | None = None, dense_pairs: bool = False,
                         spill: str | Path | None = None):
     """Statistics of the selected layers, computed one decoder layer at a time.
 
-    Without ``after_layer`` the result equals :func:`calibrate.run.calibrate`. With it,
+    Without ``after_layer`` the result equals :func:`calibrate.run.calibrate`, ``holdout`` too (the last
+    such fraction of ``batches``, at least one, is held out: ``stats.holdout``). With ``after_layer``,
     ``after_layer(index, stats, holdout_stats, pairs)`` runs as soon as a layer's statistics are
     complete and before that layer feeds the next one, so it may prune the layer (sequential
     pruning). With ``dense_pairs`` a second stream runs the same batches through the layers as they
@@ -211,7 +212,9 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
     With a ``loader`` (:mod:`calibrate.offload`) only the embeddings, then one decoder layer at a
     time, are in memory; ``device`` is where they run. With ``spill`` (a folder) each finished
     layer's statistics are kept in files there (:class:`calibrate.spill.SpilledLayers`), not in memory.
+    A progress bar unless :func:`calibrate.progress.showing` turns it off.
     """
+    batches, holdout_batches = split_holdout(list(batches), holdout) if holdout else (batches, None)
     count = len(decoder_layers(model))
     selected = check_layers(layers, count)
     if dense_pairs and after_layer is None:
@@ -235,7 +238,7 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout_batches: Iter
     runner = LayerRunner(model, groups, dense=dense_pairs)
     stats, holdout = ({}, {}) if spill is None else (SpilledLayers(Path(spill) / "fit"),
                                                      SpilledLayers(Path(spill) / "holdout"))
-    for index in tqdm(range(selected[-1] + 1), unit="layer", desc="calibrate (layer by layer)", disable=not progress):
+    for index in bar(range(selected[-1] + 1), unit="layer", desc="calibrate (layer by layer)"):
         with loader.loaded(runner.layers[index]):
             if index not in selected:
                 runner.advance(index)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from calibrate.batches import collate, message_texts, pad_id, tokenize_prefix, with_bos
 from calibrate.errors import ConfigError, GluPruneError
+from calibrate.progress import showing, shown
 
 if TYPE_CHECKING:
     from calibrate.corpora import Corpus
@@ -76,8 +77,9 @@ def sequence_nll(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
 
 
 def perplexity(model, tokenizer, corpus: Corpus, seq_len: int = 512, max_tokens: int | None = None,
-               max_docs: int | None = None, batch_size: int = 1, progress: bool = True) -> PerplexityResult:
-    """Perplexity of ``model`` on ``corpus`` (see PROTOCOL.md); padding never counts."""
+               max_docs: int | None = None, batch_size: int = 1) -> PerplexityResult:
+    """Perplexity of ``model`` on ``corpus`` (see PROTOCOL.md); padding never counts. A progress bar
+    unless :func:`calibrate.progress.showing` turns it off."""
     if seq_len < 2:
         raise ConfigError("seq_len", seq_len, "is too short: use at least 2")
     if batch_size < 1:
@@ -90,7 +92,7 @@ def perplexity(model, tokenizer, corpus: Corpus, seq_len: int = 512, max_tokens:
     total_nll, total_tokens = 0.0, 0
     start = time.perf_counter()
     bar = tqdm(total=sum(len(s) - 1 for s in sequences), unit="tok", desc=f"perplexity {corpus.name}",
-               disable=not progress, leave=False)
+               disable=not shown(), leave=False)
     by_length = sorted(sequences, key=len, reverse=True)  # less padding; the token-weighted sum is unchanged
     with torch.inference_mode():
         for i in range(0, len(by_length), batch_size):
@@ -108,9 +110,11 @@ def perplexity(model, tokenizer, corpus: Corpus, seq_len: int = 512, max_tokens:
 
 
 def protocol_perplexity(model, tokenizer, corpus: Corpus, eval_tokens: int = 8192, eval_docs: int = 400,
-                        seq_len: int = 512, batch_size: int = 4, progress: bool = False) -> PerplexityResult:
+                        seq_len: int = 512, batch_size: int = 4) -> PerplexityResult:
     """PROTOCOL.md's reference measurement: the first ``eval_tokens`` tokens of a document corpus,
-    or the first ``eval_docs`` messages of a message corpus."""
+    or the first ``eval_docs`` messages of a message corpus (no progress bar unless
+    :func:`calibrate.progress.showing` asks for one)."""
     messages = corpus.kind == "messages"
-    return perplexity(model, tokenizer, corpus, seq_len=seq_len, max_tokens=None if messages else eval_tokens,
-                      max_docs=eval_docs if messages else None, batch_size=batch_size, progress=progress)
+    with showing(shown(default=False)):
+        return perplexity(model, tokenizer, corpus, seq_len=seq_len, max_tokens=None if messages else eval_tokens,
+                          max_docs=eval_docs if messages else None, batch_size=batch_size)

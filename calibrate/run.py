@@ -34,8 +34,8 @@ def batch_tensors(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 
 def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None, second_moment: bool = False,
-              holdout: float = 0.0, max_tokens: int | None = None, progress: bool = True,
-              meta: dict | None = None, layer_importance: bool = False) -> ActivationStats:
+              holdout: float = 0.0, max_tokens: int | None = None, meta: dict | None = None,
+              layer_importance: bool = False) -> ActivationStats:
     """Statistics of every selected layer's down_proj input over ``batches``.
 
     Only the decoder body runs, and it stops after the last recorded layer. ``max_tokens`` stops
@@ -46,20 +46,18 @@ def calibrate(model, batches: Iterable[dict], *, layers: list[int] | None = None
     Under torch.distributed each rank takes every N-th batch and the statistics are all-reduced.
     ``layer_importance`` also records, in ``stats.depth``, the cosine similarity of every selected
     decoder layer's input and output per real token (on the fit part; the whole body up to that layer runs).
+    A progress bar unless :func:`calibrate.progress.showing` turns it off.
     """
     if layer_importance and distributed.world_size() > 1:
         raise GluPruneError("layer importance is recorded in one process: drop torchrun")
-    if holdout:
-        fit, held = split_holdout(list(batches), holdout)
-        options = dict(layers=layers, second_moment=second_moment, max_tokens=max_tokens, meta=meta)
-        stats = calibrate(model, fit, progress=progress, layer_importance=layer_importance, **options)
+    fit, held = split_holdout(list(batches), holdout) if holdout else (batches, None)
+    options = dict(layers=layers, second_moment=second_moment, max_tokens=max_tokens, meta=meta)
+    stats = _calibrate(model, fit, layer_importance=layer_importance, **options)
+    if held is not None:
         with showing(False):
             stats.holdout = _calibrate(model, held, held_out=True, **options).layers
         stats.meta["holdout_tokens"] = str(next(iter(stats.holdout.values())).count)
-        return stats
-    with showing(progress):
-        return _calibrate(model, batches, layers=layers, second_moment=second_moment, max_tokens=max_tokens,
-                          meta=meta, layer_importance=layer_importance)
+    return stats
 
 
 def _calibrate(model, batches: Iterable[dict], *, layers: list[int] | None, second_moment: bool,

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from calibrate.batches import pad_id, with_bos
 from calibrate.corpora import LABELLED, Corpus, is_evaluation, labelled_part, table_rows
 from calibrate.errors import ConfigError, GluPruneError
+from calibrate.progress import shown
 from calibrate.prompts import (
     DEFAULT_REFERENCE,
     DEFAULT_SEED,
@@ -258,7 +259,7 @@ def prefix_cache_of(model, prefix: list[int], device):
 
 
 def sequence_logprobs(model, tokenizer, rows: list[list[int]], wanted: list[list[tuple[int, int]]], prefix: int,
-                      batch_size: int, progress: bool) -> list[list[float]]:
+                      batch_size: int) -> list[list[float]]:
     """For each row, ``log p(token | earlier tokens)`` at each (position, token) it asks for; the
     first ``prefix`` tokens (shared by every row) run once and their cache serves every batch, and
     the vocabulary projection runs only from a batch's first asked position on."""
@@ -269,7 +270,7 @@ def sequence_logprobs(model, tokenizer, rows: list[list[int]], wanted: list[list
     keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     out: list[list[float]] = [[] for _ in rows]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)
-    bar = tqdm(total=len(rows), unit="seq", desc="task", disable=not progress, leave=False)
+    bar = tqdm(total=len(rows), unit="seq", desc="task", disable=not shown(default=False), leave=False)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         width = max(len(rows[i]) for i in batch) - prefix
@@ -299,7 +300,7 @@ def sequence_logprobs(model, tokenizer, rows: list[list[int]], wanted: list[list
 
 
 def label_scores(model, tokenizer, fmt: TaskFormat, labels: tuple[str, ...], prompts: list[str],
-                 batch_size: int = 16, prefix_cache: bool = True, progress: bool = False) -> tuple[np.ndarray, int]:
+                 batch_size: int = 16, prefix_cache: bool = True) -> tuple[np.ndarray, int]:
     """``sum log p(label word tokens | BOS + prompt)`` for every prompt and label (a prompts × labels
     array), and the number of leading tokens that ran once for all of them."""
     if batch_size < 1:
@@ -322,7 +323,7 @@ def label_scores(model, tokenizer, fmt: TaskFormat, labels: tuple[str, ...], pro
     prefix = min(common_prefix(contexts), min(len(c) for c in contexts) - 1) if prefix_cache else 0
     with torch.inference_mode():
         logprobs = sequence_logprobs(model, tokenizer, [list(r) for r in unique], list(rows.values()), prefix,
-                                     batch_size, progress)
+                                     batch_size)
     where = {row: k for k, row in enumerate(unique)}
     flat = [sum(logprobs[where[row]][start : start + count]) for row, start, count in asks]
     scores = np.array(flat, dtype=np.float64).reshape(len(prompts), len(labels))
@@ -333,8 +334,7 @@ def label_scores(model, tokenizer, fmt: TaskFormat, labels: tuple[str, ...], pro
 
 def evaluate_task(model, tokenizer, task: Task, shots: int = DEFAULT_SHOTS, size: int | None = None,
                   seed: int = DEFAULT_SEED, reference: str | None = DEFAULT_REFERENCE, batch_size: int = 16,
-                  prefix_cache: bool = True, progress: bool = False, template: PromptTemplate | None = None
-                  ) -> TaskResult:
+                  prefix_cache: bool = True, template: PromptTemplate | None = None) -> TaskResult:
     """Few-shot accuracy of ``model`` on ``task`` (see the module docstring): balanced accuracy,
     per-label recall, AUC of the margin (two labels), and their 95% stratified bootstrap intervals.
     ``reference`` None chooses by the plain scores. A ``template`` (calibrate/templates.py) sets the
@@ -357,7 +357,7 @@ def evaluate_task(model, tokenizer, task: Task, shots: int = DEFAULT_SHOTS, size
     extra = [] if reference is None else [reference]
     scores, prefix = label_scores(model, tokenizer, task.format, order, [task.format.prompt(shot_pairs, t)
                                                                          for t in extra + texts], batch_size,
-                                  prefix_cache, progress)
+                                  prefix_cache)
     seconds = time.perf_counter() - start
     offset, scores = (scores[0], scores[1:]) if extra else (np.zeros(len(order)), scores)
     truth = np.array([order.index(label) for label in truth_labels])

@@ -34,9 +34,9 @@ class TemplateReport:
 
 
 def evaluate_templates(model, tokenizer, task: Task, templates: list[PromptTemplate], size: int | None = None,
-                       seed: int = DEFAULT_SEED, batch_size: int = 16, progress: bool = False) -> TemplateReport:
+                       seed: int = DEFAULT_SEED, batch_size: int = 16) -> TemplateReport:
     """``model`` on ``task`` under each template, on the same evaluated subset (drawn with ``seed``)."""
-    results = [evaluate_task(model, tokenizer, task, size=size, seed=seed, batch_size=batch_size, progress=progress,
+    results = [evaluate_task(model, tokenizer, task, size=size, seed=seed, batch_size=batch_size,
                              template=template) for template in templates]
     return TemplateReport(task.name, results)
 

@@ -8,6 +8,7 @@ import os
 import sys
 
 from calibrate.errors import ConfigError, GluPruneError
+from calibrate.progress import showing
 from glu_prune_cli import compare, export, heal, measure, prune, speed
 
 # name -> (help, add arguments, run)
@@ -64,14 +65,20 @@ def quiet_libraries() -> None:
     log.propagate = False
 
 
+def run_command(args) -> None:
+    """The command ``args`` names, with progress bars on stderr unless it prints --json."""
+    with showing(not getattr(args, "json", False)):
+        args.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     if args.debug:
-        args.run(args)
+        run_command(args)
         return 0
     try:
-        args.run(args)
+        run_command(args)
     except ConfigError as exc:
         print(f"glu-prune: error: {flag_message(exc)}", file=sys.stderr)
         return 2

@@ -99,12 +99,12 @@ def run_task_eval(args) -> None:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     if templates is not None:
         report = evaluate_templates(model, tokenizer, task, templates, size=args.task_size, seed=args.seed,
-                                    batch_size=args.batch_size or 16, progress=not args.json)
+                                    batch_size=args.batch_size or 16)
         print(json.dumps({**report.to_dict(), "model": args.model, "dtype": args.dtype}) if args.json
               else template_rows(args.model, report))
         return
     result = evaluate_task(model, tokenizer, task, shots=args.shots, size=args.task_size, seed=args.seed,
-                           reference=args.reference, batch_size=args.batch_size or 16, progress=not args.json)
+                           reference=args.reference, batch_size=args.batch_size or 16)
     if args.json:
         print(json.dumps({**result.to_dict(), "model": args.model, "dtype": args.dtype}))
     else:
@@ -119,7 +119,7 @@ def run_eval(args) -> None:
     corpus = corpus_from_args(args, "evaluation")
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     result = perplexity(model, tokenizer, corpus, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                        max_docs=args.max_docs, batch_size=args.batch_size or 1, progress=not args.json)
+                        max_docs=args.max_docs, batch_size=args.batch_size or 1)
     if args.json:
         print(json.dumps({**result.as_dict(), "model": args.model, "corpus": corpus.name, "part": corpus.part,
                           "seq_len": args.seq_len, "dtype": args.dtype}))

@@ -42,7 +42,6 @@ class Run:
     model: torch.nn.Module | None = None
     layers: list[int] | None = None
     text_batches: list[dict] | None = None
-    progress: bool = False
     refit: Callable | None = None
 
 
@@ -118,7 +117,7 @@ class Sensitivity(Spread):
                                 "give held-out calibration batches")
         keep = {i: kept_count(s.numel(), run.hidden, run.target) for i, s in scores.items()}
         trial = {i: top_k(s, keep[i]) for i, s in scores.items()}
-        return layer_sensitivity(run.model, trial, run.refit, run.text_batches, run.progress)
+        return layer_sensitivity(run.model, trial, run.refit, run.text_batches)
 
 
 def layer_curve(layer: GLULayer, scores: torch.Tensor, stats: LayerStats, metric: torch.Tensor | None) -> torch.Tensor:
@@ -144,8 +143,7 @@ class Curve(Allocator):
             if not run.text_batches:
                 raise GluPruneError(f"the {self.name} allocation measures the loss gradient on calibration "
                                     f"text: give held-out calibration batches")
-            metrics = output_gradient_moments(run.model, run.layers, run.text_batches, GRADIENT_TOKENS,
-                                              run.progress)
+            metrics = output_gradient_moments(run.model, run.layers, run.text_batches, GRADIENT_TOKENS)
         return lambda layer, scores, fit: layer_curve(layer, scores, fit, metrics.get(layer.index))
 
     def importance(self, run, scores, measured):

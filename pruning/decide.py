@@ -8,10 +8,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import GLULayer, glu_layers
+from calibrate.progress import bar
 from calibrate.stats import ActivationStats, LayerStats, PairedStats
 from pruning.allocators import Run
 from pruning.config import PruneConfig
@@ -66,13 +66,13 @@ def allocate(scores: dict[int, torch.Tensor], hidden: int, config: PruneConfig,
 
 
 def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=None,
-           text_batches: list[dict] | None = None, progress: bool = False,
-           refits: MutableMapping | None = None) -> Decision:
+           text_batches: list[dict] | None = None, refits: MutableMapping | None = None) -> Decision:
     """Score, allocate, plan and refit every selected layer of ``model`` (left unchanged).
 
     ``loader`` (:mod:`calibrate.offload`) fills one offloaded MLP at a time; ``text_batches`` are
     held-out calibration batches for the ``sensitivity`` and ``curve`` allocations; ``refits`` is
     where the refitted weights go (e.g. :class:`calibrate.spill.SpilledTensors`; default a dict).
+    Progress bars only inside :func:`calibrate.progress.showing` (True).
     """
     def loaded(layer):
         return loader.loaded(layer.mlp) if loader is not None else nullcontext()
@@ -80,12 +80,12 @@ def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=Non
     selected = glu_layers(model, config.layer_list)
     allocator = ALLOCATIONS[config.allocation].allocator
     run = Run(config.target, config.allocation_spread, model.config.hidden_size, model, config.layer_list,
-              text_batches, progress,
+              text_batches,
               refit=lambda layer, kept: refit_layer(layer, kept, config.reconstruct,
                                                     *layer_stats(stats, layer.index))[:2])
     measure = allocator.measurer(run)
     scores, measured = {}, {}
-    for layer in tqdm(selected, desc="score", unit="layer", disable=not progress):
+    for layer in bar(selected, desc="score", unit="layer", default=False):
         fit, _ = layer_stats(stats, layer.index)
         with loaded(layer):
             scores[layer.index] = score_layer(layer, config, fit)
@@ -95,7 +95,7 @@ def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=Non
     decision = Decision(allocator.plan(scores, run, importance, measured),
                         refits={} if refits is None else refits, importance=importance)
     if config.reconstruct != "none":
-        for layer in tqdm(selected, desc="refit", unit="layer", disable=not progress):
+        for layer in bar(selected, desc="refit", unit="layer", default=False):
             with loaded(layer):
                 weight, bias, info = refit_layer(layer, decision.plan[layer.index], config.reconstruct,
                                                  *layer_stats(stats, layer.index))

@@ -17,13 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from calibrate.errors import ConfigError, GluPruneError
 from calibrate.glu import decoder, decoder_layers, glu_layers
 from calibrate.hooks import HookOwner, layer_input
 from calibrate.layer_importance import SCORES, LayerImportance
 from calibrate.manifest import Manifest, read, write
+from calibrate.progress import bar
 from calibrate.stats import library_version
 from pruning.importance import total_nll
 from pruning.prune import PruneResult
@@ -127,7 +127,7 @@ def skipped(model, index: int) -> Iterator[None]:
         yield
 
 
-def measure_skip_loss(model, importance: LayerImportance, batches: list[dict], progress: bool = False) -> None:
+def measure_skip_loss(model, importance: LayerImportance, batches: list[dict]) -> None:
     """Fill ``importance``'s skip losses: for each of its layers, the mean NLL on ``batches`` with that
     layer alone skipped, minus the unchanged model's."""
     total, tokens = total_nll(model, batches)
@@ -135,7 +135,7 @@ def measure_skip_loss(model, importance: LayerImportance, batches: list[dict], p
         raise GluPruneError("the held-out batches hold no predicted token: add calibration text")
     base = total / tokens
     losses = {}
-    for index in tqdm(sorted(importance.cosine), desc="skip loss", unit="layer", disable=not progress):
+    for index in bar(sorted(importance.cosine), desc="skip loss", unit="layer", default=False):
         with skipped(model, index):
             losses[index] = total_nll(model, batches)[0] / tokens - base
     importance.skip_loss, importance.skip_base, importance.skip_tokens = losses, base, tokens

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from calibrate.batches import make_batches
 from calibrate.errors import ConfigError, GluPruneError
 from calibrate.files import atomic_file
-from calibrate.progress import showing, shown
+from calibrate.progress import shown
 
 CHECKPOINT = "heal-state.pt"
 
@@ -170,18 +170,18 @@ def training_batches(tokenizer, corpus, seq_len: int = 256, batch_size: int = 4,
 
 
 def heal(student, teacher, batches: list[dict], config: HealConfig, checkpoint_dir: str | Path | None = None,
-         resume: bool = False, progress: bool = True, on_step: Callable[[int, dict], None] | None = None):
+         resume: bool = False, on_step: Callable[[int, dict], None] | None = None):
     """Train ``student`` toward ``teacher`` on ``batches`` for ``config.steps`` steps; returns the
     (LoRA-merged) student and the loss history. ``on_step(step, record)`` runs after every step.
 
     The random state (LoRA initialisation, dropout) is seeded by ``config.seed``; the caller's comes back after.
+    A progress bar unless :func:`calibrate.progress.showing` turns it off.
     """
     if not batches:
         raise GluPruneError("healing needs at least one batch of calibration text")
     device = next(student.parameters()).device
     with seeded(config.seed, device):
-        with showing(progress):
-            return train(student, teacher, batches, config, device, checkpoint_dir, resume, on_step)
+        return train(student, teacher, batches, config, device, checkpoint_dir, resume, on_step)
 
 
 def train(student, teacher, batches: list[dict], config: HealConfig, device: torch.device,

@@ -10,11 +10,11 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from calibrate.glu import GLULayer, glu_layers
 from calibrate.hooks import HookOwner, real_rows
 from calibrate.perplexity import sequence_nll
+from calibrate.progress import bar
 from calibrate.run import batch_tensors
 
 Refit = Callable[[GLULayer, torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
@@ -38,13 +38,12 @@ def mean_nll(model, batches: list[dict]) -> float:
     return total / max(count, 1)
 
 
-def layer_sensitivity(model, plan: dict[int, torch.Tensor], refit: Refit, batches: list[dict],
-                      progress: bool = False) -> dict[int, float]:
+def layer_sensitivity(model, plan: dict[int, torch.Tensor], refit: Refit, batches: list[dict]) -> dict[int, float]:
     """Increase of mean NLL on ``batches`` when only layer l keeps its ``plan[l]`` neurons, refitted by
     ``refit(layer, kept) -> (weight, bias)``; the model is left unchanged."""
     base = mean_nll(model, batches)
     increase = {}
-    for layer in tqdm(glu_layers(model, sorted(plan)), desc="layer sensitivity", unit="layer", disable=not progress):
+    for layer in bar(glu_layers(model, sorted(plan)), desc="layer sensitivity", unit="layer", default=False):
         kept = plan[layer.index]
         new_weight, bias = refit(layer, kept)
         down = layer.down
@@ -65,8 +64,8 @@ def substituted(linear: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tenso
         yield
 
 
-def output_gradient_moments(model, layers: list[int] | None, batches: list[dict], max_tokens: int | None = None,
-                            progress: bool = False) -> dict[int, torch.Tensor]:
+def output_gradient_moments(model, layers: list[int] | None, batches: list[dict],
+                            max_tokens: int | None = None) -> dict[int, torch.Tensor]:
     """``E[g gᵀ]`` (float64, hidden × hidden, on the CPU) over the real tokens of ``batches``, ``g`` the
     gradient of each sequence's summed next-token NLL with respect to a layer's down_proj output, for
     the selected ``layers`` (None: all): one forward and one backward pass per batch, stopping after
@@ -81,7 +80,7 @@ def output_gradient_moments(model, layers: list[int] | None, batches: list[dict]
                            lambda _module, _args, out: None if out.requires_grad else out.detach().requires_grad_())
         for layer in selected:
             owned.forward_hook(layer.down, lambda _module, _args, out, i=layer.index: outputs.__setitem__(i, out))
-        for batch in tqdm(batches, desc="output gradients", unit="batch", disable=not progress):
+        for batch in bar(batches, desc="output gradients", unit="batch", default=False):
             input_ids, mask = batch_tensors(batch, device)
             with torch.enable_grad():
                 logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits

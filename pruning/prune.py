@@ -17,7 +17,7 @@ from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
 from calibrate.layerwise import calibrate_layerwise
 from calibrate.manifest import Manifest, read, write
-from calibrate.run import split_holdout
+from calibrate.progress import showing, shown
 from calibrate.stats import ActivationStats, LayerStats, library_version
 from pruning.config import PruneConfig, resolve_reconstruct
 from pruning.decide import Decision, decide, refit_layer, score_layer
@@ -125,32 +125,33 @@ def make_manifest(model, config: PruneConfig, decision: Decision, sizes_before: 
 
 
 def prune(model, stats: ActivationStats | None, config: PruneConfig, *, inplace: bool = False,
-          text_batches: list[dict] | None = None, progress: bool = False, notes: dict | None = None) -> PruneResult:
+          text_batches: list[dict] | None = None, notes: dict | None = None) -> PruneResult:
     """Prune ``model`` under ``config`` (a deep copy unless ``inplace``) and return the result.
 
     ``text_batches`` are held-out calibration batches, needed by the ``sensitivity`` allocation;
-    ``notes`` are added to the manifest (e.g. why reconstruct auto chose what it chose).
+    ``notes`` are added to the manifest (e.g. why reconstruct auto chose what it chose). Progress bars
+    only inside :func:`calibrate.progress.showing` (True).
     """
     if SCHEDULES[config.schedule].layerwise:
         raise GluPruneError("the sequential schedule calibrates as it prunes: use prune_sequential")
     start = time.perf_counter()
     config, auto, sizes_before = prepare(model, stats, config)
     model = model if inplace else copy.deepcopy(model)
-    decision = decide(model, stats, config, text_batches=text_batches, progress=progress)
+    decision = decide(model, stats, config, text_batches=text_batches)
     cut(model, decision)
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
     return PruneResult(model, decision.plan, write(model.config, manifest.updated(**(notes or {}))))
 
 
 def prune_sequential(model, batches: Iterable[dict], config: PruneConfig, *, holdout: float = 0.125,
-                     inplace: bool = False, progress: bool = False, meta: dict | None = None,
-                     notes: dict | None = None) -> PruneResult:
+                     inplace: bool = False, meta: dict | None = None, notes: dict | None = None) -> PruneResult:
     """Calibrate and prune one layer at a time: each layer's statistics are taken on the model whose
     earlier layers are already pruned (and refitted), so errors do not compound unseen.
 
     Uniform allocation only. A refit chooses its ridge on the last ``holdout`` fraction of
     ``batches``. ``config.refit_target="dense"`` refits each layer toward the unpruned model's output
     on the same tokens rather than toward the layer's own output on the pruned model's input.
+    Progress bars only inside :func:`calibrate.progress.showing` (True).
     """
     start = time.perf_counter()
     sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
@@ -163,7 +164,6 @@ def prune_sequential(model, batches: Iterable[dict], config: PruneConfig, *, hol
     keep_count = kept_count(selected[0].intermediate_size, model.config.hidden_size, config.target)
     decision = Decision({})
     refit = RECONSTRUCTIONS[config.reconstruct].second_moment
-    fit, held = split_holdout(list(batches), holdout) if refit else (list(batches), None)
 
     def cut_layer(index: int, fit_stats: LayerStats, held_stats: LayerStats | None, pairs) -> None:
         layer = glu_layers(model, [index])[0]
@@ -172,9 +172,10 @@ def prune_sequential(model, batches: Iterable[dict], config: PruneConfig, *, hol
         decision.plan[index], decision.choices[str(index)] = keep, info
         cut(model, Decision({index: keep}, {index: (weight, bias)}))
 
-    stats = calibrate_layerwise(model, fit, holdout_batches=held, layers=config.layer_list,
-                                second_moment=config.needs_second_moment, after_layer=cut_layer, progress=progress,
-                                meta=meta, dense_pairs=config.refit_target == "dense")
+    with showing(shown(default=False)):
+        stats = calibrate_layerwise(model, batches, holdout=holdout if refit else 0.0, layers=config.layer_list,
+                                    second_moment=config.needs_second_moment, after_layer=cut_layer, meta=meta,
+                                    dense_pairs=config.refit_target == "dense")
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
     manifest = manifest.updated(refit_target=config.refit_target, **(notes or {}))
     return PruneResult(model, decision.plan, write(model.config, manifest))

@@ -20,7 +20,7 @@ from calibrate.files import atomic_dir
 from calibrate.glu import glu_layers
 from calibrate.manifest import Manifest, write
 from calibrate.offload import LayerLoader
-from calibrate.progress import bar, shown
+from calibrate.progress import bar, showing, shown
 from calibrate.shards import MAX_SHARD_BYTES, ShardWriter
 from calibrate.spill import SpilledTensors
 from calibrate.stats import ActivationStats
@@ -71,7 +71,6 @@ def prune_checkpoint(model, loader: LayerLoader, stats: ActivationStats | None, 
     refitted weights wait there, in the loader's dtype, until the rewrite. Returns the result: the meta
     model with the pruned shapes, the plan and the manifest. Progress bars: :mod:`calibrate.progress`."""
     start = time.perf_counter()
-    progress = shown()
     for option, table, value in (("allocation", ALLOCATIONS, config.allocation),
                                  ("reconstruct", RECONSTRUCTIONS, config.reconstruct)):
         if not table[value].streamable:
@@ -81,7 +80,8 @@ def prune_checkpoint(model, loader: LayerLoader, stats: ActivationStats | None, 
         raise ConfigError("schedule", config.schedule, "an offloaded checkpoint is pruned one-shot")
     config, auto, sizes_before = prepare(model, stats, config, loader)
     refits = SpilledTensors(Path(spill) / "refits", dtype=loader.dtype) if spill is not None else None
-    decision = decide(model, stats, config, loader=loader, progress=progress, refits=refits)
+    with showing(shown()):
+        decision = decide(model, stats, config, loader=loader, refits=refits)
     rules = sliced_tensors(model, decision.plan, decision.refits)
     apply_plan(model, decision.plan)  # on the meta model: new shapes and the config's sizes, no memory
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)

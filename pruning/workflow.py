@@ -24,7 +24,7 @@ from calibrate.layerwise import calibrate_layerwise
 from calibrate.manifest import Manifest, read, write
 from calibrate.offload import OffloadChoice, Offloaded, offload_model, should_offload
 from calibrate.perplexity import protocol_perplexity
-from calibrate.progress import shown
+from calibrate.progress import showing, shown
 from calibrate.run import calibrate, split_holdout
 from calibrate.spill import check_disk
 from calibrate.stats import ActivationStats, library_version
@@ -107,22 +107,20 @@ def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: b
     ``layer_importance`` adds every layer's input-output cosine (same pass) and, with
     ``skip_loss``, each layer's skip loss on the held-out slice
     (:func:`pruning.depth.measure_skip_loss`); in memory only. Progress bars: :mod:`calibrate.progress`."""
-    progress = shown()
     holdout = HOLDOUT if second_moment else 0.0
     loader = offloaded.loader if offloaded is not None else None
     if layer_importance and loader is not None:
         raise GluPruneError("layer importance needs the whole model in memory: drop --offload")
     if loader is None:
         stats = calibrate(model, batches, layers=layers, second_moment=second_moment, holdout=holdout, meta=meta,
-                          progress=progress, layer_importance=layer_importance)
+                          layer_importance=layer_importance)
         if layer_importance and skip_loss:
-            measure_skip_loss(model, stats.depth, split_holdout(batches, HOLDOUT)[1], progress=progress)
+            with showing(shown()):
+                measure_skip_loss(model, stats.depth, split_holdout(batches, HOLDOUT)[1])
             stats.meta["layer_importance"] = stats.depth.kinds
         return stats
-    fit, held = split_holdout(batches, holdout) if holdout else (batches, None)
-    return calibrate_layerwise(model, fit, holdout_batches=held, layers=layers, second_moment=second_moment,
-                               meta=meta, loader=loader, device=offloaded.device, progress=progress,
-                               spill=offloaded.spill)
+    return calibrate_layerwise(model, batches, holdout=holdout, layers=layers, second_moment=second_moment,
+                               meta=meta, loader=loader, device=offloaded.device, spill=offloaded.spill)
 
 
 def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrating: bool,
@@ -210,7 +208,12 @@ def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: Activatio
     needs statistics (with second moments for a refit), or calibrating as it prunes (sequential).
     ``notes`` go into the manifest (e.g. :attr:`OffloadChoice.note`). Progress bars: shown unless
     :func:`calibrate.progress.showing` says otherwise."""
-    progress = shown()
+    with showing(shown()):
+        return _prune_with_corpus(model, tokenizer, config, stats, corpus, settings, inplace, notes)
+
+
+def _prune_with_corpus(model, tokenizer, config: PruneConfig, stats: ActivationStats | None, corpus: Corpus | None,
+                       settings: CalibrationSettings, inplace: bool, notes: dict | None) -> PruneResult:
     config, auto, settings = resolve(config, model, stats, corpus is not None, settings)
     notes = {**auto, **(notes or {})}
     check_data(config, stats, corpus)
@@ -218,14 +221,13 @@ def prune_with_corpus(model, tokenizer, config: PruneConfig, *, stats: Activatio
     meta = provenance(model.config.name_or_path, corpus, settings) if corpus \
         else {}
     if SCHEDULES[config.schedule].layerwise:
-        return prune_sequential(model, batches, config, holdout=HOLDOUT, inplace=inplace, progress=progress,
-                                meta=meta, notes=notes)
+        return prune_sequential(model, batches, config, holdout=HOLDOUT, inplace=inplace, meta=meta, notes=notes)
     if stats is None and config.needs_stats:
         stats = calibrate_corpus(model, batches, meta, second_moment=config.needs_second_moment,
                                  layers=config.layer_list)
         config = recheck_budget(config, model, stats, notes)
     text = split_holdout(batches, HOLDOUT)[1] if config.needs_text else None
-    return prune(model, stats, config, inplace=inplace, text_batches=text, progress=progress, notes=notes)
+    return prune(model, stats, config, inplace=inplace, text_batches=text, notes=notes)
 
 
 def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, run: OffloadSettings, *,
@@ -306,8 +308,7 @@ def heal_with_corpus(student, teacher, tokenizer, corpus: Corpus, config: HealCo
 
     manifest = read(student.config) or Manifest([], base_model=teacher_name)
     before = measure(student)
-    healed, history = heal(student, teacher, batches, config, checkpoint_dir=run.checkpoint_dir, resume=run.resume,
-                           progress=shown())
+    healed, history = heal(student, teacher, batches, config, checkpoint_dir=run.checkpoint_dir, resume=run.resume)
     healing = {
         "teacher": teacher_name, "corpus": corpus.name, "source": corpus.source, "part": corpus.part,
         "seq_len": seq_len, "batch_size": batch_size, "config": asdict(config), "steps": len(history),

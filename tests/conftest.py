@@ -79,3 +79,12 @@ def torch_threads_restored():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_progress_bars():
+    """Progress bars off in every test (calibrate.progress); the CLI sets its own."""
+    from calibrate.progress import showing
+
+    with showing(False):
+        yield

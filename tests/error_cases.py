@@ -177,8 +177,8 @@ def make_fixtures(d: Path) -> None:
     (d / "empty-dir").mkdir(exist_ok=True)
     (d / "existing").mkdir(exist_ok=True)
     ids = {"input_ids": torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))}
-    calibrate(llama, [ids], progress=False).save(d / "llama.st")
-    calibrate(tiny_model("llama", seed=5), [ids], progress=False).save(d / "other.st")
+    calibrate(llama, [ids]).save(d / "llama.st")
+    calibrate(tiny_model("llama", seed=5), [ids]).save(d / "other.st")
     (d / "truncated.st").write_bytes((d / "llama.st").read_bytes()[:100])
     meta = {"format_version": "99", "layers": "[0]"}
     save_file(load_file(d / "llama.st"), d / "newer.st", metadata=meta)

@@ -57,7 +57,7 @@ def test_sensitivity_is_the_loss_increase_of_pruning_that_layer_alone_and_leaves
     model = tiny_model("llama", dtype=torch.float64)
     ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(4))
     batches = [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}]
-    stats = calibrate(model, batches, second_moment=True, holdout=0.5, progress=False)
+    stats = calibrate(model, batches, second_moment=True, holdout=0.5)
     config = PruneConfig(intermediate_size=40, method="hybrid", reconstruct="lstsq")
     plan = {g.index: top_k(score_layer(g, config, stats.layers[g.index]), 40) for g in glu_layers(model)}
     base = mean_nll(model, batches)

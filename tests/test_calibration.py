@@ -34,7 +34,7 @@ def down_inputs(model, input_ids, layer):
 def test_recorder_matches_hand_computed_activations(family):
     model = tiny_model(family, dtype=torch.float64)
     batches, ids = random_batches()
-    stats = calibrate(model, batches, progress=False, second_moment=True)
+    stats = calibrate(model, batches, second_moment=True)
     x = down_inputs(model, ids, 1)
     s = stats.layers[1]
     assert s.count == ids.numel()
@@ -50,23 +50,23 @@ def test_recorder_matches_hand_computed_activations(family):
 def test_batch_size_and_order_do_not_matter():
     model = tiny_model("qwen3", dtype=torch.float64)
     _, ids = random_batches(16)
-    runs = [calibrate(model, [{"input_ids": ids[i : i + bs]} for i in range(0, 16, bs)], progress=False)
+    runs = [calibrate(model, [{"input_ids": ids[i : i + bs]} for i in range(0, 16, bs)])
             for bs in (1, 4, 8)]
-    reversed_order = calibrate(model, [{"input_ids": ids[i : i + 2]} for i in range(14, -1, -2)], progress=False)
+    reversed_order = calibrate(model, [{"input_ids": ids[i : i + 2]} for i in range(14, -1, -2)])
     for other in runs[1:] + [reversed_order]:
         assert_same_stats(runs[0], other)
     float32 = tiny_model("qwen3")
-    a = calibrate(float32, [{"input_ids": ids}], progress=False)
-    b = calibrate(float32, [{"input_ids": ids[i : i + 1]} for i in range(16)], progress=False)
+    a = calibrate(float32, [{"input_ids": ids}])
+    b = calibrate(float32, [{"input_ids": ids[i : i + 1]} for i in range(16)])
     assert_same_stats(a, b, rel=1e-4)
 
 
 def test_merge_of_halves_equals_the_whole():
     model = tiny_model("mistral", dtype=torch.float64)
     batches, _ = random_batches(16, batch=4)
-    whole = calibrate(model, batches, progress=False, second_moment=True)
-    halves = merge(calibrate(model, batches[:2], progress=False, second_moment=True),
-                   calibrate(model, batches[2:], progress=False, second_moment=True))
+    whole = calibrate(model, batches, second_moment=True)
+    halves = merge(calibrate(model, batches[:2], second_moment=True),
+                   calibrate(model, batches[2:], second_moment=True))
     assert_same_stats(whole, halves)
     torch.testing.assert_close(whole.layers[0].second_moment, halves.layers[0].second_moment)
 
@@ -75,12 +75,12 @@ def test_padding_never_counts():
     model = tiny_model("llama", dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(3, 120, (n,), generator=g) for n in (3, 9, 5, 12)]
-    one_by_one = calibrate(model, [{"input_ids": r[None]} for r in rows], progress=False)
+    one_by_one = calibrate(model, [{"input_ids": r[None]} for r in rows])
     ids = torch.zeros(4, 12, dtype=torch.long)
     mask = torch.zeros(4, 12, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)], mask[i, : len(r)] = r, 1
-    padded = calibrate(model, [{"input_ids": ids, "attention_mask": mask}], progress=False)
+    padded = calibrate(model, [{"input_ids": ids, "attention_mask": mask}])
     assert padded.tokens == sum(len(r) for r in rows)
     assert_same_stats(one_by_one, padded)
 
@@ -97,7 +97,7 @@ def test_hooks_are_removed_after_errors_and_logits_unchanged():
 
     for exc in (RuntimeError("disk gone"), KeyboardInterrupt()):
         with pytest.raises(type(exc)):
-            calibrate(model, failing(exc), progress=False)
+            calibrate(model, failing(exc))
         assert hooks_left(model) == 0
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
@@ -108,7 +108,7 @@ def test_layer_subset_stops_after_the_last_recorded_layer():
     ran = []
     for i, layer in enumerate(glu_layers(model)):
         layer.mlp.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
-    stats = calibrate(model, [{"input_ids": torch.randint(3, 120, (2, 6))}], layers=[0, 2], progress=False)
+    stats = calibrate(model, [{"input_ids": torch.randint(3, 120, (2, 6))}], layers=[0, 2])
     assert sorted(stats.layers) == [0, 2]
     assert 3 not in ran and 1 in ran
 
@@ -116,14 +116,14 @@ def test_layer_subset_stops_after_the_last_recorded_layer():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_calibrates(family):
     model = tiny_model(family)
-    stats = calibrate(model, [{"input_ids": torch.randint(3, 120, (2, 6))}], progress=False)
+    stats = calibrate(model, [{"input_ids": torch.randint(3, 120, (2, 6))}])
     assert len(stats.layers) == 3 and stats.tokens == 12
     assert stats.meta["model_type"] == family and hooks_left(model) == 0
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
     model = tiny_model("llama")
-    stats = calibrate(model, [{"input_ids": torch.randint(3, 120, (2, 6))}], progress=False, second_moment=True,
+    stats = calibrate(model, [{"input_ids": torch.randint(3, 120, (2, 6))}], second_moment=True,
                       meta={"corpus": "c"})
     path = stats.save(tmp_path / "s.safetensors")
     loaded = ActivationStats.load(path, model=model)
@@ -158,7 +158,7 @@ def test_stats_command_says_whether_second_moments_and_a_holdout_are_held(tmp_pa
     model = tiny_model("llama")
     batches, _ = random_batches(n_rows=16, seq=6, batch=4)
     for second, holdout in ((False, 0.0), (True, 0.25)):
-        stats = calibrate(model, batches, progress=False, second_moment=second, holdout=holdout)
+        stats = calibrate(model, batches, second_moment=second, holdout=holdout)
         path = stats.save(tmp_path / f"s-{second}.safetensors")
         assert main(["stats", str(path)]) == 0
         printed = capsys.readouterr().out
@@ -181,16 +181,16 @@ def test_nonfinite_activations_name_the_layer():
     with torch.no_grad():
         glu_layers(model)[1].mlp.up_proj.weight.fill_(float("inf"))
     with pytest.raises(GluPruneError, match="layer 1 .*bfloat16"):
-        calibrate(model, [{"input_ids": torch.randint(3, 120, (1, 6))}], progress=False)
+        calibrate(model, [{"input_ids": torch.randint(3, 120, (1, 6))}])
 
 
 def test_empty_calibration_is_an_error_and_memory_is_checked(monkeypatch):
     model = tiny_model("llama")
     with pytest.raises(GluPruneError, match="no tokens"):
-        calibrate(model, [], progress=False)
+        calibrate(model, [])
     monkeypatch.setattr("calibrate.resources.memory_limit", lambda: MemoryLimit(1000, "a test's limit"))
     with pytest.raises(GluPruneError, match="need .* but only"):
-        calibrate(model, [{"input_ids": torch.randint(3, 120, (1, 6))}], second_moment=True, progress=False)
+        calibrate(model, [{"input_ids": torch.randint(3, 120, (1, 6))}], second_moment=True)
 
 
 def test_layer_stats_merge_rejects_mismatch():

@@ -134,7 +134,7 @@ def test_compare_with_reconstruction_and_sequential_schedule(grid_setup, tmp_pat
     ppl = {r["model"]: r["perplexity"] for r in rows if r["eval_corpus"] == "law"}
     base, tokenizer = load_model(model, dtype="float32")
     batches = calibration_batches(tokenizer, corpora[0])
-    stats = calibrate(base, batches, second_moment=True, holdout=HOLDOUT, progress=False)
+    stats = calibrate(base, batches, second_moment=True, holdout=HOLDOUT)
     refit = PruneConfig(ratio=0.25, method="hybrid", reconstruct="lstsq")
     assert ppl["hybrid-0.25-law-lstsq"] == evaluated(prune(base, stats, refit).model, tokenizer, corpora[0])
     sequential = prune_sequential(base, batches, PruneConfig(ratio=0.25, method="hybrid", reconstruct="lstsq",
@@ -164,7 +164,7 @@ def test_compare_rows_per_allocation(grid_setup, tmp_path):
     assert sensitivity["allocation"] == "sensitivity"
     base, tokenizer = load_model(model, dtype="float32")
     batches = calibration_batches(tokenizer, corpora[0])
-    stats = calibrate(base, batches, second_moment=True, holdout=HOLDOUT, progress=False)
+    stats = calibrate(base, batches, second_moment=True, holdout=HOLDOUT)
     config = PruneConfig(ratio=0.25, method="hybrid", allocation="sensitivity", reconstruct="lstsq")
     pruned = prune(base, stats, config, text_batches=split_holdout(batches, HOLDOUT)[1]).model
     assert sensitivity["perplexity"] == evaluated(pruned, tokenizer, corpora[0])
@@ -183,14 +183,14 @@ def test_compare_adds_healed_rows(grid_setup, tmp_path):
     ppl = {r["model"]: r["perplexity"] for r in rows}
     assert set(ppl) == {"base", "base-law-heal3", "hybrid-0.5-law", "hybrid-0.5-law-heal3"}
     base, tokenizer = load_model(model, dtype="float32")
-    stats = calibrate(base, calibration_batches(tokenizer, corpora[0]), progress=False)
+    stats = calibrate(base, calibration_batches(tokenizer, corpora[0]))
     pruned = prune(base, stats, PruneConfig(ratio=0.5, method="hybrid")).model
     assert ppl["hybrid-0.5-law"] == evaluated(pruned, tokenizer, corpora[0])
     part = load_corpus(corpora[0].source, part="calibration", name="law")
     batches = training_batches(tokenizer, part, seq_len=32, batch_size=4)
-    healed, _ = heal(pruned, base, batches, HealConfig(steps=3), progress=False)
+    healed, _ = heal(pruned, base, batches, HealConfig(steps=3))
     assert ppl["hybrid-0.5-law-heal3"] == evaluated(healed, tokenizer, corpora[0])
-    tuned, _ = heal(load_model(model, dtype="float32")[0], base, batches, HealConfig(steps=3), progress=False)
+    tuned, _ = heal(load_model(model, dtype="float32")[0], base, batches, HealConfig(steps=3))
     assert ppl["base-law-heal3"] == evaluated(tuned, tokenizer, corpora[0]) != ppl["base"]
     text = (tmp_path / "heal" / "results.md").read_text()
     assert "hybrid healed 3 (law)" in text and "| base healed 3 (law) |" in text
@@ -207,9 +207,8 @@ def test_compare_heals_by_lora(grid_setup, tmp_path):
     base, tokenizer = load_model(model, dtype="float32")
     part = load_corpus(corpora[0].source, part="calibration", name="law")
     batches = training_batches(tokenizer, part, seq_len=32, batch_size=4)
-    tuned, _ = heal(load_model(model, dtype="float32")[0], base, batches, HealConfig(steps=2, lora_rank=4),
-                    progress=False)
-    full, _ = heal(load_model(model, dtype="float32")[0], base, batches, HealConfig(steps=2), progress=False)
+    tuned, _ = heal(load_model(model, dtype="float32")[0], base, batches, HealConfig(steps=2, lora_rank=4))
+    full, _ = heal(load_model(model, dtype="float32")[0], base, batches, HealConfig(steps=2))
     assert ppl["base-law-heal2-lora4"] == evaluated(tuned, tokenizer, corpora[0]) != evaluated(full, tokenizer,
                                                                                               corpora[0])
     assert "hybrid healed 2 LoRA r4 (law)" in (tmp_path / "lora" / "results.md").read_text()
@@ -274,7 +273,7 @@ def test_calibration_only_corpora_calibrate_without_being_evaluated(grid_setup, 
     assert {(r["model"], r["eval_corpus"]) for r in rows} == {("base", "law"), ("hybrid-0.25-law", "law"),
                                                                ("hybrid-0.25-food", "law")}
     base, tokenizer = load_model(model, dtype="float32")
-    stats = calibrate(base, calibration_batches(tokenizer, food), progress=False)
+    stats = calibrate(base, calibration_batches(tokenizer, food))
     by_food = next(r for r in rows if r["calibration_corpus"] == "food")
     assert by_food["perplexity"] == evaluated(prune(base, stats, PruneConfig(ratio=0.25, method="hybrid")).model,
                                               tokenizer, law)

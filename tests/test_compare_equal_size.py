@@ -64,7 +64,7 @@ def test_rows_have_the_planned_parameter_counts(setup, tmp_path):
     part = load_corpus(corpora[0].source, part="calibration", name="law")
     batches = list(make_batches(tokenizer, part, seq_len=OPTIONS["calib_seq_len"], max_tokens=OPTIONS["calib_tokens"],
                                 batch_size=8, packing=True))
-    stats = calibrate(base, batches, layer_importance=True, progress=False)
+    stats = calibrate(base, batches, layer_importance=True)
     depth = prune_depth(base, DepthConfig(2, "cosine"), stats.depth)
     assert by_model["depth-cosine-p0.2-law"]["removed_layers"] == \
         ",".join(map(str, depth.manifest.removed_layers))

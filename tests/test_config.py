@@ -100,7 +100,7 @@ def test_cli_prune_gives_the_same_model_under_a_memory_limit(tmp_path, monkeypat
 def test_statistics_of_the_same_checkpoint_in_another_dtype_are_accepted():
     """Calibrating in bfloat16 and pruning the float32 checkpoint is the same model; another seed is not."""
     bf16 = tiny_model("llama", dtype=torch.bfloat16)
-    stats = calibrate(bf16, batches(), progress=False)
+    stats = calibrate(bf16, batches())
     stats.check_model(tiny_model("llama", dtype=torch.float32))
     stats.check_model(tiny_model("llama", dtype=torch.float16))
     with pytest.raises(GluPruneError, match="another model"):
@@ -119,7 +119,7 @@ def test_statistics_of_the_same_checkpoint_in_another_dtype_are_accepted():
 def test_statistics_identity_survives_saving(tmp_path):
     from calibrate.stats import ActivationStats
 
-    stats = calibrate(tiny_model("llama", dtype=torch.bfloat16), batches(), progress=False)
+    stats = calibrate(tiny_model("llama", dtype=torch.bfloat16), batches())
     stats.save(tmp_path / "s.safetensors")
     loaded = ActivationStats.load(tmp_path / "s.safetensors", model=tiny_model("llama"))
     assert torch.equal(loaded.identity, stats.identity)
@@ -129,7 +129,7 @@ def test_statistics_identity_survives_saving(tmp_path):
 
 def test_prune_copies_unless_asked_to_work_in_place():
     model = tiny_model("llama")
-    stats = calibrate(model, batches(), progress=False)
+    stats = calibrate(model, batches())
     result = prune(model, stats, PruneConfig(ratio=0.25))
     assert model.config.intermediate_size == 64 and result.model.config.intermediate_size == 48
     assert result.model.config.glu_prune == result.manifest.to_dict()

@@ -97,7 +97,7 @@ def test_removed_layers_equal_identity_layers():
 def test_layer_cosine_is_that_of_the_hidden_states():
     model = tiny_model("llama", dtype=torch.float64)
     batches, x = random_batches()
-    stats = calibrate(model, batches, progress=False, layer_importance=True)
+    stats = calibrate(model, batches, layer_importance=True)
     assert stats.meta["layer_importance"] == "cosine" and hooks_left(model) == 0
     with torch.no_grad():  # (transformers leaves its own hooks for hidden-state capture)
         hidden = model(x, output_hidden_states=True).hidden_states  # the last one is after the final norm
@@ -116,11 +116,11 @@ def test_token_cosines_of_zero_rows():
 def test_layer_importance_does_not_depend_on_batch_size_order_or_padding():
     model = tiny_model("qwen3", dtype=torch.float64)
     _, x = random_batches(16)
-    runs = [calibrate(model, [{"input_ids": x[i : i + bs]} for i in range(0, 16, bs)], progress=False,
+    runs = [calibrate(model, [{"input_ids": x[i : i + bs]} for i in range(0, 16, bs)],
                       layer_importance=True) for bs in (1, 4, 8)]
-    runs.append(calibrate(model, [{"input_ids": x[i : i + 2]} for i in range(14, -1, -2)], progress=False,
+    runs.append(calibrate(model, [{"input_ids": x[i : i + 2]} for i in range(14, -1, -2)],
                           layer_importance=True))
-    halves = [calibrate(model, [{"input_ids": x[i : i + 4]} for i in range(a, b, 4)], progress=False,
+    halves = [calibrate(model, [{"input_ids": x[i : i + 4]} for i in range(a, b, 4)],
                         layer_importance=True) for a, b in ((0, 8), (8, 16))]
     runs.append(halves[0].merge(halves[1]))
     first = runs[0].depth.cosine
@@ -131,11 +131,11 @@ def test_layer_importance_does_not_depend_on_batch_size_order_or_padding():
             assert other.depth.cosine[i].cos_sum == pytest.approx(first[i].cos_sum, rel=1e-12)
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(3, 120, (n,), generator=g) for n in (3, 9, 5, 12)]
-    one_by_one = calibrate(model, [{"input_ids": r[None]} for r in rows], progress=False, layer_importance=True)
+    one_by_one = calibrate(model, [{"input_ids": r[None]} for r in rows], layer_importance=True)
     padded_ids, mask = torch.zeros(4, 12, dtype=torch.long), torch.zeros(4, 12, dtype=torch.long)
     for i, r in enumerate(rows):
         padded_ids[i, : len(r)], mask[i, : len(r)] = r, 1
-    padded = calibrate(model, [{"input_ids": padded_ids, "attention_mask": mask}], progress=False,
+    padded = calibrate(model, [{"input_ids": padded_ids, "attention_mask": mask}],
                        layer_importance=True)
     for i in first:
         assert padded.depth.cosine[i].count == 29
@@ -147,7 +147,7 @@ def test_layer_subset_records_those_layers_and_stops_after_the_last():
     ran = []
     for i, layer in enumerate(decoder_layers(model)):
         layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
-    stats = calibrate(model, [{"input_ids": ids()}], layers=[0, 2], progress=False, layer_importance=True)
+    stats = calibrate(model, [{"input_ids": ids()}], layers=[0, 2], layer_importance=True)
     assert sorted(stats.depth.cosine) == [0, 2] and 3 not in ran
 
 
@@ -155,7 +155,7 @@ def test_layer_subset_records_those_layers_and_stops_after_the_last():
 def test_skip_loss_is_the_loss_of_the_model_without_that_layer(family):
     model = deep_model(family, torch.float64)
     batches, _ = random_batches(8, batch=4)
-    stats = calibrate(model, batches, progress=False, layer_importance=True)
+    stats = calibrate(model, batches, layer_importance=True)
     measure_skip_loss(model, stats.depth, batches)
     base = mean_nll(model, batches)
     assert stats.depth.skip_base == pytest.approx(base, rel=1e-12)
@@ -169,7 +169,7 @@ def test_skip_loss_is_the_loss_of_the_model_without_that_layer(family):
 def test_the_least_important_layers_are_removed():
     model = deep_model("llama")
     batches, _ = random_batches(8, batch=4)
-    stats = calibrate(model, batches, progress=False, layer_importance=True)
+    stats = calibrate(model, batches, layer_importance=True)
     measure_skip_loss(model, stats.depth, batches)
     for score in ("cosine", "skip-loss"):
         values = stats.depth.scores(score)
@@ -183,7 +183,7 @@ def test_the_least_important_layers_are_removed():
 def test_statistics_file_keeps_layer_importance(tmp_path):
     model = tiny_model("llama")
     batches, _ = random_batches(8, batch=4)
-    stats = calibrate(model, batches, progress=False, layer_importance=True)
+    stats = calibrate(model, batches, layer_importance=True)
     measure_skip_loss(model, stats.depth, batches)
     stats.save(tmp_path / "s.st")
     loaded = ActivationStats.load(tmp_path / "s.st", model=model)
@@ -194,7 +194,7 @@ def test_statistics_file_keeps_layer_importance(tmp_path):
     assert "layer importance (cosine,skip-loss" in text and f"{stats.depth.skip_loss[1]:10.4f}" in text
     merged = loaded.merge(loaded)
     assert merged.depth.skip_loss is None and merged.depth.cosine[0].count == 2 * stats.depth.cosine[0].count
-    plain = calibrate(model, batches, progress=False)
+    plain = calibrate(model, batches)
     plain.save(tmp_path / "plain.st")
     assert ActivationStats.load(tmp_path / "plain.st").depth is None
     assert "layer_importance" not in loaded.merge(ActivationStats.load(tmp_path / "plain.st")).meta
@@ -207,7 +207,7 @@ def test_depth_then_width_on_an_already_pruned_manifest_renumbers_it():
 
     model = deep_model("llama")
     batches, _ = random_batches(8, batch=4)
-    width = prune(model, calibrate(model, batches, progress=False),
+    width = prune(model, calibrate(model, batches),
                   PruneConfig(ratio=0.25, method="wanda", allocation="owl", layers=(1, 2, 3))).model
     sizes = [g.intermediate_size for g in glu_layers(width)]
     kept = width.config.glu_prune["kept_indices"]
@@ -252,7 +252,7 @@ def test_refused_removals_leave_the_model_unchanged(config, problem):
 
 def test_importance_must_cover_every_layer():
     model = tiny_model("llama")
-    stats = calibrate(model, [{"input_ids": ids()}], layers=[0, 1], progress=False, layer_importance=True)
+    stats = calibrate(model, [{"input_ids": ids()}], layers=[0, 1], layer_importance=True)
     with pytest.raises(GluPruneError, match="calibrate every layer"):
         prune_depth(model, DepthConfig(1), stats.depth)
     with pytest.raises(GluPruneError, match="no skip loss"):
@@ -318,7 +318,7 @@ def test_smollm2_remove_two_layers_reloads_and_generates(smollm2, tmp_path):
     stock reload computing the in-memory model's logits, and cached greedy generation as uncached."""
     model, tokenizer = smollm2
     x = tokenizer(["The capital of France is Paris, and the capital of Italy is"], return_tensors="pt")["input_ids"]
-    stats = calibrate(model, [{"input_ids": x}], progress=False, layer_importance=True)
+    stats = calibrate(model, [{"input_ids": x}], layer_importance=True)
     result = prune_depth(model, DepthConfig(2), stats.depth, statistics=stats.meta)
     assert result.model.config.num_hidden_layers == 28 and model.config.num_hidden_layers == 30
     save_pruned(result.model, tokenizer, tmp_path / "p")

@@ -46,7 +46,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
                                                                               for b in batches()[rank::world]]
         distributed.init_from_env("cpu")  # a second call joins nothing new
         model = tiny_model("gemma2", dtype=torch.float64)
-        stats = calibrate(model, batches(), holdout=0.4, second_moment=True, progress=False)
+        stats = calibrate(model, batches(), holdout=0.4, second_moment=True)
         if distributed.is_main():
             stats.save(out)
     finally:
@@ -58,7 +58,7 @@ def test_two_gloo_processes_joined_from_torchruns_environment_equal_one(tmp_path
     mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     together = ActivationStats.load(out)
     alone = calibrate(tiny_model("gemma2", dtype=torch.float64), batches(), holdout=0.4,
-                                   second_moment=True, progress=False)
+                                   second_moment=True)
     assert together.tokens == alone.tokens == int(sum(b["attention_mask"].sum() for b in batches()[:3]))
     assert_same_stats(alone, together)
     for i in alone.layers:
@@ -72,7 +72,7 @@ def test_single_process_is_untouched():
     assert distributed.world_size() == 1 and distributed.is_main()
     assert list(distributed.shard([1, 2, 3])) == [1, 2, 3]
     model = tiny_model("llama", dtype=torch.float64)
-    assert calibrate(model, batches(), progress=False).tokens == 10 * 12 - 7
+    assert calibrate(model, batches()).tokens == 10 * 12 - 7
 
 
 def test_init_from_env_of_a_one_process_torchrun_stays_alone(monkeypatch):

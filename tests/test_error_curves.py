@@ -34,7 +34,7 @@ def down_inputs(model, batches) -> dict[int, torch.Tensor]:
 def measured():
     model = tiny_model("llama", dtype=torch.float64)
     batches, _ = random_batches(n_rows=24, seq=16, batch=8, seed=3)  # 384 tokens for 64 neurons
-    stats = calibrate(model, batches, second_moment=True, progress=False)
+    stats = calibrate(model, batches, second_moment=True)
     return model, batches, stats, down_inputs(model, batches)
 
 

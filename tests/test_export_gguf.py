@@ -230,7 +230,7 @@ def smollm2_pruned(smollm2, data_dir):
 
     model, tok = smollm2
     corpus = load_corpus("wikitext2", part="calibration", data_dir=data_dir)
-    stats = calibrate(model, make_batches(tok, corpus, seq_len=256, max_tokens=2048), progress=False)
+    stats = calibrate(model, make_batches(tok, corpus, seq_len=256, max_tokens=2048))
     return {allocation: prune(model, stats, PruneConfig(ratio=0.2, method="hybrid", allocation=allocation)).model
             for allocation in ("uniform", "global")}
 
@@ -265,14 +265,10 @@ def test_smollm2_tokenizer_comes_from_its_gguf_or_its_hugging_face_tokenizer(smo
     assert value["tokenizer.ggml.eos_token_id"] == source["tokenizer.ggml.eos_token_id"]
     if not llama_cpp_available():  # a skip, so that CI refuses the shrunk check (tests/skip_policy.py)
         pytest.skip("llama-cpp-python is not installed: the built vocabulary's tokenization in llama.cpp unchecked")
-    from benchmarks.deploy.llamacpp import open_gguf
+    from benchmarks.deploy.llamacpp import llama_cpp_tokens
 
     text = "The pruned model keeps the neurons its domain uses, in 2 or 3 layers."
-    llm = open_gguf(built, n_ctx=64)
-    try:
-        assert llm.tokenize(text.encode(), add_bos=False) == tok(text)["input_ids"]
-    finally:
-        llm.close()
+    assert llama_cpp_tokens(built, text) == tok(text)["input_ids"]
 
 
 @pytest.mark.slow
@@ -299,9 +295,19 @@ def test_llama_cpp_perplexity_of_pruned_smollm2_matches_ours(smollm2, smollm2_pr
     tok = smollm2[1]
     pruned = smollm2_pruned["global"]
     corpus = load_corpus("wikitext2", part="evaluation", data_dir=data_dir)
-    ours = perplexity(pruned, tok, corpus, seq_len=512, max_tokens=1024, progress=False)
+    ours = perplexity(pruned, tok, corpus, seq_len=512, max_tokens=1024)
     for outtype in ("f32", "f16"):
         path = export_gguf(pruned, tok, tmp_path / f"{outtype}.gguf", outtype=outtype)
         theirs = llama_cpp_perplexity(path, tok, corpus, seq_len=512, max_tokens=1024)
         assert (theirs.tokens, theirs.sequences) == (ours.tokens, ours.sequences)
         assert abs(theirs.perplexity / ours.perplexity - 1) <= 0.005, (outtype, theirs.perplexity, ours.perplexity)
+
+
+@needs_llama_cpp
+def test_a_file_llama_cpp_cannot_load_is_one_error_naming_it(tmp_path):
+    from benchmarks.deploy.llamacpp import llama_cpp_logits
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(GluPruneError, match="llama.cpp could not load .*broken.gguf"):
+        llama_cpp_logits(broken, IDS)

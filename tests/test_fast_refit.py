@@ -169,7 +169,7 @@ def test_the_eigendecomposition_path_equals_the_cholesky_refit_at_every_ridge(pr
 def test_tiny_models_refit_as_the_search_as_it_was(family):
     model = tiny_model(family)
     batches, _ = random_batches(n_rows=24, seq=12, batch=4)
-    stats = calibrate(model, batches, second_moment=True, holdout=0.25, progress=False)
+    stats = calibrate(model, batches, second_moment=True, holdout=0.25)
     g = torch.Generator().manual_seed(0)
     for layer in glu_layers(model):
         fit, weight = stats.layers[layer.index], layer.down_weight().detach().double()

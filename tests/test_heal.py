@@ -29,7 +29,7 @@ def pruned_pair(seed=0, **overrides):
     teacher = tiny_model("llama", seed=seed, initializer_range=0.3)  # peaked outputs: pruning changes them
     student = tiny_model("llama", seed=seed, initializer_range=0.3, **overrides)
     ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(0))
-    prune(student, calibrate(student, [{"input_ids": ids}], progress=False), PruneConfig(method="hybrid", ratio=0.5),
+    prune(student, calibrate(student, [{"input_ids": ids}]), PruneConfig(method="hybrid", ratio=0.5),
           inplace=True)
     return student, teacher
 
@@ -78,7 +78,7 @@ def test_healing_brings_the_student_closer_to_the_teacher():
 
     before = kl()
     config = HealConfig(steps=30, lr=3e-3, warmup_steps=2, alpha=1.0)
-    healed, history = heal(student, teacher, data, config, progress=False)
+    healed, history = heal(student, teacher, data, config)
     assert healed is student and len(history) == 30
     assert kl() < 0.7 * before
     assert not any(p.requires_grad for p in healed.parameters())
@@ -94,7 +94,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, dro
         ids = batches()[0]["input_ids"]
         straight.train()
         assert not torch.equal(straight(ids).logits, straight(ids).logits)  # the family honours the dropout
-    heal(straight, teacher, batches(), config, progress=False)
+    heal(straight, teacher, batches(), config)
 
     interrupted, teacher = pruned_pair(attention_dropout=dropout)
 
@@ -103,23 +103,23 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, dro
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        heal(interrupted, teacher, batches(), config, checkpoint_dir=tmp_path, progress=False, on_step=stop)
+        heal(interrupted, teacher, batches(), config, checkpoint_dir=tmp_path, on_step=stop)
     resumed, teacher = pruned_pair(attention_dropout=dropout)
     steps_run = []
-    _, history = heal(resumed, teacher, batches(), config, checkpoint_dir=tmp_path, resume=True, progress=False,
+    _, history = heal(resumed, teacher, batches(), config, checkpoint_dir=tmp_path, resume=True,
                       on_step=lambda step, record: steps_run.append(step))
     assert steps_run == [5, 6, 7] and len(history) == 7  # resumed from the checkpoint of step 4
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(GluPruneError, match="other settings"):
         heal(resumed, teacher, batches(), HealConfig(steps=9, checkpoint_every=2, lora_rank=lora),
-             checkpoint_dir=tmp_path, resume=True, progress=False)
+             checkpoint_dir=tmp_path, resume=True)
 
 
 def test_healing_leaves_the_callers_random_state_alone():
     student, teacher = pruned_pair(attention_dropout=0.1)
     state = torch.random.get_rng_state()
-    heal(student, teacher, batches(), HealConfig(steps=2, warmup_steps=1), progress=False)
+    heal(student, teacher, batches(), HealConfig(steps=2, warmup_steps=1))
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -136,7 +136,7 @@ class Trap:
 def test_checkpoints_hold_plain_tensors_only(tmp_path):
     config = HealConfig(steps=4, warmup_steps=1, checkpoint_every=2)
     student, teacher = pruned_pair(attention_dropout=0.1)
-    heal(student, teacher, batches(), config, checkpoint_dir=tmp_path, progress=False)
+    heal(student, teacher, batches(), config, checkpoint_dir=tmp_path)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert state["step"] == 2 and state["rng"]["cpu"].dtype == torch.uint8
     trap = tmp_path / "trapped"
@@ -150,8 +150,7 @@ def test_lora_is_merged_back_into_a_plain_model():
     pytest.importorskip("peft")
     student, teacher = pruned_pair()
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    healed, _ = heal(student, teacher, batches(), HealConfig(steps=4, lr=1e-2, warmup_steps=1, lora_rank=4),
-                     progress=False)
+    healed, _ = heal(student, teacher, batches(), HealConfig(steps=4, lr=1e-2, warmup_steps=1, lora_rank=4))
     assert type(healed).__name__ == "LlamaForCausalLM"
     assert set(healed.state_dict()) == set(before)
     assert any(not torch.equal(before[k], v) for k, v in healed.state_dict().items())
@@ -189,7 +188,7 @@ def test_lora_merged_model_gives_the_peft_forward_and_the_base_weights_stay_froz
             peft.train()
 
     healed, _ = heal(student, teacher, batches(), HealConfig(steps=4, lr=1e-2, warmup_steps=1, lora_rank=4),
-                     progress=False, on_step=after_the_last_step)
+                     on_step=after_the_last_step)
     assert seen["base"].keys() == before.keys()
     for name, value in seen["base"].items():
         assert torch.equal(value, before[name]), f"{name} was trained: only the adapters may be"
@@ -206,8 +205,7 @@ def test_max_seconds_stops_at_the_step_whose_training_time_reaches_it(monkeypatc
     ticks = itertools.count()  # a clock that advances one second per reading: each step takes exactly 1 s
     monkeypatch.setattr(heal_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     student, teacher = pruned_pair()
-    _, history = heal(student, teacher, batches(), HealConfig(steps=10, warmup_steps=1, max_seconds=3.0),
-                      progress=False)
+    _, history = heal(student, teacher, batches(), HealConfig(steps=10, warmup_steps=1, max_seconds=3.0))
     assert [(r["step"], r["seconds"]) for r in history] == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert not any(p.requires_grad for p in student.parameters())
 

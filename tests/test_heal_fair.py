@@ -18,7 +18,7 @@ def test_heal_fair_measures_pruned_and_baseline_runs_alike(tmp_path, data_dir, c
     base, tokenizer = load_model(str(tmp_path / "m"), dtype="float32")
     part = load_corpus("wikitext2", part="calibration", data_dir=data_dir)
     stats = calibrate(base, list(make_batches(tokenizer, part, seq_len=32, max_tokens=1024, batch_size=4)),
-                      second_moment=True, holdout=0.125, progress=False)
+                      second_moment=True, holdout=0.125)
     stats.save(tmp_path / "s.safetensors")
     common = ["--model", str(tmp_path / "m"), "--corpus", "wikitext2", "--steps", "2,4",
               "--data-dir", str(data_dir), "--out", str(tmp_path / "o")]

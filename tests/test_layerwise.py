@@ -33,8 +33,8 @@ def untouched(model, layers) -> bool:
 def test_layer_by_layer_equals_whole_model(family):
     model = tiny_model(family, dtype=torch.float64)
     for batches in (random_batches()[0], padded_batches()):
-        whole = calibrate(model, batches, progress=False, second_moment=True)
-        layered = calibrate_layerwise(model, batches, progress=False, second_moment=True)
+        whole = calibrate(model, batches, second_moment=True)
+        layered = calibrate_layerwise(model, batches, second_moment=True)
         assert_same_stats(whole, layered)
         assert_same_second_moments(whole, layered)
     assert hooks_left(model) == 0
@@ -44,10 +44,10 @@ def test_layer_by_layer_equals_whole_model(family):
 def test_selected_layers_and_holdout():
     model = tiny_model("llama", dtype=torch.float64)
     batches, _ = random_batches(16)
-    stats = calibrate_layerwise(model, batches[:3], holdout_batches=batches[3:], layers=[1], progress=False)
+    stats = calibrate_layerwise(model, batches, holdout=0.25, layers=[1])  # the last of 4 batches held out
     assert list(stats.layers) == [1]
-    assert_same_stats(stats, calibrate(model, batches[:3], layers=[1], progress=False))
-    held = calibrate(model, batches[3:], layers=[1], progress=False)
+    assert_same_stats(stats, calibrate(model, batches[:3], layers=[1]))
+    held = calibrate(model, batches[3:], layers=[1])
     assert held.layers[1].count == stats.holdout[1].count
     torch.testing.assert_close(held.layers[1].sum, stats.holdout[1].sum)
 
@@ -64,9 +64,9 @@ def test_after_layer_sees_the_changed_model():
             with torch.no_grad():
                 glu_layers(model, [0])[0].down.weight.zero_()
 
-    stats = calibrate_layerwise(model, batches, after_layer=zero_down, progress=False)
+    stats = calibrate_layerwise(model, batches, after_layer=zero_down)
     assert seen == list(range(len(decoder_layers(model))))
-    after = calibrate(model, batches, progress=False)  # the model now has layer 0 zeroed throughout
+    after = calibrate(model, batches)  # the model now has layer 0 zeroed throughout
     assert_same_stats(stats, after)
     assert stats.meta["schedule"] == "sequential"
 
@@ -89,10 +89,10 @@ def test_offloaded_calibration_equals_in_memory(family, tmp_path):
     save_tiny(tmp_path / "m", family, dtype=torch.float64)
     batches = padded_batches()
     reloaded, _ = load_model(str(tmp_path / "m"), device="cpu", dtype="float64")
-    resident = calibrate(reloaded, batches, progress=False, second_moment=True)
+    resident = calibrate(reloaded, batches, second_moment=True)
     empty, loader, _ = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float64)
     assert all(p.device.type == "meta" for p in empty.parameters())
-    offloaded = calibrate_layerwise(empty, batches, second_moment=True, progress=False, loader=loader,
+    offloaded = calibrate_layerwise(empty, batches, second_moment=True, loader=loader,
                                     device=torch.device("cpu"))
     assert_same_stats(resident, offloaded)
     assert_same_second_moments(resident, offloaded)
@@ -134,7 +134,7 @@ def test_dense_pairs_pair_the_pruned_and_the_dense_streams():
             with torch.no_grad():
                 glu_layers(model, [0])[0].down.weight.zero_()
 
-    calibrate_layerwise(model, batches, after_layer=zero_down, dense_pairs=True, progress=False)
+    calibrate_layerwise(model, batches, after_layer=zero_down, dense_pairs=True)
 
     def inputs(m):
         seen = []
@@ -153,7 +153,7 @@ def test_dense_pairs_pair_the_pruned_and_the_dense_streams():
     (first,) = pairs_seen[0]
     torch.testing.assert_close(first.cross, first.dense_second)  # nothing pruned before layer 0
     with pytest.raises(GluPruneError, match="after_layer"):
-        calibrate_layerwise(model, batches, dense_pairs=True, progress=False)
+        calibrate_layerwise(model, batches, dense_pairs=True)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
@@ -162,11 +162,11 @@ def test_sliding_and_full_attention_layers_get_their_own_masks(family):
     types = ["sliding_attention", "full_attention", "sliding_attention"]
     model = tiny_model(family, dtype=torch.float64, sliding_window=4, layer_types=types)
     batches = random_batches()[0]  # no padding: a window of padding alone would give NaN
-    whole = calibrate(model, batches, progress=False, second_moment=True)
-    layered = calibrate_layerwise(model, batches, progress=False, second_moment=True)
+    whole = calibrate(model, batches, second_moment=True)
+    layered = calibrate_layerwise(model, batches, second_moment=True)
     assert_same_stats(whole, layered)
     assert_same_second_moments(whole, layered)
-    unwindowed = calibrate(tiny_model(family, dtype=torch.float64, layer_types=types), batches, progress=False)
+    unwindowed = calibrate(tiny_model(family, dtype=torch.float64, layer_types=types), batches)
     assert not torch.allclose(whole.layers[0].sum, unwindowed.layers[0].sum)  # the window mattered
 
 
@@ -189,8 +189,8 @@ def test_accelerate_hooks_on_the_layers_survive(family):
     layers = list(decoder_layers(model))
     hooks = [add_hook_to_module(layer, CountingHook())._hf_hook for layer in layers]
     batches = padded_batches()
-    whole = calibrate(model, batches, progress=False, second_moment=True)
-    layered = calibrate_layerwise(model, batches, progress=False, second_moment=True)
+    whole = calibrate(model, batches, second_moment=True)
+    layered = calibrate_layerwise(model, batches, second_moment=True)
     assert_same_stats(whole, layered)
     assert_same_second_moments(whole, layered)
 
@@ -198,7 +198,7 @@ def test_accelerate_hooks_on_the_layers_survive(family):
         raise RuntimeError("refit failed")
 
     with pytest.raises(RuntimeError, match="refit failed"):
-        calibrate_layerwise(model, batches, after_layer=fail, dense_pairs=True, progress=False)
+        calibrate_layerwise(model, batches, after_layer=fail, dense_pairs=True)
     assert list(decoder_layers(model)) == layers
     assert [layer._hf_hook for layer in layers] == hooks
     before = [h.calls for h in hooks]
@@ -216,7 +216,7 @@ def test_interrupted_capture_leaves_the_model_as_it_was():
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        calibrate_layerwise(model, interrupted(), progress=False)
+        calibrate_layerwise(model, interrupted())
     assert untouched(model, layers)
 
 
@@ -242,7 +242,7 @@ def test_interrupted_pass_removes_every_hook(call):
     mlp = glu_layers(model, [1])[0].mlp
     mlp.act_fn = Interrupting(mlp.act_fn, call)
     with pytest.raises(KeyboardInterrupt):
-        calibrate_layerwise(model, batches[:1], holdout_batches=batches[1:], second_moment=True, dense_pairs=True,
-                            after_layer=lambda *_: None, progress=False)
+        calibrate_layerwise(model, batches, holdout=0.5, second_moment=True, dense_pairs=True,
+                            after_layer=lambda *_: None)
     assert mlp.act_fn.after == 0
     assert untouched(model, layers)

@@ -83,7 +83,7 @@ def test_tf32_is_off_inside_and_restored():
 def test_float32_statistics_equal_float64_ones(family):
     model = tiny_model(family)
     batches = padded_batches()
-    stats = calibrate(model, batches, progress=False, second_moment=True)
+    stats = calibrate(model, batches, second_moment=True)
     reference = float64_moments(model, batches)
     for i, s in stats.layers.items():
         assert s.second_moment.dtype == torch.float64 and torch.equal(s.second_moment, s.second_moment.T)
@@ -94,11 +94,11 @@ def test_float32_statistics_equal_float64_ones(family):
 def test_float32_moments_are_batch_size_invariant_and_exclude_padding():
     model = tiny_model("qwen3")
     _, ids = random_batches(16)
-    runs = [calibrate(model, [{"input_ids": ids[i:i + bs]} for i in range(0, 16, bs)], progress=False,
+    runs = [calibrate(model, [{"input_ids": ids[i:i + bs]} for i in range(0, 16, bs)],
                       second_moment=True) for bs in (1, 4, 16)]
     padded = torch.cat([ids, torch.zeros(16, 5, dtype=torch.long)], 1)
     mask = torch.cat([torch.ones(16, 12), torch.zeros(16, 5)], 1).long()
-    runs.append(calibrate(model, [{"input_ids": padded, "attention_mask": mask}], progress=False, second_moment=True))
+    runs.append(calibrate(model, [{"input_ids": padded, "attention_mask": mask}], second_moment=True))
     for other in runs[1:]:
         assert other.tokens == runs[0].tokens == ids.numel()
         for i in runs[0].layers:
@@ -108,9 +108,9 @@ def test_float32_moments_are_batch_size_invariant_and_exclude_padding():
 def test_merge_of_two_runs_equals_one_run_over_both():
     model = tiny_model("gemma2")
     batches = padded_batches()
-    whole = calibrate(model, batches, progress=False, second_moment=True)
-    halves = merge(calibrate(model, batches[:2], progress=False, second_moment=True),
-                   calibrate(model, batches[2:], progress=False, second_moment=True))
+    whole = calibrate(model, batches, second_moment=True)
+    halves = merge(calibrate(model, batches[:2], second_moment=True),
+                   calibrate(model, batches[2:], second_moment=True))
     for i in whole.layers:
         assert halves.layers[i].count == whole.layers[i].count
         assert relative(halves.layers[i].second_moment, whole.layers[i].second_moment) < MOMENT_TOLERANCE
@@ -119,17 +119,16 @@ def test_merge_of_two_runs_equals_one_run_over_both():
 def test_a_small_held_out_slice_keeps_its_activations():
     model = tiny_model("llama")
     batches = padded_batches()  # the held-out batch: 3 × 12 + 7 = 43 tokens, fewer than the 64 neurons
-    stats = calibrate(model, batches, progress=False, second_moment=True, holdout=0.25)
+    stats = calibrate(model, batches, second_moment=True, holdout=0.25)
     reference = float64_moments(model, batches[-1:])
     for i, held in stats.holdout.items():
         assert held.second_moment is None and held.activations.shape == (43, 64)
         assert held.activations.dtype == torch.float32 and held.count == 43
         assert relative(held.moment(), reference[i]) < MOMENT_TOLERANCE
         assert stats.layers[i].second_moment is not None and stats.layers[i].activations is None
-    big = calibrate(model, batches, progress=False, second_moment=True, holdout=0.5)  # 86 tokens: a matrix
+    big = calibrate(model, batches, second_moment=True, holdout=0.5)  # 86 tokens: a matrix
     assert all(h.activations is None and h.second_moment is not None for h in big.holdout.values())
-    layered = calibrate_layerwise(model, batches[:-1], holdout_batches=batches[-1:], progress=False,
-                                  second_moment=True)
+    layered = calibrate_layerwise(model, batches, holdout=0.25, second_moment=True)
     for i in stats.holdout:
         assert torch.equal(layered.holdout[i].activations, stats.holdout[i].activations)
 
@@ -158,13 +157,13 @@ def test_activations_merge_by_concatenation_and_fold_past_the_width():
 
 def test_activations_survive_save_load_and_spill(tmp_path):
     model = tiny_model("llama")
-    stats = calibrate(model, padded_batches(), progress=False, second_moment=True, holdout=0.25)
+    stats = calibrate(model, padded_batches(), second_moment=True, holdout=0.25)
     loaded = ActivationStats.load(stats.save(tmp_path / "s.st"), model)
     assert stats.meta["format_version"] == "2"
     for i, held in stats.holdout.items():
         assert torch.equal(loaded.holdout[i].activations, held.activations)
         assert loaded.holdout[i].second_moment is None
-    plain = calibrate(model, padded_batches(), progress=False, second_moment=True)
+    plain = calibrate(model, padded_batches(), second_moment=True)
     plain.save(tmp_path / "p.st")
     assert plain.meta["format_version"] == "1"  # nothing a reader of format 1 would miss
     spilled = SpilledLayers(tmp_path / "spill")

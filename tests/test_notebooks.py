@@ -87,7 +87,7 @@ def test_data_driven_pruning(data_dir, smollm2, tmp_path, monkeypatch):
     model, tok = smollm2
     labels = {"wikitext2": "WikiText-2", "sms_spam": "SMS"}
     for cal in CORPORA:
-        stats = calibrate(model, batches(tok, load_corpus(cal, part="calibration")), progress=False)
+        stats = calibrate(model, batches(tok, load_corpus(cal, part="calibration")))
         result = prune(model, stats, PruneConfig(ratio=0.2, method="hybrid"))
         assert figures["plans"][cal] == plan_digest(result.plan)
         row = figures["cross"][f"hybrid 20%, calibrated on {labels[cal]}"]
@@ -121,7 +121,7 @@ def test_refit_task_gguf_llamacpp(data_dir, smollm2, tmp_path, monkeypatch):
     assert set(figures["refit"]) == {"base", "hybrid 20%, SMS, reconstruct=none", "hybrid 20%, SMS, reconstruct=lstsq"}
     task = load_task("sms_spam")
     prompts = calibrate(model, batches(tok, task_calibration_corpus(task), batch_size=4), second_moment=True,
-                        holdout=0.125, progress=False)
+                        holdout=0.125)
     task_model = prune(model, prompts, config).model
     result = evaluate_task(task_model, tok, task, size=CI["GLU_NB_TASK_SIZE"])
     assert figures["task"]["task prompts, +lstsq"]["balanced_accuracy"] == pytest.approx(result.balanced_accuracy)

@@ -29,7 +29,7 @@ def hand_nll(model, sequences):
 def test_document_perplexity_equals_hand_computed_nll():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     corpus = Corpus("docs", "documents", TEXTS, "memory", "all")
-    result = perplexity(model, tok, corpus, seq_len=16, max_tokens=70, progress=False)
+    result = perplexity(model, tok, corpus, seq_len=16, max_tokens=70)
     ids = tok("\n\n".join(TEXTS))["input_ids"][:70]
     windows = [ids[i : i + 16] for i in range(0, 70, 16)]
     assert [len(w) for w in windows] == [16, 16, 16, 16, 6]
@@ -41,7 +41,7 @@ def test_document_perplexity_equals_hand_computed_nll():
 def test_message_perplexity_prepends_bos_and_predicts_every_message_token():
     model, tok = tiny_model("qwen2"), tiny_tokenizer()
     corpus = Corpus("msgs", "messages", MESSAGES, "memory", "all")
-    result = perplexity(model, tok, corpus, max_docs=3, progress=False)
+    result = perplexity(model, tok, corpus, max_docs=3)
     sequences = [[tok.bos_token_id] + tok(m.rstrip("\n"))["input_ids"] for m in MESSAGES[:3]]
     total, count = hand_nll(model, sequences)
     assert result.tokens == count == sum(len(m.rstrip("\n")) for m in MESSAGES[:3])
@@ -52,8 +52,8 @@ def test_message_perplexity_prepends_bos_and_predicts_every_message_token():
 def test_batched_perplexity_equals_batch_size_one(kind, texts):
     model, tok = tiny_model("gemma2"), tiny_tokenizer()
     corpus = Corpus("c", kind, texts, "memory", "all")
-    one = perplexity(model, tok, corpus, seq_len=24, progress=False)
-    four = perplexity(model, tok, corpus, seq_len=24, batch_size=4, progress=False)
+    one = perplexity(model, tok, corpus, seq_len=24)
+    four = perplexity(model, tok, corpus, seq_len=24, batch_size=4)
     assert one.tokens == four.tokens
     assert four.perplexity == pytest.approx(one.perplexity, rel=1e-5)
 
@@ -70,9 +70,9 @@ def test_bad_arguments_are_one_line_errors():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     corpus = Corpus("c", "documents", ["a"], "memory", "all")
     with pytest.raises(GluPruneError):
-        perplexity(model, tok, corpus, progress=False)  # a single token predicts nothing
+        perplexity(model, tok, corpus)  # a single token predicts nothing
     with pytest.raises(GluPruneError):
-        perplexity(model, tok, Corpus("c", "documents", TEXTS, "m", "all"), seq_len=1, progress=False)
+        perplexity(model, tok, Corpus("c", "documents", TEXTS, "m", "all"), seq_len=1)
 
 
 def test_make_batches_packs_documents_and_pads_messages():

@@ -68,7 +68,7 @@ def test_sequential_equals_layer_by_layer_one_shot(reconstruct):
     sequential = prune_sequential(tiny_model("llama", dtype=torch.float64), batches, config, holdout=0.5).model
     by_hand = tiny_model("llama", dtype=torch.float64)
     for layer in range(3):
-        stats = calibrate(by_hand, batches, progress=False, second_moment=second, holdout=0.5 if second else 0.0)
+        stats = calibrate(by_hand, batches, second_moment=second, holdout=0.5 if second else 0.0)
         prune(by_hand, stats, PruneConfig(ratio=0.25, method="hybrid", layers=(layer,), reconstruct=reconstruct),
               inplace=True)
     assert sequential.config.glu_prune["schedule"] == "sequential"

@@ -113,7 +113,7 @@ def batches(n=8):
 @pytest.mark.parametrize("method", ["bias", "lstsq", "lstsq-centred"])
 def test_reconstructed_models_reload_with_stock_transformers(method, tmp_path):
     model = tiny_model("llama")
-    stats = calibrate(model, batches(), second_moment=True, holdout=0.125, progress=False)
+    stats = calibrate(model, batches(), second_moment=True, holdout=0.125)
     pruned = prune(tiny_model("llama"), stats, PruneConfig(ratio=0.5, method="wanda", reconstruct=method)).model
     save_pruned(pruned, tiny_tokenizer(), tmp_path / "m")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
@@ -125,7 +125,7 @@ def test_reconstructed_models_reload_with_stock_transformers(method, tmp_path):
 
 def test_bias_reconstruction_needs_a_family_that_reloads_biases():
     model = tiny_model("qwen2")
-    stats = calibrate(model, batches(2), progress=False)
+    stats = calibrate(model, batches(2))
     with pytest.raises(GluPruneError, match="use lstsq"):
         prune(model, stats, PruneConfig(ratio=0.5, method="wanda", reconstruct="bias"))
     with pytest.raises(GluPruneError, match="^reconstruct='magic'"):

@@ -121,9 +121,9 @@ def test_spilled_statistics_equal_the_in_memory_ones(tmp_path):
 
     model = tiny_model("llama")
     batches, _ = random_batches()
-    options = dict(holdout_batches=batches[-1:], second_moment=True, progress=False)
-    memory = calibrate_layerwise(model, batches[:-1], **options)
-    spilled = calibrate_layerwise(model, batches[:-1], spill=tmp_path / "spill", **options)
+    options = dict(holdout=1 / len(batches), second_moment=True)  # the last batch held out
+    memory = calibrate_layerwise(model, batches, **options)
+    spilled = calibrate_layerwise(model, batches, spill=tmp_path / "spill", **options)
     assert isinstance(spilled.layers, SpilledLayers) and sorted(spilled.layers) == [0, 1, 2]
     # only the x xᵀ matrices go to disk, as raw float64 upper triangles: the per-neuron sums stay in memory
     assert sorted(p.name for p in (tmp_path / "spill" / "fit").iterdir()) == [
@@ -163,12 +163,10 @@ def test_sequential_pruning_holds_one_layers_second_moments(monkeypatch):
     batches = [{"input_ids": ids[:2], "attention_mask": torch.ones_like(ids[:2])},
                {"input_ids": ids[2:], "attention_mask": torch.ones_like(ids[2:])}]
     seen = []
-    stats = calibrate_layerwise(tiny_model(), batches[:1], holdout_batches=batches[1:], second_moment=True,
+    stats = calibrate_layerwise(tiny_model(), batches, holdout=0.5, second_moment=True,
                                 after_layer=lambda i, fit, held, _: seen.append(
-                                    (fit.second_moment is not None, held.has_moment)),
-                                progress=False)
+                                    (fit.second_moment is not None, held.has_moment)))
     assert seen == [(True, True)] * LAYERS
     assert all(s.second_moment is None for s in list(stats.layers.values()) + list(stats.holdout.values()))
     with pytest.raises(GluPruneError, match="second moment"):  # held until written: refused
-        calibrate_layerwise(tiny_model(), batches[:1], holdout_batches=batches[1:], second_moment=True,
-                            progress=False)
+        calibrate_layerwise(tiny_model(), batches, holdout=0.5, second_moment=True)

@@ -26,7 +26,7 @@ def test_a_tiny_llama_has_the_shapes_parameters_and_statistics_file_size(tmp_pat
     assert shape.params == sum(p.numel() for p in model.parameters())
     batches, _ = random_batches(n_rows=16, seq=6, batch=4)
     for second in (False, True):
-        stats = calibrate(model, batches, progress=False, second_moment=second, holdout=0.25 if second else 0.0)
+        stats = calibrate(model, batches, second_moment=second, holdout=0.25 if second else 0.0)
         path = stats.save(tmp_path / f"{second}.st")
         held = next(iter(stats.holdout.values())).count if second else None  # 24 tokens: kept as activations
         with safe_open(str(path), "pt") as f:  # the per-neuron sums and x xᵀ, not counts or the weight sample

@@ -35,14 +35,14 @@ def test_gguf_cache_round_trip_gives_identical_logits(smollm2):
 def test_wikitext2_reference_perplexity(smollm2, data_dir):
     model, tok = smollm2
     corpus = load_corpus("wikitext2", part="evaluation", data_dir=data_dir)
-    result = perplexity(model, tok, corpus, seq_len=512, max_tokens=8192, batch_size=4, progress=False)
+    result = perplexity(model, tok, corpus, seq_len=512, max_tokens=8192, batch_size=4)
     assert result.perplexity == pytest.approx(REFERENCE["wikitext2"], rel=0.01)
 
 
 def test_sms_reference_perplexity(smollm2, data_dir):
     model, tok = smollm2
     corpus = load_corpus("sms_spam", part="evaluation", data_dir=data_dir)
-    result = perplexity(model, tok, corpus, max_docs=400, batch_size=8, progress=False)
+    result = perplexity(model, tok, corpus, max_docs=400, batch_size=8)
     assert result.perplexity == pytest.approx(REFERENCE["sms_spam"], rel=0.01)
 
 
@@ -50,8 +50,8 @@ def test_sms_reference_perplexity(smollm2, data_dir):
 def test_batch_size_does_not_change_perplexity(smollm2, data_dir, name, limits):
     model, tok = smollm2
     corpus = load_corpus(name, part="evaluation", data_dir=data_dir)
-    one = perplexity(model, tok, corpus, seq_len=512, batch_size=1, progress=False, **limits)
-    four = perplexity(model, tok, corpus, seq_len=512, batch_size=4, progress=False, **limits)
+    one = perplexity(model, tok, corpus, seq_len=512, batch_size=1, **limits)
+    four = perplexity(model, tok, corpus, seq_len=512, batch_size=4, **limits)
     assert one.tokens == four.tokens
     assert four.perplexity == pytest.approx(one.perplexity, rel=1e-4)
 
@@ -67,7 +67,7 @@ def test_cli_eval_json(smollm2, capsys, data_dir):
     # cache, float32, CPU) on the same settings (eval's default batch size is 1); the same arithmetic
     model, tok = smollm2
     corpus = load_corpus("wikitext2", part="evaluation", data_dir=data_dir)
-    direct = perplexity(model, tok, corpus, seq_len=256, max_tokens=1024, batch_size=1, progress=False)
+    direct = perplexity(model, tok, corpus, seq_len=256, max_tokens=1024, batch_size=1)
     assert out["tokens"] == direct.tokens and out["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)
 
 

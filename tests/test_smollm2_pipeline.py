@@ -43,19 +43,18 @@ def reference_stats(smollm2, data_dir):
     stats = {}
     for name in ("wikitext2", "sms_spam"):
         corpus = load_corpus(name, part="calibration", data_dir=data_dir)
-        stats[name] = calibrate(model, make_batches(tok, corpus, seq_len=128, max_tokens=8192, packing=True),
-                                progress=False)
+        stats[name] = calibrate(model, make_batches(tok, corpus, seq_len=128, max_tokens=8192, packing=True))
     return stats
 
 
 def test_statistics_do_not_depend_on_batch_size_and_are_additive(smollm2, smollm2_float64, data_dir):
     model, tok = smollm2_float64, smollm2[1]
     corpus = load_corpus("wikitext2", part="calibration", data_dir=data_dir)
-    one = calibrate(model, make_batches(tok, corpus, seq_len=64, max_tokens=1024, batch_size=1), progress=False)
+    one = calibrate(model, make_batches(tok, corpus, seq_len=64, max_tokens=1024, batch_size=1))
     eight = make_batches(tok, corpus, seq_len=64, max_tokens=1024, batch_size=8)
     assert one.tokens == 1024 and sum(b["input_ids"].shape[0] for b in eight) == 16
-    assert_same(one, calibrate(model, eight, progress=False))
-    halves = merge(calibrate(model, eight[:1], progress=False), calibrate(model, eight[1:], progress=False))
+    assert_same(one, calibrate(model, eight))
+    halves = merge(calibrate(model, eight[:1]), calibrate(model, eight[1:]))
     assert_same(one, halves)
 
 
@@ -66,7 +65,7 @@ def test_padded_message_batches_equal_one_by_one(smollm2, smollm2_float64, data_
     padded = make_batches(tok, corpus, seq_len=128, max_tokens=300, batch_size=8)
     assert any(not b["attention_mask"].all() for b in padded)
     single = make_batches(tok, corpus, seq_len=128, max_tokens=300, batch_size=1)
-    assert_same(calibrate(model64, padded, progress=False), calibrate(model64, single, progress=False))
+    assert_same(calibrate(model64, padded), calibrate(model64, single))
 
 
 def test_hybrid_matches_optipfair_reference_and_the_diagonal_wins(smollm2, data_dir, reference_stats):
@@ -77,9 +76,8 @@ def test_hybrid_matches_optipfair_reference_and_the_diagonal_wins(smollm2, data_
     for calibrated_on, stats in reference_stats.items():
         pruned = prune(model, stats, PruneConfig(ratio=0.2, method="hybrid")).model
         ppl[calibrated_on, "wikitext2"] = perplexity(pruned, tok, wiki, seq_len=512, max_tokens=8192,
-                                                     batch_size=4, progress=False).perplexity
-        ppl[calibrated_on, "sms_spam"] = perplexity(pruned, tok, sms, max_docs=200, batch_size=8,
-                                                    progress=False).perplexity
+                                                     batch_size=4).perplexity
+        ppl[calibrated_on, "sms_spam"] = perplexity(pruned, tok, sms, max_docs=200, batch_size=8).perplexity
     assert ppl["wikitext2", "wikitext2"] == pytest.approx(OPTIPFAIR_HYBRID_20_WIKI, rel=0.02)
     assert ppl["wikitext2", "wikitext2"] < ppl["sms_spam", "wikitext2"]
     assert ppl["sms_spam", "sms_spam"] < ppl["wikitext2", "sms_spam"]

@@ -17,7 +17,7 @@ def checkpoint(tmp_path, family):
     model = save_tiny(tmp_path / "m", family)
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(3, 120, (4, 16), generator=g)} for _ in range(4)]
-    return model, calibrate(model, batches, second_moment=True, holdout=0.125, progress=False)
+    return model, calibrate(model, batches, second_moment=True, holdout=0.125)
 
 
 def tensors(folder):

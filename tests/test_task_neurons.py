@@ -26,7 +26,7 @@ def test_decision_positions_are_the_colon_of_every_label():
 def squares(model, ids: list[int]) -> dict:
     """Per layer, the calibration sum of squares of the first tokens ``ids`` (one unpadded row)."""
     batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-    return {i: layer.sq_sum for i, layer in calibrate(model, [batch], progress=False).layers.items()}
+    return {i: layer.sq_sum for i, layer in calibrate(model, [batch]).layers.items()}
 
 
 def test_decision_energy_is_the_calibration_sum_of_squares_at_those_positions():
@@ -41,8 +41,7 @@ def test_decision_energy_is_the_calibration_sum_of_squares_at_those_positions():
 def test_kept_sets_are_what_prune_keeps_and_rows_compare_them():
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     ids, positions = decision_positions(tokenizer, DOC)
-    stats = calibrate(model, [{"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))}],
-                      progress=False)
+    stats = calibrate(model, [{"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))}])
     sets = kept_sets(model, stats, "hybrid", 0.25)
     plan = prune(model, stats, PruneConfig(ratio=0.25, method="hybrid")).plan
     assert sets == {i: set(keep.tolist()) for i, keep in plan.items()}

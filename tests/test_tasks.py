@@ -187,8 +187,7 @@ def test_calibrate_and_prune_with_task_use_the_task_prompts(tmp_path, capsys):
     assert main(["calibrate", "--model", str(tmp_path / "m"), *flags, "--out", str(tmp_path / "s.st")]) == 0
     stats = ActivationStats.load(tmp_path / "s.st")
     assert stats.meta["corpus"] == "t:task-ref"
-    direct = calibrate(tiny_model("llama"), list(make_batches(tiny_tokenizer(), corpus, seq_len=32, max_tokens=512)),
-                       progress=False)
+    direct = calibrate(tiny_model("llama"), list(make_batches(tiny_tokenizer(), corpus, seq_len=32, max_tokens=512)))
     for i, layer in direct.layers.items():
         torch.testing.assert_close(stats.layers[i].sq_sum, layer.sq_sum)
     assert main(["prune", "--model", str(tmp_path / "m"), *flags, "--ratio", "0.25", "--out", str(tmp_path / "p")]) == 0

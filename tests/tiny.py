@@ -93,7 +93,7 @@ def stats_for(model):
     from calibrate.run import calibrate
 
     ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(0))
-    return calibrate(model, [{"input_ids": ids}], progress=False)
+    return calibrate(model, [{"input_ids": ids}])
 
 
 # settings of the small comparison grids in tests/test_compare.py and tests/test_lm_eval.py

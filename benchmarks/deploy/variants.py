@@ -129,7 +129,8 @@ def build_models(out: Path, specs: list[ModelSpec], settings: BuildSettings, dat
     for spec in missing:
         config = PruneConfig(ratio=spec.ratio, multiple_of=spec.multiple_of, method=settings.method,
                              allocation="uniform", reconstruct="none", seed=settings.seed)
-        result = prune(model, stats, config, progress=False)
+        with showing(False):
+            result = prune(model, stats, config)
         save_pruned(result.model, tokenizer, folders[spec.name])
         log.info("pruned %s: intermediate size %d", spec.name, result.manifest.intermediate_sizes[0])
     return folders

@@ -20,6 +20,7 @@ from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.glu import decoder
 from calibrate.models import load_model
+from calibrate.progress import showing
 from calibrate.run import calibrate
 
 
@@ -35,7 +36,8 @@ def decoder_only(model, batches):
 
 
 def ours(model, batches):
-    calibrate(model, batches, progress=False)
+    with showing(False):
+        calibrate(model, batches)
 
 
 def optipfair_path(model, batches):

@@ -34,6 +34,7 @@ from calibrate.corpora import load_corpus
 from calibrate.files import write_text
 from calibrate.models import load_model
 from calibrate.perplexity import protocol_perplexity
+from calibrate.progress import showing
 from calibrate.stats import ActivationStats
 from pruning.config import PruneConfig
 from pruning.heal import HealConfig, heal, training_batches
@@ -60,7 +61,8 @@ def starting_model(base, stats_path: str | None, ratio: float):
 def pilot_step_seconds(student, base, batches: list[dict], config: HealConfig) -> float:
     """Seconds per training step, from a few steps on a copy (the first is not counted)."""
     pilot = replace(config, steps=PILOT_STEPS, max_seconds=None)
-    _, history = heal(copy.deepcopy(student), base, batches, pilot, progress=False)
+    with showing(False):
+        _, history = heal(copy.deepcopy(student), base, batches, pilot)
     return (history[-1]["seconds"] - history[0]["seconds"]) / (len(history) - 1)
 
 
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
                   + ", ".join(f"{n} {v:.2f}" for n, v in points[-1]["perplexity"].items()), flush=True)
 
     started = time.perf_counter()
-    _, history = heal(student, base, batches, config, on_step=on_step, progress=False)
+    with showing(False):
+        _, history = heal(student, base, batches, config, on_step=on_step)
     if pending:  # the schedule ended before the last mark
         points.append({"minutes": history[-1]["seconds"] / 60, "steps": len(history), "tokens": tokens,
                        "perplexity": measure()})

@@ -52,7 +52,8 @@ def heal_run(base, tokenizer, corpus: str, parts: dict, ratio: float, config: He
                   flush=True)
 
     batches = training_batches(tokenizer, calibration, seq_len=seq_len, batch_size=4)
-    healed, history = heal(student, base, batches, config, on_step=on_step, progress=False)
+    with showing(False):
+        healed, history = heal(student, base, batches, config, on_step=on_step)
     after = measure(healed, parts)
     if curve[-1]["step"] != len(history):
         curve.append({"step": len(history), "seconds": history[-1]["seconds"], "perplexity": after[corpus]})

@@ -205,7 +205,7 @@ def main() -> None:
         start = time.process_time()
         choices = local_pass(pruned, plan, fit, held, target, method, args.steps)
         seconds = time.process_time() - start
-        ppl = {name: perplexity(pruned, tok, c, seq_len=512, max_tokens=args.eval_tokens, progress=False).perplexity
+        ppl = {name: perplexity(pruned, tok, c, seq_len=512, max_tokens=args.eval_tokens).perplexity
                for name, c in corpora.items()}
         refitted = sum(c.get("choice") == "lstsq" for c in choices.values())
         moved = sum(c.get("best_step", 0) > 0 for c in choices.values())

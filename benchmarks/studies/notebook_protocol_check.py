@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from calibrate import calibrate, load_corpus, load_model, make_batches
 from calibrate.perplexity import protocol_perplexity
+from calibrate.progress import showing
 from pruning import PruneConfig, prune
 
 
@@ -24,7 +25,8 @@ def main() -> None:
     static = prune(model, None, PruneConfig(expansion_ratio=1.6, method="ppm")).model
     print(f"static ppm at 1.6x on WikiText-2: {ppl(static):.4f}", flush=True)
     batches = make_batches(tok, load_corpus("wikitext2", part="calibration"), seq_len=128, max_tokens=8192)
-    stats = calibrate(model, batches, progress=False)
+    with showing(False):
+        stats = calibrate(model, batches)
     hybrid = prune(model, stats, PruneConfig(ratio=0.2, method="hybrid")).model
     print(f"hybrid 20%, WikiText-2-calibrated, on WikiText-2: {ppl(hybrid):.4f}")
 

@@ -43,6 +43,7 @@ from calibrate.corpora import load_corpus
 from calibrate.glu import glu_layers
 from calibrate.models import load_model
 from calibrate.perplexity import protocol_perplexity
+from calibrate.progress import showing
 from calibrate.run import calibrate
 from calibrate.stats import ActivationStats
 from pruning.config import PruneConfig
@@ -79,7 +80,8 @@ def chunks(rows: list[list[int]], edges: list[int]) -> list[list[list[int]]]:
 
 def calibrated(model, rows: list[list[int]], pad: int) -> ActivationStats:
     batches = [collate(rows[i:i + 8], pad) for i in range(0, len(rows), 8)]
-    return calibrate(model, batches, second_moment=True, progress=False)
+    with showing(False):
+        return calibrate(model, batches, second_moment=True)
 
 
 @torch.inference_mode()
