@@ -96,7 +96,6 @@ def test_16_bit_rows_move_each_error_within_the_tolerance_and_keep_the_choice(sc
                     assert (before[2]["choice"], before[2]["ridge"]) == (after[2]["choice"], after[2]["ridge"])
                     assert torch.equal(before[0], after[0])  # the weights come from the fit statistics alone
                     choices.add(before[2]["choice"])
-    print("compared", scale, compared, choices)
     assert compared >= len(CASES) and choices == {"none", "lstsq"}  # the comparison is not vacuous
 
 

@@ -45,7 +45,10 @@ from benchmarks.studies.scale.plan import (
     Shape,
     calibration_seconds,
     device_rates,
+    duration,
     layer_flops_per_token,
+    print_prune_projection,
+    refit_flops,
 )
 from benchmarks.studies.scale.reference import float64_accumulation, old_refit
 from calibrate.glu import decoder, glu_layers
@@ -56,6 +59,7 @@ from calibrate.spill import spill_bytes
 from pruning.config import PruneConfig
 from pruning.decide import refit_layer
 from pruning.prune import prune
+from pruning.reconstruct import RIDGE_GRID
 from pruning.workflow import calibrate_corpus
 
 MIB = 2**20
@@ -174,8 +178,9 @@ def kept_sets(model, stats, ratio: float) -> dict[int, torch.Tensor]:
 def refits(model, stats, keep: dict, fn, device: str) -> dict:
     """Every layer's refit by ``fn(layer, keep, fit, held)`` on the statistics (spilled files read back)."""
     with phase(device, {}) as out:
-        for layer in glu_layers(model):
-            fn(layer, keep[layer.index], stats.layers[layer.index], stats.holdout[layer.index])
+        chosen = [fn(layer, keep[layer.index], stats.layers[layer.index], stats.holdout[layer.index])[2]
+                  for layer in glu_layers(model)]
+    out["scored"] = max((c.get("scored", len(RIDGE_GRID)) for c in chosen), default=0)
     return out
 
 
@@ -234,7 +239,7 @@ def bench(name: str, shape: BenchShape, args) -> dict:
         "held_difference": held_difference,
         "seconds": {k: p["seconds"] for k, p in (("forward", forward), ("first", first), ("old", old), ("new", new))},
         "cpu": {k: p["cpu"] for k, p in (("forward", forward), ("first", first), ("old", old), ("new", new))},
-        "fit_tokens": fit_tokens, "held_rows": held_rows, "announced": announced,
+        "fit_tokens": fit_tokens, "held_rows": held_rows, "announced": announced, "held_tokens": held_tokens,
     }
     if pruned is not None:
         rest = max(pruned["seconds"] - new_fit["seconds"], 0.0)  # scoring, planning, cut: the same for both paths
@@ -242,6 +247,7 @@ def bench(name: str, shape: BenchShape, args) -> dict:
         result["cpu"].update({"new refit": new_fit["cpu"], "prune": pruned["cpu"]})
         result["new_refit_ratio"] = new_fit["seconds"] / new["seconds"]
         result["new_total_ratio"] = (new["seconds"] + pruned["seconds"]) / f
+        result["scored"] = new_fit["scored"]
     if old_fit is not None:
         result["seconds"]["old refit"], result["cpu"]["old refit"] = old_fit["seconds"], old_fit["cpu"]
         result["old_refit_ratio"] = old_fit["seconds"] / old["seconds"]
@@ -325,14 +331,19 @@ def project(r: dict, shape: BenchShape, tokens: int = 65536, held: float = 0.125
             cells.append(f"{duration(fwd)} / {duration(c['old moment'])} / {duration(c['new moment'])}, "
                          f"{1 + c['old moment'] / fwd:.1f}× → {1 + c['new moment'] / fwd:.1f}×")
         print(f"| {model.name} ({model.layers} × {model.intermediate}) | " + " | ".join(cells) + " |")
+    if "new refit" in r["cpu"]:
+        project_prune(r, shape, devices, tokens, held)
     print(f"GPU rates assumed (FLOP/s: model dtype / fp32 / fp64, at {H100.utilisation:.0%}): " + "; ".join(
         f"{d.name} {d.forward / 1e12:.1f} / {d.fp32 / 1e12:.1f} / {d.fp64 / 1e12:.2f} T" for d in (RTX_4090, H100)))
 
 
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.2f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+def project_prune(r: dict, shape: BenchShape, devices: dict, tokens: int, held: float) -> None:
+    """The whole prune projected (:func:`plan.print_prune_projection`), the CPU's float64 refit rate
+    from the refit measured here (by CPU time, twice the rate per core)."""
+    plan_shape = Shape("bench", r["layers"], shape.hidden, shape.intermediate, 0, 0, True)
+    rate = 2 * r["layers"] * refit_flops(plan_shape, 0.2, r["held_tokens"], r["scored"]) / r["cpu"]["new refit"]
+    print_prune_projection({k: {**v, "refit": rate} if k == "2-core CPU" else v for k, v in devices.items()},
+                           tokens, held, r["scored"])
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
