@@ -211,7 +211,8 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
     layer's at a time is in memory.
     With a ``loader`` (:mod:`calibrate.offload`) only the embeddings, then one decoder layer at a
     time, are in memory; ``device`` is where they run. With ``spill`` (a folder) each finished
-    layer's statistics are kept in files there (:class:`calibrate.spill.SpilledLayers`), not in memory.
+    layer's statistics are kept in files there (:class:`calibrate.spill.SpilledLayers`; held-out rows in
+    the 16 bits the refit scores them at, :func:`calibrate.spill.half_rows`), not in memory.
     A progress bar unless :func:`calibrate.progress.showing` turns it off.
     """
     batches, holdout_batches = split_holdout(list(batches), holdout) if holdout else (batches, None)
@@ -237,7 +238,7 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
                           else [])
     runner = LayerRunner(model, groups, dense=dense_pairs)
     stats, holdout = ({}, {}) if spill is None else (SpilledLayers(Path(spill) / "fit"),
-                                                     SpilledLayers(Path(spill) / "holdout"))
+                                                     SpilledLayers(Path(spill) / "holdout", half=("activations",)))
     for index in bar(range(selected[-1] + 1), unit="layer", desc="calibrate (layer by layer)"):
         with loader.loaded(runner.layers[index]):
             if index not in selected:

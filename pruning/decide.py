@@ -12,6 +12,7 @@ import torch
 from calibrate.errors import GluPruneError
 from calibrate.glu import GLULayer, glu_layers
 from calibrate.progress import bar
+from calibrate.spill import half_rows, release_layer
 from calibrate.stats import ActivationStats, LayerStats, PairedStats
 from pruning.allocators import Run
 from pruning.config import PruneConfig
@@ -39,11 +40,12 @@ def refit_layer(layer: GLULayer, keep: torch.Tensor, reconstruct: str, stats: La
                 holdout: LayerStats | None = None, pairs: list[PairedStats] | None = None):
     """(down weight of the kept columns, bias or None, what was chosen) under ``reconstruct``; a refit
     runs on the GPU when the layer's weights are there, and is scored on the held-out activations when
-    calibration kept them instead of a held-out second moment."""
+    calibration kept them instead of a held-out second moment, in the 16 bits a spill keeps them in
+    (:func:`calibrate.spill.half_rows`), so spilling never changes the choice."""
     weight = layer.down_weight().detach()
     weight = weight if weight.device.type == "cuda" else weight.cpu()
     if holdout is not None and holdout.activations is not None and pairs is None:
-        holdout = holdout.activations  # the held-out rows themselves: the cheaper exact error
+        holdout = half_rows(holdout.activations)  # the held-out rows themselves: the cheaper error
     return reconstruct_layer(reconstruct, weight, keep, stats, holdout, pairs)
 
 
@@ -72,6 +74,8 @@ def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=Non
     ``loader`` (:mod:`calibrate.offload`) fills one offloaded MLP at a time; ``text_batches`` are
     held-out calibration batches for the ``sensitivity`` and ``curve`` allocations; ``refits`` is
     where the refitted weights go (e.g. :class:`calibrate.spill.SpilledTensors`; default a dict).
+    Statistics spilled to files are removed layer by layer once refitted
+    (:func:`calibrate.spill.release_layer`), before the refit is stored.
     Progress bars only inside :func:`calibrate.progress.showing` (True).
     """
     def loaded(layer):
@@ -99,5 +103,7 @@ def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=Non
             with loaded(layer):
                 weight, bias, info = refit_layer(layer, decision.plan[layer.index], config.reconstruct,
                                                  *layer_stats(stats, layer.index))
+            if stats is not None:
+                release_layer(stats, layer.index)
             decision.refits[layer.index], decision.choices[str(layer.index)] = (weight, bias), info
     return decision

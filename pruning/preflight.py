@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from calibrate.errors import GluPruneError
 from calibrate.footprint import F64, Shapes, calibration_peak, moment_bytes, rewrite_peak
 from calibrate.resources import MemoryLimit, human_bytes
-from calibrate.spill import spill_bytes
+from calibrate.spill import layer_spill_bytes, spill_peak
 from pruning.config import PruneConfig
 from pruning.plan import kept_count
 from pruning.registry import RECONSTRUCTIONS
@@ -49,16 +49,18 @@ def refit_peak(width: int, kept: int, hidden: int, held_rows: int = 0) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """How an offloaded prune runs: whether it spills, each phase's peak (bytes) as it will run, and
-    the bytes the spill writes (statistics, refitted weights)."""
+    """How an offloaded prune runs: whether it spills, each phase's peak (bytes) as it will run, the
+    bytes the spill writes (statistics, refitted weights) and the most it holds at once
+    (``disk_if_spilled``: each layer's statistics are removed once it is refitted)."""
 
     spill: bool
     peaks: dict[str, int]
     stats_disk: int
     refits_disk: int
+    disk_if_spilled: int
 
     @property
-    def disk_if_spilled(self) -> int:
+    def disk_written(self) -> int:
         return self.stats_disk + self.refits_disk
 
 
@@ -69,7 +71,7 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
     (one line, the phase and the fix) when a phase does not fit even spilled. With no limit known it
     spills (what an offloaded prune did before it counted). ``held_tokens``: the held-out slice's real
     tokens (default an eighth of ``tokens``), which decide its spilled form and bytes
-    (:func:`calibrate.spill.spill_bytes`)."""
+    (:func:`calibrate.spill.spill_bytes`, :func:`calibrate.spill.spill_peak`)."""
     second = calibrating and config.needs_second_moment
     refit = RECONSTRUCTIONS[config.reconstruct].second_moment  # a least-squares refit: it solves
     kept = [kept_count(w, shapes.hidden, config.target) for w in shapes.widths]
@@ -93,8 +95,9 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
                 "refit": (0 if spilled else held_moments) + one_refit + held_refits,
                 "rewrite": rewrite_peak(shapes, held=held_refits)}
 
-    rows_itemsize = F64 if shapes.itemsize == F64 else 4  # held-out rows: float32, float64 from a float64 model
-    disk = (spill_bytes(shapes.widths, held, rows_itemsize) if second else 0, refits // F64 * shapes.itemsize)
+    layer_stats = [layer_spill_bytes(w, held) if second else 0 for w in shapes.widths]
+    layer_refits = [shapes.hidden * k * shapes.itemsize if refit else 0 for k in kept]
+    disk = (sum(layer_stats), sum(layer_refits), spill_peak(layer_stats, layer_refits))
     whole = peaks(spilled=False)
     if limit is not None and max(whole.values()) <= SHARE * limit.bytes:
         return Plan(False, whole, *disk)

@@ -150,9 +150,9 @@ class RidgeCandidates:
         self.best: tuple[float, int, torch.Tensor] | None = None  # (error, index, weight or factor)
 
     def factor(self, index: int) -> torch.Tensor | None:
-        ridge = RIDGE_GRID[index] * self.scale
-        eye = torch.eye(len(self.s_kk), dtype=torch.float64, device=self.device)
-        factor, info = torch.linalg.cholesky_ex(self.s_kk + ridge * eye)
+        shifted = self.s_kk.clone()  # S[K, K] + λI, the ridge added to the diagonal in place (no identity)
+        shifted.diagonal().add_(RIDGE_GRID[index] * self.scale)
+        factor, info = torch.linalg.cholesky_ex(shifted)
         return factor if info == 0 else None
 
     def bias(self, new: torch.Tensor) -> torch.Tensor | None:

@@ -257,7 +257,8 @@ def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, run: 
     if spilling:
         if not folder.is_dir():
             raise GluPruneError(f"spill folder {folder} does not exist: create it or choose another --spill-dir")
-        check_disk(folder, plan.disk_if_spilled, "the spilled statistics and refitted weights")
+        check_disk(folder, plan.disk_if_spilled, "the spilled statistics and refitted weights",
+                   written=plan.disk_written)
     elif plan.disk_if_spilled:
         log.info("every layer's statistics and refitted weights fit in memory (peak %s): nothing spilled to disk",
                  resources.human_bytes(max(plan.peaks.values())))

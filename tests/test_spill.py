@@ -39,37 +39,57 @@ def run(argv) -> tuple[int, str]:
 
 @pytest.mark.parametrize("batch", [4, 1])
 def test_the_spilled_bytes_are_the_announced_bytes(tmp_path, monkeypatch, batch):
-    """Write, measure the folder, compare: the spill folder is kept (not removed after the cut) and
-    its files' sizes add up to the bytes announced before anything was written. Batches of 4 rows of
-    32 tokens hold out one batch (128 tokens, more than the 64 neurons: a packed x xᵀ), batches of
-    one row hold out two (64 tokens: their activations)."""
+    """Write, measure the folder, compare: the spill folder is kept (not removed after the cut), its
+    size is measured after every file written or removed, and the bytes written in all and the most
+    held at once equal the two counts announced before anything was written. Batches of 4 rows of 32
+    tokens hold out one batch (128 tokens, more than the 64 neurons: a packed x xᵀ), batches of one
+    row hold out two (64 tokens: their rows, in 16 bits)."""
     tiny_workspace(tmp_path)
-    announced, kept = [], tmp_path / "kept-spill"
-    check_disk = spill.check_disk
+    announced, kept, sizes, files = [], tmp_path / "kept-spill", [], {}
+    check_disk, setitem, release = spill.check_disk, spill.SpilledTensors.__setitem__, spill.SpilledTensors.release
 
     @contextlib.contextmanager
     def kept_folder(parent, name, wanted):
         kept.mkdir()
         yield str(kept) if wanted else None
 
+    def measured(method):
+        def run_and_measure(self, *args):
+            method(self, *args)
+            now = {str(f.relative_to(kept)): f.stat().st_size for f in kept.rglob("*") if f.is_file()}
+            files.update(now)  # every file ever written, with its size
+            sizes.append(sum(now.values()))
+        return run_and_measure
+
     monkeypatch.setattr("pruning.workflow.spill_folder", kept_folder)
-    monkeypatch.setattr("pruning.workflow.check_disk", lambda folder, needed, what, *a: (
-        announced.append(needed), check_disk(folder, needed, what, *a)))
+    monkeypatch.setattr("pruning.workflow.check_disk", lambda folder, needed, what, *a, **k: (
+        announced.append((needed, k["written"])), check_disk(folder, needed, what, *a, **k)))
+    monkeypatch.setattr(spill.SpilledTensors, "__setitem__", measured(setitem))
+    monkeypatch.setattr(spill.SpilledTensors, "release", measured(release))
     code, err = run(prune_args(tmp_path, "--spill-dir", str(tmp_path), "--batch-size", str(batch)))
     assert code == 0, err
-    assert re.search(r"note: writing [\d.]+ KiB of the spilled statistics and refitted weights to a temporary folder "
+    assert re.search(r"note: writing [\d.]+ KiB of the spilled statistics and refitted weights \(at most [\d.]+ KiB "
+                     r"at once: a layer's statistics are removed once it is refitted\) to a temporary folder "
                      rf"in {tmp_path} \([\d.]+ [KMGT]iB free\), removed after use", err), err
-    files = {str(f.relative_to(kept)): f.stat().st_size for f in kept.rglob("*") if f.is_file()}
-    assert announced == [sum(files.values())] and announced[0] > 0, files
-    # per layer: the fit x xᵀ as a packed triangle (64 · 65 / 2 float64), the held-out slice's 64 rows as
-    # float32 activations (no more tokens than the 64 neurons) and the refitted down weight (32 x 48 float32)
-    held = {4: ("second_moment", 64 * 65 // 2 * 8), 1: ("activations", 64 * 64 * 4)}[batch]
+    assert announced == [(max(sizes), sum(files.values()))] and max(sizes) > 0, (sizes, files)
     # per layer: the fit x xᵀ as a packed triangle (64 · 65 / 2 float64), the held-out slice (packed, or
-    # its rows as float32 activations) and the refitted down weight (32 x 48 float32)
+    # its 64 rows in 16 bits: no more tokens than the 64 neurons) and the refitted down weight (32 x 48 float32)
+    held = {4: ("second_moment", 64 * 65 // 2 * 8), 1: ("activations", 64 * 64 * 2)}[batch]
     assert files["fit/layer-0.second_moment.bin"] == 64 * 65 // 2 * 8
     assert files[f"holdout/layer-0.{held[0]}.bin"] == held[1]
     assert files["refits/layer-0.0.bin"] == 32 * 48 * 4
-    assert len(files) == 9 and announced[0] == 3 * (64 * 65 // 2 * 8 + held[1] + 32 * 48 * 4)
+    stats, refit = 64 * 65 // 2 * 8 + held[1], 32 * 48 * 4
+    assert len(files) == 9 and announced[0] == (3 * stats, 3 * (stats + refit))
+    assert sorted(str(f.relative_to(kept)) for f in kept.rglob("*.bin")) == [
+        f"refits/layer-{i}.0.bin" for i in range(3)]  # the statistics removed once refitted
+    assert sizes[-1] == 3 * refit
+
+
+def test_the_spill_peak_is_the_most_held_at_once():
+    assert spill.spill_peak([10, 10, 10], [4, 4, 4]) == 30  # the statistics, before the first refit
+    assert spill.spill_peak([10, 10, 10], [15, 15, 15]) == 45  # the refits, once all are written
+    assert spill.spill_peak([10, 1], [1, 30]) == 31  # layer 0's removal makes room for part of layer 1's refit
+    assert spill.spill_peak([], []) == 0
 
 
 def test_a_spill_larger_than_the_free_disk_is_refused_in_one_line_with_nothing_left(tmp_path, monkeypatch):
@@ -114,8 +134,9 @@ def test_spilling_is_decided_by_each_phase_s_peak():
     # the 1024 held-out tokens are fewer than the width: the refit works on their rows
     assert spilled.peaks["refit"] == refit_peak(4864, 3891, 896, 1024) + 896 * 3891 * 4
     # on disk: the fit x xᵀ as a packed triangle, the 1024 held-out tokens' float32 rows (fewer than the width)
-    assert spilled.stats_disk == 24 * (4864 * 4865 // 2 * 8 + 1024 * 4864 * 4) < moments / 1.8
+    assert spilled.stats_disk == 24 * (4864 * 4865 // 2 * 8 + 1024 * 4864 * 2) < moments / 1.8  # rows in 16 bits
     assert spilled.refits_disk == 24 * 896 * 3891 * 4
+    assert spilled.disk_if_spilled == spilled.stats_disk  # each refit is smaller than the statistics it replaces
     assert plan(None).spill  # no limit known: spilled, as before the count
 
 
@@ -225,7 +246,8 @@ def dataclasses_replace(stats, **changes):
 
 def test_held_out_rows_spilled_give_the_refit_choice_made_in_memory(tmp_path):
     """A planted layer whose refit beats no refit (correlated neurons), 32 held-out rows for 48 neurons
-    kept as activations: spilled and read back, the refit chooses the same candidate, same weights."""
+    kept as activations: spilled (in 16 bits) and read back, they are the rows the refit scores in
+    memory (:func:`calibrate.spill.half_rows`), so it chooses the same candidate, same weights."""
     from calibrate.moments import gram
     from calibrate.stats import LayerStats
     from pruning.registry import reconstruct_layer
@@ -240,11 +262,15 @@ def test_held_out_rows_spilled_give_the_refit_choice_made_in_memory(tmp_path):
     fit.second_moment, fit.count = gram(rows(600)), 600
     held = LayerStats.zeros(48, second_moment=True, activations=True)
     held.activations, held.count = x_held, 32
-    spilled_fit, spilled_held = spill.SpilledLayers(tmp_path / "fit"), spill.SpilledLayers(tmp_path / "holdout")
+    spilled_fit = spill.SpilledLayers(tmp_path / "fit")
+    spilled_held = spill.SpilledLayers(tmp_path / "holdout", half=("activations",))
     spilled_fit[3], spilled_held[3] = fit, held
-    assert (tmp_path / "holdout" / "layer-3.activations.bin").stat().st_size == 32 * 48 * 4
+    assert (tmp_path / "holdout" / "layer-3.activations.bin").stat().st_size == 32 * 48 * 2  # float16
+    back = spilled_held[3].activations
+    assert back.dtype == torch.float32 and torch.equal(back, spill.half_rows(x_held).float())
+    assert not torch.equal(back, x_held)  # float32 rows: rounded
     weight, keep = torch.randn(16, 48, generator=g), torch.arange(0, 48, 2)
-    memory = reconstruct_layer("lstsq", weight, keep, fit, held.activations)
+    memory = reconstruct_layer("lstsq", weight, keep, fit, spill.half_rows(held.activations))
     disk = reconstruct_layer("lstsq", weight, keep, spilled_fit[3], spilled_held[3].activations)
     assert memory[2]["choice"] != "none"  # the planted refit wins: the comparison is not trivially none = none
     assert memory[2] == disk[2] and torch.equal(memory[0], disk[0])

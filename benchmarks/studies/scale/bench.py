@@ -13,7 +13,7 @@ fed random token ids (the last row of every batch half padding). Per shape it pr
   than the width), each ÷ the plain forward, and the bytes spilled;
 - one ``lstsq`` refit per layer: OLD (a reference copy of the former refit: a float64 Cholesky
   per ridge and the held-out error through the held-out second moment) and NEW (whatever
-  ``pruning.registry.reconstruct_layer`` is now), each ÷ its calibration;
+  ``pruning.decide.refit_layer``, as the prune runs it), each ÷ its calibration;
 - the whole prune (calibration + ``pruning.prune.prune`` with ``lstsq``, the NEW path; the OLD total
   swaps in the OLD calibration and refit) ÷ the plain forward;
 - peak resident memory (and CUDA peak) per phase, and how far the NEW statistics are from the OLD
@@ -45,7 +45,10 @@ from benchmarks.studies.scale.plan import (
     Shape,
     calibration_seconds,
     device_rates,
+    duration,
     layer_flops_per_token,
+    print_prune_projection,
+    refit_flops,
 )
 from benchmarks.studies.scale.reference import float64_accumulation, old_refit
 from calibrate.glu import decoder, glu_layers
@@ -54,8 +57,9 @@ from calibrate.offload import Offloaded, ResidentLoader
 from calibrate.progress import showing
 from calibrate.spill import spill_bytes
 from pruning.config import PruneConfig
+from pruning.decide import refit_layer
 from pruning.prune import prune
-from pruning.registry import reconstruct_layer
+from pruning.reconstruct import RIDGE_GRID
 from pruning.workflow import calibrate_corpus
 
 MIB = 2**20
@@ -172,25 +176,29 @@ def kept_sets(model, stats, ratio: float) -> dict[int, torch.Tensor]:
 
 
 def refits(model, stats, keep: dict, fn, device: str) -> dict:
-    """Every layer's refit by ``fn(weight, keep, fit, held)`` on the statistics (spilled files read back)."""
+    """Every layer's refit by ``fn(layer, keep, fit, held)`` on the statistics (spilled files read back)."""
     with phase(device, {}) as out:
-        for layer in glu_layers(model):
-            fn(layer.down_weight().detach().cpu(), keep[layer.index], stats.layers[layer.index],
-               stats.holdout[layer.index])
+        chosen = [fn(layer, keep[layer.index], stats.layers[layer.index], stats.holdout[layer.index])[2]
+                  for layer in glu_layers(model)]
+    out["scored"] = max((c.get("scored", len(RIDGE_GRID)) for c in chosen), default=0)
     return out
 
 
-def new_refit(weight, keep, fit, held):
-    return reconstruct_layer("lstsq", weight, keep, fit, held)
+def new_refit(layer, keep, fit, held):
+    """The refit as the prune runs it (:func:`pruning.decide.refit_layer`: on the held-out rows when kept)."""
+    return refit_layer(layer, keep, "lstsq", fit, held)
 
 
-def moment_difference(old, new) -> float:
-    """max over layers (fit and held-out) of ||S_new - S_old||_F / ||S_old||_F."""
+def reference_refit(layer, keep, fit, held):
+    return old_refit(layer.down_weight().detach().cpu(), keep, fit, held)
+
+
+def moment_difference(old: dict, new: dict) -> float:
+    """max over the layers of ``old`` of ||S_new - S_old||_F / ||S_old||_F."""
     worst = 0.0
-    for a, b in ((old.layers, new.layers), (old.holdout, new.holdout)):
-        for i in a:
-            s_old, s_new = a[i].moment(), b[i].moment()
-            worst = max(worst, float((s_new - s_old).norm() / s_old.norm().clamp_min(1e-300)))
+    for i in old:
+        s_old, s_new = old[i].moment(), new[i].moment()
+        worst = max(worst, float((s_new - s_old).norm() / s_old.norm().clamp_min(1e-300)))
     return worst
 
 
@@ -207,16 +215,17 @@ def bench(name: str, shape: BenchShape, args) -> dict:
         first = calibration(model, batches, args.device, False, False, work / "first")
         old = calibration(model, batches, args.device, True, True, work / "old")
         new = calibration(model, batches, args.device, True, False, work / "new")
-        difference = moment_difference(old["stats"], new["stats"])
+        difference = moment_difference(old["stats"].layers, new["stats"].layers)
+        held_difference = moment_difference(old["stats"].holdout, new["stats"].holdout)  # rows spilled in 16 bits
         held_rows = any(s.activations is not None for s in new["stats"].holdout.values())
         held_tokens = next(iter(new["stats"].holdout.values())).count
-        announced = spill_bytes([shape.intermediate] * layers, held_tokens, 8 if dtype == torch.float64 else 4)
+        announced = spill_bytes([shape.intermediate] * layers, held_tokens)
         fit_tokens = new["stats"].tokens
         new_fit = old_fit = pruned = None
         if args.refit:
             keep = kept_sets(model, new["stats"], args.ratio)
             new_fit = refits(model, new["stats"], keep, new_refit, args.device)
-            old_fit = refits(model, old["stats"], keep, old_refit, args.device) if args.old_refit else None
+            old_fit = refits(model, old["stats"], keep, reference_refit, args.device) if args.old_refit else None
             with phase(args.device, {}) as pruned:
                 prune(model, new["stats"], PruneConfig(ratio=args.ratio, reconstruct="lstsq"), inplace=True)
     finally:
@@ -227,9 +236,10 @@ def bench(name: str, shape: BenchShape, args) -> dict:
         "first_order_ratio": first["seconds"] / f,
         "old_calibration_ratio": old["seconds"] / f, "new_calibration_ratio": new["seconds"] / f,
         "old_spilled": old["spilled"], "new_spilled": new["spilled"], "difference": difference,
+        "held_difference": held_difference,
         "seconds": {k: p["seconds"] for k, p in (("forward", forward), ("first", first), ("old", old), ("new", new))},
         "cpu": {k: p["cpu"] for k, p in (("forward", forward), ("first", first), ("old", old), ("new", new))},
-        "fit_tokens": fit_tokens, "held_rows": held_rows, "announced": announced,
+        "fit_tokens": fit_tokens, "held_rows": held_rows, "announced": announced, "held_tokens": held_tokens,
     }
     if pruned is not None:
         rest = max(pruned["seconds"] - new_fit["seconds"], 0.0)  # scoring, planning, cut: the same for both paths
@@ -237,6 +247,7 @@ def bench(name: str, shape: BenchShape, args) -> dict:
         result["cpu"].update({"new refit": new_fit["cpu"], "prune": pruned["cpu"]})
         result["new_refit_ratio"] = new_fit["seconds"] / new["seconds"]
         result["new_total_ratio"] = (new["seconds"] + pruned["seconds"]) / f
+        result["scored"] = new_fit["scored"]
     if old_fit is not None:
         result["seconds"]["old refit"], result["cpu"]["old refit"] = old_fit["seconds"], old_fit["cpu"]
         result["old_refit_ratio"] = old_fit["seconds"] / old["seconds"]
@@ -262,8 +273,9 @@ def print_result(name: str, shape: BenchShape, args, r: dict, phases: dict) -> N
     c = r["cpu"]
     print(f"by CPU time: calibration ÷ forward: without x xᵀ {c['first'] / c['forward']:.2f}, OLD "
           f"{c['old'] / c['forward']:.2f}, NEW {c['new'] / c['forward']:.2f}" + (
-              f"; refit ÷ calibration: OLD {c['old refit'] / c['old']:.2f}" if "old refit" in c else "") + (
-              f", NEW {c['new refit'] / c['new']:.2f}" if "new refit" in c else ""))
+              f"; refit ÷ calibration: OLD {c['old refit'] / c['old']:.2f}," if "old refit" in c else "") + (
+              (" NEW" if "old refit" in c else "; refit ÷ calibration: NEW") + f" {c['new refit'] / c['new']:.2f}"
+              if "new refit" in c else ""))
     print(f"plain forward: {r['forward_s']:.2f} s ({r['tokens'] / r['forward_s']:.0f} tokens/s)")
     print(f"calibration without x xᵀ ÷ plain forward: {r['first_order_ratio']:.2f}x")
     print(f"calibration with x xᵀ ÷ plain forward: OLD {r['old_calibration_ratio']:.2f}x, "
@@ -277,7 +289,8 @@ def print_result(name: str, shape: BenchShape, args, r: dict, phases: dict) -> N
           f"({r['new_spilled']} bytes; announced by calibrate.spill.spill_bytes: {r['announced']})")
     verdict = "within" if r["difference"] <= MOMENT_TOLERANCE else "OUTSIDE"
     print(f"statistics NEW against OLD: max ||S_new - S_old||_F / ||S_old||_F = {r['difference']:.2e} "
-          f"({verdict} the tolerance {MOMENT_TOLERANCE:g})")
+          f"({verdict} the tolerance {MOMENT_TOLERANCE:g}); held-out slice (rows spilled in 16 bits): "
+          f"{r['held_difference']:.2e}")
 
 
 def measured_rates(r: dict, shape: BenchShape, cores: int = 2) -> dict[str, float]:
@@ -318,14 +331,19 @@ def project(r: dict, shape: BenchShape, tokens: int = 65536, held: float = 0.125
             cells.append(f"{duration(fwd)} / {duration(c['old moment'])} / {duration(c['new moment'])}, "
                          f"{1 + c['old moment'] / fwd:.1f}× → {1 + c['new moment'] / fwd:.1f}×")
         print(f"| {model.name} ({model.layers} × {model.intermediate}) | " + " | ".join(cells) + " |")
+    if "new refit" in r["cpu"]:
+        project_prune(r, shape, devices, tokens, held)
     print(f"GPU rates assumed (FLOP/s: model dtype / fp32 / fp64, at {H100.utilisation:.0%}): " + "; ".join(
         f"{d.name} {d.forward / 1e12:.1f} / {d.fp32 / 1e12:.1f} / {d.fp64 / 1e12:.2f} T" for d in (RTX_4090, H100)))
 
 
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.2f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+def project_prune(r: dict, shape: BenchShape, devices: dict, tokens: int, held: float) -> None:
+    """The whole prune projected (:func:`plan.print_prune_projection`), the CPU's float64 refit rate
+    from the refit measured here (by CPU time, twice the rate per core)."""
+    plan_shape = Shape("bench", r["layers"], shape.hidden, shape.intermediate, 0, 0, True)
+    rate = 2 * r["layers"] * refit_flops(plan_shape, 0.2, r["held_tokens"], r["scored"]) / r["cpu"]["new refit"]
+    print_prune_projection({k: {**v, "refit": rate} if k == "2-core CPU" else v for k, v in devices.items()},
+                           tokens, held, r["scored"])
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -184,4 +184,51 @@ def calibration_seconds(shape: Shape, tokens: int, held_fraction: float, rates: 
 
 def device_rates(device: Device) -> dict[str, float]:
     u = device.utilisation
-    return {"forward": device.forward * u, "old moment": device.fp64 * u, "new moment": device.fp32 * u}
+    return {"forward": device.forward * u, "old moment": device.fp64 * u, "new moment": device.fp32 * u,
+            "refit": device.fp64 * u}
+
+
+def refit_flops(shape: Shape, ratio: float, held_tokens: int, ridges: int = 3) -> float:
+    """One layer's ``lstsq`` refit as :class:`pruning.reconstruct.RidgeCandidates` runs it on held-out
+    rows (float64): the target ``W S[:, K]`` (2 h n k), then per ridge scored a Cholesky
+    factorisation (k³ / 3) and the held-out prediction (fewer rows ``t`` than outputs ``h``: the
+    rows' solve 2 k² t and the target times it 2 h k t; else the target's solve 2 k² h and its
+    product with the rows), and the chosen ridge's solve (2 k² h)."""
+    n, h, t = shape.intermediate, shape.hidden, held_tokens
+    k = kept(n, ratio)
+    per_ridge = k**3 / 3 + 2 * k * k * min(t, h) + 2 * h * k * t
+    return 2 * h * n * k + ridges * per_ridge + 2 * k * k * h
+
+
+def prune_seconds(shape: Shape, tokens: int, held_fraction: float, rates: dict[str, float], ratio: float = 0.2,
+                  ridges: int = 3) -> dict[str, float]:
+    """A whole model's offloaded prune, projected: the NEW calibration (:func:`calibration_seconds`)
+    and every layer's refit (:func:`refit_flops`) at ``rates["refit"]`` (float64 FLOP/s)."""
+    c = calibration_seconds(shape, tokens, held_fraction, rates)
+    refit = shape.layers * refit_flops(shape, ratio, round(tokens * held_fraction), ridges) / rates["refit"]
+    return {"forward": c["forward"], "calibration": c["forward"] + c["new moment"], "refit": refit}
+
+
+def print_prune_projection(devices: dict[str, dict], tokens: int, held: float, ridges: int) -> None:
+    """A markdown table: per model and device (its rates), the projected calibration, refit and
+    total ÷ forward of :func:`prune_seconds`."""
+    refit_rate = devices["2-core CPU"]["refit"] / 1e9 if "2-core CPU" in devices else float("nan")
+    print(f"\nPROJECTION (not measured): the whole prune, {tokens} tokens ({held:.1%} held out), 20%, {ridges} "
+          f"ridges scored: calibration (forward + NEW x xᵀ) / refit (float64; the CPU at {refit_rate:.1f} GFLOP/s) "
+          "/ total ÷ forward")
+    print("| model | " + " | ".join(devices) + " |\n| --- |" + " ---: |" * len(devices))
+    for model in (QWEN2_1_5B, LLAMA_8B, LLAMA_70B):
+        cells = []
+        for rates in devices.values():
+            p = prune_seconds(model, tokens, held, rates, ridges=ridges)
+            cells.append(f"{duration(p['calibration'])} / {duration(p['refit'])} / "
+                         f"{(p['calibration'] + p['refit']) / p['forward']:.1f}×")
+        print(f"| {model.name} ({model.layers} × {model.intermediate}) | " + " | ".join(cells) + " |")
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.2f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
