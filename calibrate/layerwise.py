@@ -99,6 +99,12 @@ def capture_inputs(model, batches: Iterable[dict], max_tokens: int | None = None
     return captured
 
 
+def post_mlp_norm(layer: nn.Module) -> nn.Module | None:
+    """The norm a decoder layer applies to its MLP's output before the residual add (Gemma2/3 and
+    OLMo2's ``post_feedforward_layernorm``), or None."""
+    return getattr(layer, "post_feedforward_layernorm", None)
+
+
 def _output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
@@ -164,6 +170,43 @@ class LayerRunner:
         return results
 
 
+    def local_rows(self, index: int, target: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list]:
+        """For each group, layer ``index``'s MLP inputs on the model's stream (real tokens, float32) with
+        their targets: ``target="mlp"`` the dense MLP's output on the dense stream, ``"layer"`` the
+        dense layer's output minus the model stream's residual before the MLP (its output less the
+        MLP's contribution), divided by the family's residual multiplier (Granite); after a norm that
+        follows the MLP (:func:`post_mlp_norm`) that target is the norm's output. Also each dense
+        batch's layer output, for :meth:`set_dense`; nothing advances."""
+        layer = self.layers[index]
+        post = post_mlp_norm(layer)
+        scale = float(getattr(layer, "residual_multiplier", 1.0))
+        seen, found, dense_out = {}, [], []
+        with HookOwner() as owned, torch.inference_mode():
+            owned.forward_hook(glu_layers(self.model, [index])[0].mlp,
+                               lambda _m, args, out: seen.update(x=args[0], m=out, c=out))
+            if post is not None:
+                owned.forward_hook(post, lambda _m, _args, out: seen.update(c=out))
+            for group, dense_group in zip(self.groups, self.dense):
+                xs, ts, outs = [], [], []
+                for b, d in zip(group, dense_group):
+                    d_out = self._run(index, d)
+                    dense_mlp = seen["m"]
+                    out = self._run(index, b)
+                    t = dense_mlp if target == "mlp" else (d_out - out) / scale + seen["c"]
+                    xs.append(real_rows(seen["x"], b.mask).float())
+                    ts.append(real_rows(t, b.mask).float())
+                    outs.append(d_out)
+                found.append((xs, ts))
+                dense_out.append(outs)
+        return [(torch.cat(xs), torch.cat(ts)) for xs, ts in found], dense_out  # outside inference mode
+
+    def set_dense(self, outputs: list) -> None:
+        """Make ``outputs`` (from :meth:`local_rows`) the dense batches' hidden states."""
+        for group, outs in zip(self.dense, outputs):
+            for d, out in zip(group, outs):
+                d.hidden = out
+
+
 AfterLayer = Callable[[int, LayerStats, "LayerStats | None", "list[PairedStats] | None"], None]
 
 
@@ -197,7 +240,7 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
                         max_tokens: int | None = None, after_layer: AfterLayer | None = None,
                         meta: dict | None = None, loader=None,
                         device: torch.device | None = None, dense_pairs: bool = False,
-                        spill: str | Path | None = None):
+                        spill: str | Path | None = None, local_target: str | None = None):
     """Statistics of the selected layers, computed one decoder layer at a time.
 
     Without ``after_layer`` the result equals :func:`calibrate.run.calibrate`, ``holdout`` too (the last
@@ -208,7 +251,9 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
     were before any change, and ``pairs`` holds :class:`PairedStats` (fit, then held-out) pairing the
     two streams' down_proj inputs; otherwise ``pairs`` is None. Each layer's second moments are
     released once ``after_layer`` has returned (the returned statistics keep its other sums), so one
-    layer's at a time is in memory.
+    layer's at a time is in memory. With ``local_target`` (``"mlp"`` or ``"layer"``, see
+    :meth:`LayerRunner.local_rows`) the dense stream runs too and ``after_layer`` gets a fifth
+    argument: ``[(inputs, targets)]`` of the layer's MLP, fit rows then held-out rows.
     With a ``loader`` (:mod:`calibrate.offload`) only the embeddings, then one decoder layer at a
     time, are in memory; ``device`` is where they run. With ``spill`` (a folder) each finished
     layer's statistics are kept in files there (:class:`calibrate.spill.SpilledLayers`; held-out rows in
@@ -218,7 +263,7 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
     batches, holdout_batches = split_holdout(list(batches), holdout) if holdout else (batches, None)
     count = len(decoder_layers(model))
     selected = check_layers(layers, count)
-    if dense_pairs and after_layer is None:
+    if (dense_pairs or local_target is not None) and after_layer is None:
         raise GluPruneError("dense pairs are for sequential pruning: pass after_layer")
     floor = 0
     if loader is not None and loader.dtype is not None:
@@ -236,7 +281,7 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
         fit = capture_inputs(model, batches, max_tokens, device)
         groups = [fit] + ([capture_inputs(model, holdout_batches, device=device)] if holdout_batches is not None
                           else [])
-    runner = LayerRunner(model, groups, dense=dense_pairs)
+    runner = LayerRunner(model, groups, dense=dense_pairs or local_target is not None)
     stats, holdout = ({}, {}) if spill is None else (SpilledLayers(Path(spill) / "fit"),
                                                      SpilledLayers(Path(spill) / "holdout", half=("activations",)))
     for index in bar(range(selected[-1] + 1), unit="layer", desc="calibrate (layer by layer)"):
@@ -249,13 +294,18 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
             if len(results) > 1:
                 holdout[index] = results[1]
             if after_layer is not None:
+                rows, dense_out = runner.local_rows(index, local_target) if local_target is not None else (None, None)
                 pairs = runner.pairs(index) if dense_pairs else None
-                after_layer(index, results[0], results[1] if len(results) > 1 else None, pairs)
+                if dense_out is not None and not dense_pairs:
+                    runner.set_dense(dense_out)
+                held = results[1] if len(results) > 1 else None
+                after_layer(*(index, results[0], held, pairs), *([rows] if rows is not None else []))
                 for result in results:  # used: one layer's x xᵀ at a time is held
                     result.second_moment = result.activations = None
                 runner.advance(index, dense=False)
     result = ActivationStats(stats, dict(meta or {}), holdout or None)
-    finish_stats(model, result, sum(b.tokens for b in fit), selected, second_moment, loader)
+    changed = after_layer is not None and loader.dtype is not None  # offloaded and cut: the checkpoint is not it
+    finish_stats(model, result, sum(b.tokens for b in fit), selected, second_moment, "changed" if changed else loader)
     if holdout:
         result.meta["holdout_tokens"] = str(next(iter(holdout.values())).count)
     result.meta["schedule"] = "sequential" if after_layer is not None else "layerwise"

@@ -109,14 +109,17 @@ def _calibrate(model, batches: Iterable[dict], *, layers: list[int] | None, seco
 
 def finish_stats(model, stats: ActivationStats, tokens: int, layers: list[int], second_moment: bool,
                  loader=None) -> None:
-    """Check ``stats`` for NaN/inf and record what they were computed on in ``stats.meta``."""
+    """Check ``stats`` for NaN/inf and record what they were computed on in ``stats.meta``; with
+    ``loader="changed"`` (an offloaded model cut while calibrated: its checkpoint is no longer the
+    model) no weight identity is taken."""
     stats.check_finite()
-    shapes, stats.identity = weight_sample(model, loader)
+    shapes, stats.identity = ([], None) if loader == "changed" else weight_sample(model, loader)
     stats.meta.update({
         "tokens": str(tokens), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "model_type": model_type(model), "num_layers": str(len(glu_layers(model))),
         "sizes": ",".join(str(g.intermediate_size) for g in glu_layers(model, layers)),
-        "fingerprint": fingerprint(shapes, stats.identity), "second_moment": str(second_moment).lower(),
+        "fingerprint": "" if stats.identity is None else fingerprint(shapes, stats.identity),
+        "second_moment": str(second_moment).lower(),
     })
     if stats.depth is not None:
         stats.meta["layer_importance"] = stats.depth.kinds

@@ -13,7 +13,7 @@ from calibrate.template_eval import DEFAULT_TASK_TEXT, TASK_TEXTS, templates_tas
 from pruning.allocation import DEFAULT_SPREAD
 from pruning.config import PruneConfig
 from pruning.depth import DepthConfig, parse_removal
-from pruning.registry import ALLOCATIONS, AUTO, DEFAULT_METHOD, METHODS, RECONSTRUCTIONS, REFIT_TARGETS
+from pruning.registry import ALLOCATIONS, AUTO, DEFAULT_METHOD, METHODS, MLP_TARGETS, RECONSTRUCTIONS, REFIT_TARGETS
 from pruning.workflow import CalibrationSettings
 
 
@@ -132,6 +132,10 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
                         "whose earlier layers are already pruned (uniform allocation)")
     p.add_argument("--refit-target", default="pruned", choices=list(REFIT_TARGETS),
                    help=f"with --sequential and lstsq: {described(REFIT_TARGETS)}")
+    p.add_argument("--mlp-target", default="layer",
+                   help=f"--reconstruct mlp / lstsq-local: what each kept MLP is fitted to: {described(MLP_TARGETS)}")
+    p.add_argument("--mlp-steps", type=int, default=32, help="--reconstruct mlp: Adam steps per layer (default 32)")
+    p.add_argument("--mlp-lr", type=float, default=1e-4, help="--reconstruct mlp: Adam's learning rate (default 1e-4)")
     p.add_argument("--layers", default=None, help="prune only these layers, e.g. 0-3,10")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
     add_depth_options(p)
@@ -164,7 +168,8 @@ def config_from_args(args) -> PruneConfig | None:
                        intermediate_size=args.intermediate_size, multiple_of=args.multiple_of, method=args.method,
                        allocation=args.allocation, allocation_spread=args.allocation_spread,
                        reconstruct=args.reconstruct, schedule="sequential" if args.sequential else "one-shot",
-                       refit_target=args.refit_target, seed=args.seed,
+                       refit_target=args.refit_target, seed=args.seed, mlp_target=args.mlp_target,
+                       mlp_steps=args.mlp_steps, mlp_lr=args.mlp_lr,
                        layers=tuple(layers) if layers is not None else None)
 
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from calibrate.errors import ConfigError
 from calibrate.resources import human_bytes, second_moment_bytes
 from pruning.allocation import DEFAULT_SPREAD, check_spread
+from pruning.local_mlp import Settings
 from pruning.plan import Target, kept_count
 from pruning.registry import (
     ALLOCATIONS,
@@ -15,6 +16,7 @@ from pruning.registry import (
     AUTO_REFIT,
     DEFAULT_METHOD,
     METHODS,
+    MLP_TARGETS,
     RECONSTRUCTIONS,
     REFIT_TARGETS,
     SCHEDULES,
@@ -49,6 +51,9 @@ class PruneConfig:
     refit_target: str = "pruned"
     seed: int = 0
     layers: tuple[int, ...] | None = None
+    mlp_target: str = "layer"
+    mlp_steps: int = 32
+    mlp_lr: float = 1e-4
 
     def __post_init__(self):
         self.target  # noqa: B018  (validates the target)
@@ -58,6 +63,7 @@ class PruneConfig:
         choice(SCHEDULES, "schedule", self.schedule)
         choice(REFIT_TARGETS, "refit_target", self.refit_target)
         check_spread(self.allocation_spread)
+        check_local(self)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
         layerwise = SCHEDULES[self.schedule].layerwise
@@ -75,6 +81,12 @@ class PruneConfig:
             raise ConfigError("allocation", self.allocation, f"ranks standardised scores across layers, and "
                               f"{self.method} scores are removal steps that standardise to the same range in every "
                               f"layer (a nearly uniform plan): use uniform, owl or sensitivity")
+
+    @property
+    def local_settings(self) -> Settings:
+        """The :class:`pruning.local_mlp.Settings` of ``reconstruct="mlp"`` (0 steps for ``lstsq-local``)."""
+        adam = self.reconstruct in RECONSTRUCTIONS and RECONSTRUCTIONS[self.reconstruct].adam
+        return Settings(steps=self.mlp_steps if adam else 0, lr=self.mlp_lr, seed=self.seed)
 
     @property
     def target(self) -> Target:
@@ -120,6 +132,22 @@ class PruneConfig:
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
+
+
+def check_local(config: PruneConfig) -> None:
+    """Refuse bad settings of the local reconstructions (mlp, lstsq-local) in one line."""
+    choice(MLP_TARGETS, "mlp_target", config.mlp_target)
+    steps = config.mlp_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ConfigError("mlp_steps", steps, "give a whole number of Adam steps, 1 or more (lstsq-local is the "
+                                              "closed form without steps)")
+    rate = config.mlp_lr
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+        raise ConfigError("mlp_lr", rate, "give a positive learning rate, e.g. 1e-4")
+    local = config.reconstruct in RECONSTRUCTIONS and RECONSTRUCTIONS[config.reconstruct].local
+    if local and not SCHEDULES[config.schedule].layerwise:
+        raise ConfigError("reconstruct", config.reconstruct, "fits each layer on the model whose earlier layers are "
+                                                             "already pruned: use the sequential schedule")
 
 
 def refit_tokens(kept: int) -> int:

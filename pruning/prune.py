@@ -9,18 +9,19 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from calibrate.errors import GluPruneError
-from calibrate.glu import glu_layers
-from calibrate.layerwise import calibrate_layerwise
+from calibrate.glu import decoder_layers, glu_layers
+from calibrate.layerwise import calibrate_layerwise, post_mlp_norm
 from calibrate.manifest import Manifest, read, write
 from calibrate.progress import showing, shown
 from calibrate.stats import ActivationStats, LayerStats, library_version
 from pruning.config import PruneConfig, resolve_reconstruct
 from pruning.decide import Decision, decide, refit_layer, score_layer
+from pruning.local_mlp import Form, Rows, Weights, output_of, reconstruct_mlp
 from pruning.plan import kept_count, plan_uniform
 from pruning.registry import RECONSTRUCTIONS, SCHEDULES
 from pruning.surgery import apply_plan
@@ -143,6 +144,18 @@ def prune(model, stats: ActivationStats | None, config: PruneConfig, *, inplace:
     return PruneResult(model, decision.plan, write(model.config, manifest.updated(**(notes or {}))))
 
 
+@dataclass(frozen=True)
+class SequentialRun:
+    """How :func:`cut_sequentially` runs: the held-out fraction, the statistics'
+    provenance (``meta``), and for an offloaded checkpoint its :class:`calibrate.offload.Offloaded`
+    (loader and device) with ``tensors``, where every changed MLP tensor is put by name (on the CPU)."""
+
+    holdout: float = 0.125
+    meta: dict | None = None
+    offloaded: object = None
+    tensors: dict | None = None
+
+
 def prune_sequential(model, batches: Iterable[dict], config: PruneConfig, *, holdout: float = 0.125,
                      inplace: bool = False, meta: dict | None = None, notes: dict | None = None) -> PruneResult:
     """Calibrate and prune one layer at a time: each layer's statistics are taken on the model whose
@@ -150,35 +163,99 @@ def prune_sequential(model, batches: Iterable[dict], config: PruneConfig, *, hol
 
     Uniform allocation only. A refit chooses its ridge on the last ``holdout`` fraction of
     ``batches``. ``config.refit_target="dense"`` refits each layer toward the unpruned model's output
-    on the same tokens rather than toward the layer's own output on the pruned model's input.
-    Progress bars only inside :func:`calibrate.progress.showing` (True).
+    on the same tokens rather than toward the layer's own output on the pruned model's input; a
+    local reconstruction (``mlp``, ``lstsq-local``) then fits each kept MLP toward the dense model
+    (:func:`reconstruct_locally`). Progress bars only inside :func:`calibrate.progress.showing` (True).
     """
+    model = model if inplace else copy.deepcopy(model)
+    return cut_sequentially(model, batches, config, SequentialRun(holdout, meta), notes)
+
+
+def cut_sequentially(model, batches: Iterable[dict], config: PruneConfig, run: SequentialRun,
+                     notes: dict | None = None) -> PruneResult:
+    """:func:`prune_sequential` on ``model`` itself, as ``run`` says (offloaded too)."""
     start = time.perf_counter()
     sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
     config, auto = resolve_reconstruct(config, sizes_before)
     check_bias_support(model, config.reconstruct)
-    model = model if inplace else copy.deepcopy(model)
     selected = glu_layers(model, config.layer_list)
     if len({g.intermediate_size for g in selected}) > 1:
         raise GluPruneError("sequential pruning needs equal layer sizes (uniform allocation)")
     keep_count = kept_count(selected[0].intermediate_size, model.config.hidden_size, config.target)
     decision = Decision({})
     refit = RECONSTRUCTIONS[config.reconstruct].second_moment
+    local = RECONSTRUCTIONS[config.reconstruct].local
+    names = {module: name for name, module in model.named_modules()}
 
-    def cut_layer(index: int, fit_stats: LayerStats, held_stats: LayerStats | None, pairs) -> None:
+    def cut_layer(index: int, fit_stats: LayerStats, held_stats: LayerStats | None, pairs, rows=None) -> None:
         layer = glu_layers(model, [index])[0]
         keep = plan_uniform({index: score_layer(layer, config, fit_stats)}, keep_count)[index]
         weight, bias, info = refit_layer(layer, keep, config.reconstruct, fit_stats, held_stats, pairs)
         decision.plan[index], decision.choices[str(index)] = keep, info
         cut(model, Decision({index: keep}, {index: (weight, bias)}))
+        if rows is not None:
+            info.update(reconstruct_locally(model, index, rows, config))
+        if run.tensors is not None:
+            run.tensors.update({f"{names[layer.mlp]}.{n}": p.detach().cpu().clone()
+                                for n, p in layer.mlp.named_parameters()})
 
+    offloaded = run.offloaded
     with showing(shown(default=False)):
-        stats = calibrate_layerwise(model, batches, holdout=holdout if refit else 0.0, layers=config.layer_list,
-                                    second_moment=config.needs_second_moment, after_layer=cut_layer, meta=meta,
-                                    dense_pairs=config.refit_target == "dense")
+        stats = calibrate_layerwise(model, batches, holdout=run.holdout if refit else 0.0, layers=config.layer_list,
+                                    second_moment=config.needs_second_moment, after_layer=cut_layer, meta=run.meta,
+                                    dense_pairs=config.refit_target == "dense",
+                                    loader=None if offloaded is None else offloaded.loader,
+                                    device=None if offloaded is None else offloaded.device,
+                                    local_target=config.mlp_target if local else None)
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
     manifest = manifest.updated(refit_target=config.refit_target, **(notes or {}))
     return PruneResult(model, decision.plan, write(model.config, manifest))
+
+
+def reconstruct_locally(model, index: int, rows: list, config: PruneConfig) -> dict:
+    """Fit layer ``index``'s (already cut and refitted) MLP in place on ``rows`` (fit, then held-out
+    (inputs, targets) from :meth:`calibrate.layerwise.LayerRunner.local_rows`) by
+    :func:`pruning.local_mlp.reconstruct_mlp` in float32 on the layer's device; what it chose."""
+    layer = glu_layers(model, [index])[0]
+    block = decoder_layers(model)[index]
+    post = post_mlp_norm(block) if config.mlp_target == "layer" else None
+    if post is not None and not RECONSTRUCTIONS[config.reconstruct].adam:
+        raise GluPruneError(f"reconstruct '{config.reconstruct}' is a closed form, which cannot fit through "
+                            f"{model.config.model_type}'s norm after the MLP: use mlp_target 'mlp' or reconstruct mlp")
+    device = layer.down.weight.device
+    linears = [layer.fused, layer.fused, layer.down] if layer.fused is not None else layer.linears()
+    biases = tuple(None if x.bias is None else x.bias.detach().float() for x in linears)
+    if layer.fused is not None and biases[0] is not None:
+        size = layer.intermediate_size
+        biases = (biases[0][:size], biases[1][size:], biases[2])
+    act = getattr(layer.mlp, "act_fn", None) or getattr(layer.mlp, "activation_fn", None)
+    form = Form(act, biases, None if post is None else lambda y: post(y.to(post.weight.dtype)).float())
+    weights = Weights(*(t.detach().float().clone() for t in (layer.gate_weight(), layer.up_weight(),
+                                                                layer.down_weight())))
+    fit, held = (Rows(x.to(device), t.to(device)) for x, t in rows)
+    with torch.no_grad():
+        probe = fit.inputs[:8]
+        expected = layer.mlp(probe.to(layer.down.weight.dtype)).float()
+        if act is None or not torch.allclose(output_of(weights, form, probe, through_post=False), expected,
+                                             atol=1e-3, rtol=1e-2):
+            raise GluPruneError(f"reconstruct '{config.reconstruct}' does not know how {model.config.model_type}'s MLP "
+                                f"computes its output: use lstsq")
+    settings = replace(config.local_settings, seed=config.seed + index)
+    start = time.perf_counter()
+    frozen = [] if post is None else [p for p in post.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        found, info = reconstruct_mlp(weights, form, fit, held, settings)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        layer.gate_weight().copy_(found.gate)
+        layer.up_weight().copy_(found.up)
+        layer.down_weight().copy_(found.down)
+    info["seconds"] = time.perf_counter() - start
+    return {"local": {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in info.items()}}
 
 
 def manifest_of(model) -> Manifest:

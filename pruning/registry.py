@@ -60,7 +60,9 @@ class Reconstruction:
     """A compensation of the removed neurons, computed by ``refit`` (:data:`Refit`) one layer at a time
     from statistics; ``adds_bias``: needs a family that reloads a down_proj bias; ``dense_target``: can
     refit toward the unpruned model's outputs (sequential, ``refit_target="dense"``); ``needs_text``:
-    its work runs layer by layer over the calibration text itself, not from statistics alone."""
+    its work runs layer by layer over the calibration text itself, not from statistics alone;
+    ``local``: after ``refit``, the layer's MLP is fitted on its calibration rows toward a dense target
+    (:mod:`pruning.local_mlp`, sequential schedule), ``adam`` with Adam steps after the closed form."""
 
     help: str
     refit: Refit
@@ -69,6 +71,8 @@ class Reconstruction:
     streamable: bool = True
     dense_target: bool = False
     needs_text: bool = False
+    local: bool = False
+    adam: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,14 @@ RECONSTRUCTIONS: dict[str, Reconstruction] = {
                             "statistics", reconstruct.lstsq, second_moment=True, dense_target=True),
     "lstsq-centred": Reconstruction("the refit on the covariance, plus a bias", reconstruct.lstsq_centred,
                                     second_moment=True, adds_bias=True, streamable=False),
+    "lstsq-local": Reconstruction("sequential: lstsq, then the kept down_proj columns refitted in closed form "
+                                  "toward the dense target (--mlp-target) on the calibration rows, kept when the "
+                                  "held-out rows' error is lower", reconstruct.lstsq, second_moment=True,
+                                  dense_target=True, needs_text=True, local=True),
+    "mlp": Reconstruction("sequential: lstsq-local, then --mlp-steps Adam steps on the kept gate, up and down "
+                          "weights toward the dense target, the checkpoint (start included) with the least "
+                          "held-out error kept", reconstruct.lstsq, second_moment=True,
+                          dense_target=True, needs_text=True, local=True, adam=True),
 }
 AUTO = "auto"  # AUTO_REFIT when second moments are at hand or affordable (pruning.config.resolve_reconstruct)
 AUTO_REFIT = "lstsq"  # the refit that auto chooses
@@ -131,7 +143,12 @@ AUTO_REFIT = "lstsq"  # the refit that auto chooses
 SCHEDULES: dict[str, Schedule] = {
     "one-shot": Schedule("score every layer on the dense model's statistics, then cut", streamable=True),
     "sequential": Schedule("calibrate and cut one layer at a time, each on the model whose earlier layers are cut",
-                           layerwise=True),
+                           layerwise=True, streamable=True),
+}
+MLP_TARGETS = {
+    "layer": "the dense decoder layer's output minus the pruned stream's residual before the MLP (corrects "
+             "upstream drift too; through the post-MLP norm where the family has one)",
+    "mlp": "the dense MLP's output on the dense stream",
 }
 REFIT_TARGETS = {
     "pruned": "refit each layer toward its own output on the pruned model's input",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from calibrate.errors import ConfigError
+from calibrate.errors import ConfigError, GluPruneError
 from calibrate.files import atomic_dir
 from calibrate.glu import glu_layers
 from calibrate.manifest import Manifest, write
@@ -26,7 +26,7 @@ from calibrate.spill import SpilledTensors
 from calibrate.stats import ActivationStats
 from pruning.config import PruneConfig
 from pruning.decide import decide
-from pruning.prune import PruneResult, make_manifest, prepare
+from pruning.prune import PruneResult, SequentialRun, cut_sequentially, make_manifest, prepare
 from pruning.registry import ALLOCATIONS, RECONSTRUCTIONS, SCHEDULES
 from pruning.save import model_card
 from pruning.surgery import apply_plan
@@ -76,8 +76,9 @@ def prune_checkpoint(model, loader: LayerLoader, stats: ActivationStats | None, 
         if not table[value].streamable:
             raise ConfigError(option, value, "does not run on an offloaded checkpoint: choose "
                               + " or ".join(k for k, v in table.items() if v.streamable) + ", or load the model")
-    if not SCHEDULES[config.schedule].streamable:
-        raise ConfigError("schedule", config.schedule, "an offloaded checkpoint is pruned one-shot")
+    if not SCHEDULES[config.schedule].streamable or SCHEDULES[config.schedule].layerwise:
+        raise ConfigError("schedule", config.schedule, "prune_checkpoint cuts one-shot: use "
+                                                       "prune_sequential_checkpoint")
     config, auto, sizes_before = prepare(model, stats, config, loader)
     refits = SpilledTensors(Path(spill) / "refits", dtype=loader.dtype) if spill is not None else None
     with showing(shown()):
@@ -88,6 +89,25 @@ def prune_checkpoint(model, loader: LayerLoader, stats: ActivationStats | None, 
     manifest = write(model.config, manifest.updated(schedule="one-shot (streamed)", **(notes or {})))
     write_checkpoint(loader, rules, model.config, manifest, output)
     return PruneResult(model, decision.plan, manifest)
+
+
+def prune_sequential_checkpoint(model, run: SequentialRun, batches: list[dict], config: PruneConfig,
+                                output: Output, notes: dict | None = None) -> PruneResult:
+    """:func:`pruning.prune.prune_sequential` on the checkpoint behind ``run.offloaded.loader``
+    (:class:`calibrate.offload.Offloaded`), one decoder layer in memory at a time, into ``output``
+    (written atomically); the changed MLP tensors wait in ``run.tensors`` (a dict, on the CPU)
+    until the rewrite. ``model`` is the empty (meta) model of :func:`calibrate.offload.offload_model`."""
+    name = config.reconstruct
+    if name in RECONSTRUCTIONS and not RECONSTRUCTIONS[name].streamable:
+        raise ConfigError("reconstruct", name, "does not run on an offloaded checkpoint: choose "
+                          + " or ".join(k for k, v in RECONSTRUCTIONS.items() if v.streamable) + ", or load the model")
+    if run.offloaded is None or run.tensors is None:
+        raise GluPruneError("an offloaded sequential prune needs the loader and a place for the changed tensors")
+    result = cut_sequentially(model, batches, config, run)
+    rules = {key: (lambda t, new=tensor: new.to(t.dtype)) for key, tensor in run.tensors.items()}
+    manifest = write(model.config, result.manifest.updated(schedule="sequential (streamed)", **(notes or {})))
+    write_checkpoint(run.offloaded.loader, rules, model.config, manifest, output)
+    return PruneResult(model, result.plan, manifest)
 
 
 def write_checkpoint(loader: LayerLoader, rules: dict, config, manifest: Manifest, output: Output,

@@ -33,9 +33,9 @@ from pruning.depth import DepthConfig, measure_skip_loss, prune_depth
 from pruning.heal import HealConfig, heal, training_batches
 from pruning.plan import kept_count
 from pruning.preflight import plan_offloaded, refit_peak
-from pruning.prune import PruneResult, prune, prune_sequential
+from pruning.prune import PruneResult, SequentialRun, prune, prune_sequential
 from pruning.registry import ALLOCATIONS, AUTO, AUTO_REFIT, RECONSTRUCTIONS, SCHEDULES
-from pruning.stream import Output, prune_checkpoint
+from pruning.stream import Output, prune_checkpoint, prune_sequential_checkpoint
 
 log = logging.getLogger("glu_prune")
 HOLDOUT = 0.125  # the held-out fraction of the calibration batches on which a refit chooses its ridge
@@ -247,6 +247,10 @@ def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, run: 
     config, auto, settings = resolve(config, model, stats, corpus is not None, settings)
     notes = {**auto, **(run.notes or {})}
     check_data(config, stats, corpus)
+    if SCHEDULES[config.schedule].layerwise:
+        batches = calibration_batches(tokenizer, corpus, settings)
+        run = SequentialRun(HOLDOUT, provenance(model_name, corpus, settings), Offloaded(loader, device), {})
+        return prune_sequential_checkpoint(model, run, batches, config, Output(out, tokenizer, force), notes)
     calibrating = config.needs_stats and stats is None
     batches = calibration_batches(tokenizer, corpus, settings) if calibrating else None
     plan = plan_offloaded(shapes_of(model, config.layer_list, run.dtype), config, resources.memory_limit(),

@@ -45,6 +45,12 @@ CASES = [
      "prune --model {d}/llama --method ppm --intermediate-size 4096 --out {d}/p"),
     ("--multiple-of 0", "prune --model {d}/llama --method ppm --ratio 0.2 --multiple-of 0 --out {d}/p"),
     ("--multiple-of negative", "prune --model {d}/llama --method ppm --ratio 0.2 --multiple-of -8 --out {d}/p"),
+    ("--mlp-steps 0", "prune --model {d}/llama --corpus {d}/c.txt --sequential --reconstruct mlp --mlp-steps 0 "
+                      "--ratio 0.2 --out {d}/p"),
+    ("unknown --mlp-target", "prune --model {d}/llama --corpus {d}/c.txt --sequential --reconstruct mlp "
+                             "--mlp-target dense --ratio 0.2 --out {d}/p"),
+    ("--reconstruct mlp without --sequential", "prune --model {d}/llama --corpus {d}/c.txt --reconstruct mlp "
+                                               "--ratio 0.2 --out {d}/p"),
     ("--layers out of range", "prune --model {d}/llama --method ppm --ratio 0.2 --layers 0-7 --out {d}/p"),
     ("data-driven method without statistics", "prune --model {d}/llama --method hybrid --ratio 0.2 --out {d}/p"),
     ("statistics from another model",

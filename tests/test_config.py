@@ -47,7 +47,9 @@ def test_obs_with_global_allocation_is_refused_because_it_would_be_nearly_unifor
 def test_the_registry_lists_what_each_entry_needs():
     assert {n for n, m in METHODS.items() if not m.data} == {"maw", "ppm", "l1", "l2", "vow", "random"}
     assert [n for n, a in ALLOCATIONS.items() if not a.streamable] == ["sensitivity", "curve"]  # both measure on text
-    assert {n for n, r in RECONSTRUCTIONS.items() if r.second_moment} == {"lstsq", "lstsq-centred"}
+    assert {n for n, r in RECONSTRUCTIONS.items() if r.second_moment} == {"lstsq", "lstsq-centred", "lstsq-local",
+                                                                           "mlp"}  # local ones start from lstsq
+    assert {n for n, r in RECONSTRUCTIONS.items() if r.needs_text} == {"lstsq-local", "mlp"}
     assert PruneConfig(ratio=0.2, method="ppm").needs_stats is False
     assert PruneConfig(ratio=0.2, method="ppm", reconstruct="lstsq").needs_second_moment is True
     assert PruneConfig(ratio=0.2, allocation="sensitivity").needs_text is True
