@@ -116,6 +116,7 @@ def test_bad_settings_are_refused_by_the_cli_in_one_line(tmp_path, capsys, extra
     from glu_prune_cli.main import main
 
     tiny_workspace(tmp_path)
+    capsys.readouterr()  # the set-up's own output (transformers' save bar when run alone)
     code = main(["prune", "--model", str(tmp_path / "m"), "--corpus", str(tmp_path / "c.txt"), "--sequential",
                  "--reconstruct", "mlp", "--ratio", "0.2", "--out", str(tmp_path / "p"), *extra])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

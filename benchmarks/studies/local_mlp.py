@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -30,29 +30,13 @@ from calibrate.perplexity import perplexity
 from calibrate.run import split_holdout
 from pruning.config import PruneConfig
 from pruning.decide import decide
+from pruning.local_mlp import Rows, Weights
 from pruning.reconstruct import RIDGE_GRID, WALK_START, walk
 from pruning.surgery import slice_layer
 from pruning.workflow import CalibrationSettings, calibrate_corpus, calibration_batches
 
 TARGETS = ("mlp", "layer")
 METHODS = ("none", "lstsq-local", "mlp")
-
-
-@dataclass(frozen=True)
-class Weights:
-    """The kept rows of one GLU MLP: gate and up (kept × hidden), down (hidden × kept)."""
-
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Real-token rows of one layer: the MLP's inputs and what its output should be (tokens × hidden)."""
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
 
 
 def hidden_of(w: Weights, x: torch.Tensor, act) -> torch.Tensor:
