@@ -149,26 +149,25 @@ class LayerRunner:
                 b.hidden = self._run(index, b)
 
     @torch.inference_mode()
-    def pairs(self, index: int) -> list[PairedStats]:
+    def pairs(self, index: int) -> tuple[list[PairedStats], list]:
         """For each group, layer ``index``'s down_proj inputs on the model's stream (x) paired with
-        those on the dense stream (d); the dense stream advances through the layer, still unchanged."""
-        seen = {}
-        results = []
+        those on the dense stream (d); also each dense batch's layer output, for :meth:`set_dense`."""
+        seen, results, dense_out = {}, [], []
         with HookOwner() as owned:
             owned.pre_hook(glu_layers(self.model, [index])[0].down, lambda _m, args: seen.__setitem__("x", args[0]))
             for group, dense_group in zip(self.groups, self.dense):
-                sums = None
+                sums, outs = None, []
                 for b, d in zip(group, dense_group):
                     self._run(index, b)
                     x = real_rows(seen["x"], b.mask)
-                    d.hidden = self._run(index, d)
+                    outs.append(self._run(index, d))
                     y = real_rows(seen["x"], d.mask)
                     if sums is None:
                         sums = PairedStats.zeros(x.shape[1], x.device)
                     sums.add(x, y, TOKEN_BLOCK)
                 results.append(sums.cpu())
-        return results
-
+                dense_out.append(outs)
+        return results, dense_out
 
     def local_rows(self, index: int, target: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list]:
         """For each group, layer ``index``'s MLP inputs on the model's stream (real tokens, float32) with
@@ -207,7 +206,63 @@ class LayerRunner:
                 d.hidden = out
 
 
-AfterLayer = Callable[[int, LayerStats, "LayerStats | None", "list[PairedStats] | None"], None]
+@dataclass(frozen=True)
+class DensePairs:
+    """A pass of :class:`Sequential`: :meth:`LayerRunner.pairs` (found under ``"pairs"``)."""
+
+    name = "pairs"
+
+    def run(self, runner: LayerRunner, index: int) -> tuple[list[PairedStats], list]:
+        return runner.pairs(index)
+
+
+@dataclass(frozen=True)
+class LocalRows:
+    """A pass of :class:`Sequential`: :meth:`LayerRunner.local_rows` toward ``target`` (found under ``"rows"``)."""
+
+    target: str
+
+    name = "rows"
+
+    def __post_init__(self):
+        if self.target not in ("mlp", "layer"):
+            raise GluPruneError(f"unknown local target '{self.target}': use 'mlp' or 'layer'")
+
+    def run(self, runner: LayerRunner, index: int) -> tuple[list, list]:
+        return runner.local_rows(index, self.target)
+
+
+@dataclass(frozen=True)
+class Sequential:
+    """Sequential pruning's pass: ``change(index, fit_stats, held_stats, found)`` runs as soon as a
+    selected layer's statistics are complete and before that layer feeds the next one, so it may
+    prune the layer; ``found`` maps each of ``passes`` (:class:`DensePairs`, :class:`LocalRows`: they
+    run a second stream through the layers as they were before any change) by name to what it gave."""
+
+    change: Callable[[int, LayerStats, LayerStats | None, dict], None]
+    passes: tuple = ()
+
+    def inputs(self, runner: LayerRunner, index: int) -> dict:
+        """What each pass gives for layer ``index``; then the dense stream advances through it."""
+        found, dense_out = {}, None
+        for each in self.passes:
+            found[each.name], dense_out = each.run(runner, index)
+        if dense_out is not None:
+            runner.set_dense(dense_out)
+        return found
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a layer-by-layer run keeps things: ``loader`` (:mod:`calibrate.offload`: only the
+    embeddings, then one decoder layer at a time, in memory; None: the model is resident), ``device``
+    (where the layers run) and ``spill`` (a folder: each finished layer's statistics in files there,
+    :class:`calibrate.spill.SpilledLayers`; held-out rows in the 16 bits the refit scores them at,
+    :func:`calibrate.spill.half_rows`)."""
+
+    loader: object | None = None
+    device: torch.device | None = None
+    spill: str | Path | None = None
 
 
 def check_layerwise_memory(sizes: list[int], streams: int, spilled: bool, floor: int = 0) -> None:
@@ -236,35 +291,22 @@ def offloaded_floor(model, batches: list[dict], layers: list[int], dtype: torch.
 
 
 def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
-                        layers: list[int] | None = None, second_moment: bool = False,
-                        max_tokens: int | None = None, after_layer: AfterLayer | None = None,
-                        meta: dict | None = None, loader=None,
-                        device: torch.device | None = None, dense_pairs: bool = False,
-                        spill: str | Path | None = None, local_target: str | None = None):
+                        layers: list[int] | None = None, second_moment: bool = False, meta: dict | None = None,
+                        placement: Placement = Placement(), sequential: Sequential | None = None):
     """Statistics of the selected layers, computed one decoder layer at a time.
 
-    Without ``after_layer`` the result equals :func:`calibrate.run.calibrate`, ``holdout`` too (the last
-    such fraction of ``batches``, at least one, is held out: ``stats.holdout``). With ``after_layer``,
-    ``after_layer(index, stats, holdout_stats, pairs)`` runs as soon as a layer's statistics are
-    complete and before that layer feeds the next one, so it may prune the layer (sequential
-    pruning). With ``dense_pairs`` a second stream runs the same batches through the layers as they
-    were before any change, and ``pairs`` holds :class:`PairedStats` (fit, then held-out) pairing the
-    two streams' down_proj inputs; otherwise ``pairs`` is None. Each layer's second moments are
-    released once ``after_layer`` has returned (the returned statistics keep its other sums), so one
-    layer's at a time is in memory. With ``local_target`` (``"mlp"`` or ``"layer"``, see
-    :meth:`LayerRunner.local_rows`) the dense stream runs too and ``after_layer`` gets a fifth
-    argument: ``[(inputs, targets)]`` of the layer's MLP, fit rows then held-out rows.
-    With a ``loader`` (:mod:`calibrate.offload`) only the embeddings, then one decoder layer at a
-    time, are in memory; ``device`` is where they run. With ``spill`` (a folder) each finished
-    layer's statistics are kept in files there (:class:`calibrate.spill.SpilledLayers`; held-out rows in
-    the 16 bits the refit scores them at, :func:`calibrate.spill.half_rows`), not in memory.
-    A progress bar unless :func:`calibrate.progress.showing` turns it off.
+    Without ``sequential`` the result equals :func:`calibrate.run.calibrate`, ``holdout`` too (the
+    last such fraction of ``batches``, at least one, is held out: ``stats.holdout``). With it, its
+    ``change`` may prune each layer before the layer feeds the next (:class:`Sequential`), and each
+    layer's second moments are released once it has returned (the returned statistics keep its
+    other sums), so one layer's at a time is in memory. ``placement``: where the model, its layers'
+    work and the finished statistics are (:class:`Placement`). A progress bar unless
+    :func:`calibrate.progress.showing` turns it off.
     """
     batches, holdout_batches = split_holdout(list(batches), holdout) if holdout else (batches, None)
     count = len(decoder_layers(model))
     selected = check_layers(layers, count)
-    if (dense_pairs or local_target is not None) and after_layer is None:
-        raise GluPruneError("dense pairs are for sequential pruning: pass after_layer")
+    loader, device, spill = placement.loader, placement.device, placement.spill
     floor = 0
     if loader is not None and loader.dtype is not None:
         batches, holdout_batches = list(batches), None if holdout_batches is None else list(holdout_batches)
@@ -272,16 +314,16 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
     if second_moment:
         check_layerwise_memory([g.intermediate_size for g in glu_layers(model, selected)],
                                streams=1 + (holdout_batches is not None),
-                               spilled=spill is not None or after_layer is not None, floor=floor)
+                               spilled=spill is not None or sequential is not None, floor=floor)
     elif floor:
         check_memory(floor, what="the embeddings or one decoder layer, with the captured activations,",
                      hint="fewer --max-tokens, or a larger memory limit")
     loader = loader or ResidentLoader()
     with loader.loaded(decoder(model).get_input_embeddings()):
-        fit = capture_inputs(model, batches, max_tokens, device)
+        fit = capture_inputs(model, batches, device=device)
         groups = [fit] + ([capture_inputs(model, holdout_batches, device=device)] if holdout_batches is not None
                           else [])
-    runner = LayerRunner(model, groups, dense=dense_pairs or local_target is not None)
+    runner = LayerRunner(model, groups, dense=sequential is not None and bool(sequential.passes))
     stats, holdout = ({}, {}) if spill is None else (SpilledLayers(Path(spill) / "fit"),
                                                      SpilledLayers(Path(spill) / "holdout", half=("activations",)))
     for index in bar(range(selected[-1] + 1), unit="layer", desc="calibrate (layer by layer)"):
@@ -289,24 +331,20 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
             if index not in selected:
                 runner.advance(index)
                 continue
-            results = runner.record(index, second_moment, advance=after_layer is None)
+            results = runner.record(index, second_moment, advance=sequential is None)
             stats[index] = results[0]
             if len(results) > 1:
                 holdout[index] = results[1]
-            if after_layer is not None:
-                rows, dense_out = runner.local_rows(index, local_target) if local_target is not None else (None, None)
-                pairs = runner.pairs(index) if dense_pairs else None
-                if dense_out is not None and not dense_pairs:
-                    runner.set_dense(dense_out)
-                held = results[1] if len(results) > 1 else None
-                after_layer(*(index, results[0], held, pairs), *([rows] if rows is not None else []))
+            if sequential is not None:
+                found = sequential.inputs(runner, index)
+                sequential.change(index, results[0], results[1] if len(results) > 1 else None, found)
                 for result in results:  # used: one layer's x xᵀ at a time is held
                     result.second_moment = result.activations = None
                 runner.advance(index, dense=False)
     result = ActivationStats(stats, dict(meta or {}), holdout or None)
-    changed = after_layer is not None and loader.dtype is not None  # offloaded and cut: the checkpoint is not it
+    changed = sequential is not None and loader.dtype is not None  # offloaded and cut: the checkpoint is not it
     finish_stats(model, result, sum(b.tokens for b in fit), selected, second_moment, "changed" if changed else loader)
     if holdout:
         result.meta["holdout_tokens"] = str(next(iter(holdout.values())).count)
-    result.meta["schedule"] = "sequential" if after_layer is not None else "layerwise"
+    result.meta["schedule"] = "sequential" if sequential is not None else "layerwise"
     return result

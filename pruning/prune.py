@@ -15,7 +15,7 @@ import torch
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import decoder_layers, glu_layers
-from calibrate.layerwise import calibrate_layerwise, post_mlp_norm
+from calibrate.layerwise import DensePairs, LocalRows, Placement, Sequential, calibrate_layerwise, post_mlp_norm
 from calibrate.manifest import Manifest, read, write
 from calibrate.progress import showing, shown
 from calibrate.stats import ActivationStats, LayerStats, library_version
@@ -129,12 +129,16 @@ def prune(model, stats: ActivationStats | None, config: PruneConfig, *, inplace:
           text_batches: list[dict] | None = None, notes: dict | None = None) -> PruneResult:
     """Prune ``model`` under ``config`` (a deep copy unless ``inplace``) and return the result.
 
-    ``text_batches`` are held-out calibration batches, needed by the ``sensitivity`` allocation;
-    ``notes`` are added to the manifest (e.g. why reconstruct auto chose what it chose). Progress bars
-    only inside :func:`calibrate.progress.showing` (True).
+    ``text_batches`` are held-out calibration batches, needed by the ``sensitivity`` allocation, or
+    for a schedule that calibrates as it prunes (``sequential``) the calibration batches themselves,
+    with ``stats`` None (:func:`prune_sequential`); ``notes`` are added to the manifest (e.g. why
+    reconstruct auto chose what it chose). Progress bars only inside :func:`calibrate.progress.showing` (True).
     """
     if SCHEDULES[config.schedule].layerwise:
-        raise GluPruneError("the sequential schedule calibrates as it prunes: use prune_sequential")
+        if stats is not None or text_batches is None:
+            raise GluPruneError(f"the {config.schedule} schedule calibrates as it prunes: pass the calibration "
+                                "batches as text_batches (and stats=None), or use prune_sequential")
+        return prune_sequential(model, text_batches, config, inplace=inplace, notes=notes)
     start = time.perf_counter()
     config, auto, sizes_before = prepare(model, stats, config)
     model = model if inplace else copy.deepcopy(model)
@@ -187,26 +191,26 @@ def cut_sequentially(model, batches: Iterable[dict], config: PruneConfig, run: S
     local = RECONSTRUCTIONS[config.reconstruct].local
     names = {module: name for name, module in model.named_modules()}
 
-    def cut_layer(index: int, fit_stats: LayerStats, held_stats: LayerStats | None, pairs, rows=None) -> None:
+    def cut_layer(index: int, fit_stats: LayerStats, held_stats: LayerStats | None, found: dict) -> None:
         layer = glu_layers(model, [index])[0]
         keep = plan_uniform({index: score_layer(layer, config, fit_stats)}, keep_count)[index]
-        weight, bias, info = refit_layer(layer, keep, config.reconstruct, fit_stats, held_stats, pairs)
+        weight, bias, info = refit_layer(layer, keep, config.reconstruct, fit_stats, held_stats, found.get("pairs"))
         decision.plan[index], decision.choices[str(index)] = keep, info
         cut(model, Decision({index: keep}, {index: (weight, bias)}))
-        if rows is not None:
-            info.update(reconstruct_locally(model, index, rows, config))
+        if "rows" in found:
+            info.update(reconstruct_locally(model, index, found["rows"], config))
         if run.tensors is not None:
             run.tensors.update({f"{names[layer.mlp]}.{n}": p.detach().cpu().clone()
                                 for n, p in layer.mlp.named_parameters()})
 
     offloaded = run.offloaded
     with showing(shown(default=False)):
+        passes = ((DensePairs(),) if config.refit_target == "dense" else ()) + \
+            ((LocalRows(config.mlp_target),) if local else ())
+        placement = Placement() if offloaded is None else Placement(offloaded.loader, offloaded.device)
         stats = calibrate_layerwise(model, batches, holdout=run.holdout if refit else 0.0, layers=config.layer_list,
-                                    second_moment=config.needs_second_moment, after_layer=cut_layer, meta=run.meta,
-                                    dense_pairs=config.refit_target == "dense",
-                                    loader=None if offloaded is None else offloaded.loader,
-                                    device=None if offloaded is None else offloaded.device,
-                                    local_target=config.mlp_target if local else None)
+                                    second_moment=config.needs_second_moment, meta=run.meta, placement=placement,
+                                    sequential=Sequential(cut_layer, passes))
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)
     manifest = manifest.updated(refit_target=config.refit_target, **(notes or {}))
     return PruneResult(model, decision.plan, write(model.config, manifest))

@@ -20,7 +20,7 @@ from calibrate.files import check_output
 from calibrate.footprint import shapes_of
 from calibrate.glu import check_layers, glu_layers
 from calibrate.layer_importance import LayerImportance
-from calibrate.layerwise import calibrate_layerwise
+from calibrate.layerwise import Placement, calibrate_layerwise
 from calibrate.manifest import Manifest, read, write
 from calibrate.offload import OffloadChoice, Offloaded, offload_model, should_offload
 from calibrate.perplexity import protocol_perplexity
@@ -120,7 +120,7 @@ def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: b
             stats.meta["layer_importance"] = stats.depth.kinds
         return stats
     return calibrate_layerwise(model, batches, holdout=holdout, layers=layers, second_moment=second_moment,
-                               meta=meta, loader=loader, device=offloaded.device, spill=offloaded.spill)
+                               meta=meta, placement=Placement(loader, offloaded.device, offloaded.spill))
 
 
 def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrating: bool,

@@ -201,10 +201,6 @@ def test_the_architecture_page_names_every_module():
 PARAMETER_LIMIT = 8  # parameters of a function in the product's library and command line (self/cls not counted)
 PARAMETER_PACKAGES = ("calibrate", "pruning", "glu_prune_cli")
 LONG_SIGNATURES = {  # function -> why it keeps more than PARAMETER_LIMIT parameters
-    "calibrate/layerwise.py:calibrate_layerwise": "the layer-by-layer runner's entry: its modes (after_layer, "
-                                                  "dense_pairs, loader/device/spill) belong in pass objects of the "
-                                                  "runner (issue 26, item 4), which another change is reworking; "
-                                                  "left as it is here to keep the two apart",
     "calibrate/tasks.py:evaluate_task": "a task's evaluation protocol: shots, size, seed, reference label, batch "
                                         "size, prefix cache and template are independent settings with defaults",
     "calibrate/prompts.py:task_documents": "pure text assembly from the task's parts (texts, labels, shot pool, "

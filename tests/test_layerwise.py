@@ -5,7 +5,7 @@ from tiny import FAMILIES, assert_same_stats, hooks_left, random_batches, save_t
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import decoder_layers, glu_layers
-from calibrate.layerwise import calibrate_layerwise, capture_inputs
+from calibrate.layerwise import DensePairs, LocalRows, Placement, Sequential, calibrate_layerwise, capture_inputs
 from calibrate.run import calibrate
 
 
@@ -58,14 +58,14 @@ def test_after_layer_sees_the_changed_model():
     batches, _ = random_batches()
     seen = []
 
-    def zero_down(index, stats, holdout, pairs):
-        seen.append(index)
+    def zero_down(index, stats, holdout, found):
+        seen.append((index, found))
         if index == 0:
             with torch.no_grad():
                 glu_layers(model, [0])[0].down.weight.zero_()
 
-    stats = calibrate_layerwise(model, batches, after_layer=zero_down)
-    assert seen == list(range(len(decoder_layers(model))))
+    stats = calibrate_layerwise(model, batches, sequential=Sequential(zero_down))
+    assert seen == [(i, {}) for i in range(len(decoder_layers(model)))]  # no passes: nothing else found
     after = calibrate(model, batches)  # the model now has layer 0 zeroed throughout
     assert_same_stats(stats, after)
     assert stats.meta["schedule"] == "sequential"
@@ -92,8 +92,8 @@ def test_offloaded_calibration_equals_in_memory(family, tmp_path):
     resident = calibrate(reloaded, batches, second_moment=True)
     empty, loader, _ = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float64)
     assert all(p.device.type == "meta" for p in empty.parameters())
-    offloaded = calibrate_layerwise(empty, batches, second_moment=True, loader=loader,
-                                    device=torch.device("cpu"))
+    offloaded = calibrate_layerwise(empty, batches, second_moment=True,
+                                    placement=Placement(loader, torch.device("cpu")))
     assert_same_stats(resident, offloaded)
     assert_same_second_moments(resident, offloaded)
     assert offloaded.meta["fingerprint"] == resident.meta["fingerprint"]
@@ -128,13 +128,13 @@ def test_dense_pairs_pair_the_pruned_and_the_dense_streams():
     batches, _ = random_batches()
     pairs_seen = {}
 
-    def zero_down(index, stats, holdout, pairs):
-        pairs_seen[index] = pairs
+    def zero_down(index, stats, holdout, found):
+        pairs_seen[index] = found["pairs"]
         if index == 0:
             with torch.no_grad():
                 glu_layers(model, [0])[0].down.weight.zero_()
 
-    calibrate_layerwise(model, batches, after_layer=zero_down, dense_pairs=True)
+    calibrate_layerwise(model, batches, sequential=Sequential(zero_down, (DensePairs(),)))
 
     def inputs(m):
         seen = []
@@ -152,8 +152,8 @@ def test_dense_pairs_pair_the_pruned_and_the_dense_streams():
     torch.testing.assert_close(fit.dense_second, d.T @ d)
     (first,) = pairs_seen[0]
     torch.testing.assert_close(first.cross, first.dense_second)  # nothing pruned before layer 0
-    with pytest.raises(GluPruneError, match="after_layer"):
-        calibrate_layerwise(model, batches, dense_pairs=True)
+    with pytest.raises(GluPruneError, match="unknown local target 'dense'"):
+        LocalRows("dense")
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
@@ -198,7 +198,7 @@ def test_accelerate_hooks_on_the_layers_survive(family):
         raise RuntimeError("refit failed")
 
     with pytest.raises(RuntimeError, match="refit failed"):
-        calibrate_layerwise(model, batches, after_layer=fail, dense_pairs=True)
+        calibrate_layerwise(model, batches, sequential=Sequential(fail, (DensePairs(),)))
     assert list(decoder_layers(model)) == layers
     assert [layer._hf_hook for layer in layers] == hooks
     before = [h.calls for h in hooks]
@@ -242,7 +242,7 @@ def test_interrupted_pass_removes_every_hook(call):
     mlp = glu_layers(model, [1])[0].mlp
     mlp.act_fn = Interrupting(mlp.act_fn, call)
     with pytest.raises(KeyboardInterrupt):
-        calibrate_layerwise(model, batches, holdout=0.5, second_moment=True, dense_pairs=True,
-                            after_layer=lambda *_: None)
+        calibrate_layerwise(model, batches, holdout=0.5, second_moment=True,
+                            sequential=Sequential(lambda *_: None, (DensePairs(),)))
     assert mlp.act_fn.after == 0
     assert untouched(model, layers)

@@ -79,6 +79,22 @@ def test_sequential_equals_layer_by_layer_one_shot(reconstruct):
         torch.testing.assert_close(sequential(ids).logits, by_hand(ids).logits)
 
 
+def test_prune_runs_the_sequential_schedule_from_calibration_batches():
+    """prune() accepts every schedule PruneConfig accepts: sequential calibrates as it prunes, on text_batches."""
+    ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(2))
+    batches = [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}]
+    config = PruneConfig(ratio=0.25, method="hybrid", reconstruct="lstsq", schedule="sequential")
+    model = tiny_model("llama", dtype=torch.float64)
+    through_prune = prune(model, None, config, text_batches=batches)
+    direct = prune_sequential(model, batches, config)
+    assert through_prune.model is not model and through_prune.plan.keys() == direct.plan.keys()
+    assert all(torch.equal(through_prune.plan[i], direct.plan[i]) for i in direct.plan)
+    for a, b in zip(through_prune.model.state_dict().values(), direct.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(GluPruneError, match="calibrates as it prunes: pass the calibration batches"):
+        prune(model, stats_for(model), config)
+
+
 def test_cli_sequential_prune_saves_a_reloadable_model(tmp_path):
 
     from tiny import tiny_workspace

@@ -116,14 +116,14 @@ def test_spilled_statistics_equal_the_in_memory_ones(tmp_path):
     """An offloaded prune keeps each layer's x xᵀ in a file until the cut, not every layer's in memory."""
     from tiny import random_batches, tiny_model
 
-    from calibrate.layerwise import calibrate_layerwise
+    from calibrate.layerwise import Placement, calibrate_layerwise
     from calibrate.spill import SpilledLayers, half_rows
 
     model = tiny_model("llama")
     batches, _ = random_batches()
     options = dict(holdout=1 / len(batches), second_moment=True)  # the last batch held out
     memory = calibrate_layerwise(model, batches, **options)
-    spilled = calibrate_layerwise(model, batches, spill=tmp_path / "spill", **options)
+    spilled = calibrate_layerwise(model, batches, placement=Placement(spill=tmp_path / "spill"), **options)
     assert isinstance(spilled.layers, SpilledLayers) and sorted(spilled.layers) == [0, 1, 2]
     # only the x xᵀ matrices go to disk, as raw float64 upper triangles: the per-neuron sums stay in memory
     assert sorted(p.name for p in (tmp_path / "spill" / "fit").iterdir()) == [
@@ -159,7 +159,7 @@ def test_sequential_pruning_holds_one_layers_second_moments(monkeypatch):
     but not every layer's lets sequential calibration run; the cut still saw the second moments."""
     from tiny import INTERMEDIATE, LAYERS, tiny_model
 
-    from calibrate.layerwise import calibrate_layerwise
+    from calibrate.layerwise import Sequential, calibrate_layerwise
 
     one = 8 * INTERMEDIATE * INTERMEDIATE
     monkeypatch.setattr(resources, "memory_limit", lambda: MemoryLimit(3 * one, "cgroup v2 memory.max"))
@@ -168,8 +168,8 @@ def test_sequential_pruning_holds_one_layers_second_moments(monkeypatch):
                {"input_ids": ids[2:], "attention_mask": torch.ones_like(ids[2:])}]
     seen = []
     stats = calibrate_layerwise(tiny_model(), batches, holdout=0.5, second_moment=True,
-                                after_layer=lambda i, fit, held, _: seen.append(
-                                    (fit.second_moment is not None, held.has_moment)))
+                                sequential=Sequential(lambda i, fit, held, _: seen.append(
+                                    (fit.second_moment is not None, held.has_moment))))
     assert seen == [(True, True)] * LAYERS
     assert all(s.second_moment is None for s in list(stats.layers.values()) + list(stats.holdout.values()))
     with pytest.raises(GluPruneError, match="second moment"):  # held until written: refused
