@@ -11,7 +11,7 @@ import torch
 
 from calibrate.glu import decoder, decoder_layers, glu_layers
 from calibrate.hooks import TOKEN_BLOCK
-from calibrate.shards import MAX_SHARD_BYTES
+from calibrate.shards import BLOCK_ELEMENTS, MAX_SHARD_BYTES
 
 F64 = 8
 BATCH_COPIES = 8  # a batch's tensors alive inside one decoder layer: gate, up, their product, attention's
@@ -26,7 +26,6 @@ class Shapes:
     itemsize: int
     layer_bytes: int  # the largest decoder layer's weights
     embedding_bytes: int  # the input embedding table, loaded while the inputs are captured
-    largest_tensor: int  # the largest single weight (rewritten alone)
     total_bytes: int  # every weight
 
 
@@ -37,10 +36,9 @@ def shapes_of(model, layers: list[int] | None = None, dtype: torch.dtype = torch
     def size(module) -> int:
         return sum(p.numel() for p in module.parameters()) * itemsize
 
-    largest = max(p.numel() for p in model.parameters()) * itemsize
     return Shapes(model.config.hidden_size, [g.intermediate_size for g in glu_layers(model, layers)], itemsize,
                   max(size(layer) for layer in decoder_layers(model)),
-                  size(decoder(model).get_input_embeddings()), largest, size(model))
+                  size(decoder(model).get_input_embeddings()), size(model))
 
 
 def moment_bytes(width: int, streams: int = 1) -> int:
@@ -68,7 +66,10 @@ def calibration_peak(shapes: Shapes, tokens: int, batch_tokens: int, streams: in
 
 
 def rewrite_peak(shapes: Shapes, held: int = 0) -> int:
-    """Peak of a checkpoint rewritten shard by shard: a shard being filled (at most the whole
-    checkpoint), the largest tensor read and its changed copy; ``held``: what is kept meanwhile
-    (refitted weights not spilled)."""
-    return min(MAX_SHARD_BYTES, shapes.total_bytes) + 2 * shapes.largest_tensor + held
+    """Peak of a checkpoint rewritten shard by shard (:func:`pruning.stream.write_checkpoint`): a
+    shard being filled (at most the whole checkpoint), and the largest GLU tensor read with its
+    changed copy, or one block of a larger unchanged tensor as read (float32 at most) and converted
+    (embedding tables are copied block by block); ``held``: what is kept meanwhile (refitted weights not spilled)."""
+    changed = max(shapes.widths, default=0) * shapes.hidden * shapes.itemsize
+    block = min(BLOCK_ELEMENTS, shapes.embedding_bytes // shapes.itemsize) * (4 + shapes.itemsize)
+    return min(MAX_SHARD_BYTES, shapes.total_bytes) + max(2 * changed, block) + held

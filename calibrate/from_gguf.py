@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from calibrate.errors import GluPruneError
-from calibrate.shards import ShardWriter
+from calibrate.shards import BLOCK_ELEMENTS, ShardWriter
 
-CHUNK_ELEMENTS = 1 << 23  # rows are dequantised this many values at a time (32 MiB of float32)
+CHUNK_ELEMENTS = BLOCK_ELEMENTS  # rows are dequantised this many values at a time (32 MiB of float32)
 
 
 def row_blocks(tensor, chunk: int = CHUNK_ELEMENTS) -> Iterator[np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,13 +52,31 @@ class CheckpointWeights:
             shards.setdefault(file, []).append(name)
         return shards
 
-    def get(self, name: str) -> torch.Tensor:
+    def file(self, name: str) -> Path:
+        """The file that holds ``name``. Each read opens it: a handle kept open would keep every page
+        it touched mapped into memory."""
         if name not in self.file_of:
             raise GluPruneError(f"the checkpoint in {self.directory} has no tensor '{name}': --offload needs a "
                                 f"checkpoint saved by transformers")
-        # opened per read: a handle kept open would keep every page it touched mapped into memory
-        with self._safe_open(self.directory / self.file_of[name], "pt") as f:
+        return self.directory / self.file_of[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        with self._safe_open(self.file(name), "pt") as f:
             return f.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """``name``'s shape, read from the file's header."""
+        with self._safe_open(self.file(name), "pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def blocks(self, name: str, elements: int) -> Iterator[torch.Tensor]:
+        """``name``'s rows in blocks of about ``elements`` values, read one at a time."""
+        shape = self.shape(name)
+        row = max(1, math.prod(shape[1:]))
+        step = max(1, elements // row)
+        for start in range(0, shape[0], step):
+            with self._safe_open(self.file(name), "pt") as f:
+                yield f.get_slice(name)[start:start + step]
 
 
 def empty_model(source: str, dtype: torch.dtype):

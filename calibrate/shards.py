@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 MAX_SHARD_BYTES = 128 * 1024 * 1024
+BLOCK_ELEMENTS = 1 << 23  # a tensor larger than this is read and written this many values at a time
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}

@@ -7,6 +7,8 @@ Peak memory is about one shard (plus one layer while scoring). The output is the
 
 from __future__ import annotations
 
+import itertools
+import math
 import shutil
 import time
 from collections.abc import Mapping
@@ -21,7 +23,7 @@ from calibrate.glu import glu_layers
 from calibrate.manifest import Manifest, write
 from calibrate.offload import LayerLoader
 from calibrate.progress import bar, showing, shown
-from calibrate.shards import MAX_SHARD_BYTES, ShardWriter
+from calibrate.shards import BLOCK_ELEMENTS, MAX_SHARD_BYTES, ShardWriter
 from calibrate.spill import SpilledTensors
 from calibrate.stats import ActivationStats
 from pruning.config import PruneConfig
@@ -113,13 +115,21 @@ def prune_sequential_checkpoint(model, run: SequentialRun, batches: list[dict], 
 def write_checkpoint(loader: LayerLoader, rules: dict, config, manifest: Manifest, output: Output,
                      max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Every tensor read, changed by ``rules`` and written into shards of about ``max_shard_bytes``
-    in a temporary folder renamed to ``output.out``: memory holds one output shard at most. Floating
+    in a temporary folder renamed to ``output.out``: memory holds one output shard, and a changed
+    tensor with its copy, at most (an unchanged tensor of more than ``BLOCK_ELEMENTS`` values is
+    copied into a shard of its own block by block). Floating
     tensors are written in the loader's dtype, as the in-memory path saves the model it loaded."""
     weights, tokenizer = loader.weights, output.tokenizer
     with atomic_dir(output.out, force=output.force) as tmp:
         names = [name for file_names in weights.files().values() for name in file_names]
         shards = ShardWriter(tmp, max_shard_bytes)
         for name in bar(names, desc="rewrite", unit="tensor"):
+            if name not in rules and math.prod(weights.shape(name)) > BLOCK_ELEMENTS:
+                blocks = (b.to(loader.dtype) if b.is_floating_point() else b
+                          for b in weights.blocks(name, BLOCK_ELEMENTS))
+                first = next(blocks)
+                shards.add_blocks(name, weights.shape(name), first.dtype, itertools.chain([first], blocks))
+                continue
             tensor = weights.get(name)
             tensor = tensor.to(loader.dtype) if tensor.is_floating_point() else tensor
             shards.add(name, rules[name](tensor) if name in rules else tensor)

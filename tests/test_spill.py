@@ -117,7 +117,7 @@ def test_spilled_or_not_the_pruned_checkpoint_is_the_same(tmp_path):
 
 
 SHAPES = Shapes(hidden=896, widths=[4864] * 24, itemsize=4, layer_bytes=60 * MiB, embedding_bytes=519 * MiB,
-                largest_tensor=519 * MiB, total_bytes=1885 * MiB)  # a 0.5B model's
+                total_bytes=1885 * MiB)  # a 0.5B model's
 
 
 def plan(limit, held_tokens=None):

@@ -100,6 +100,26 @@ def test_small_output_shards_with_an_index(tmp_path):
         torch.testing.assert_close(load_pruned(tmp_path / "s")(ids).logits, model(ids).logits)
 
 
+def test_large_unchanged_tensors_are_copied_block_by_block_into_the_same_checkpoint(tmp_path, monkeypatch):
+    from pruning import stream
+
+    model, stats = checkpoint(tmp_path, "llama")
+    empty, loader, tokenizer = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float32)
+    with showing(False):
+        prune_checkpoint(empty, loader, stats, PruneConfig(ratio=0.4), Output(tmp_path / "whole", tokenizer))
+    empty, loader, tokenizer = offload_model(str(tmp_path / "m"), torch.device("cpu"), torch.float32)
+    copied = []
+    original = stream.ShardWriter.add_blocks
+    monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 100)  # smaller than the embedding table and attention
+    monkeypatch.setattr(stream.ShardWriter, "add_blocks",
+                        lambda self, name, *rest: copied.append(name) or original(self, name, *rest))
+    with showing(False):
+        prune_checkpoint(empty, loader, stats, PruneConfig(ratio=0.4), Output(tmp_path / "blocks", tokenizer))
+    assert "model.embed_tokens.weight" in copied and not any("mlp" in name for name in copied)
+    whole, blocks = tensors(tmp_path / "whole"), tensors(tmp_path / "blocks")
+    assert whole.keys() == blocks.keys() and all(torch.equal(whole[k], blocks[k]) for k in whole)
+
+
 def test_a_non_uniform_model_is_offloaded_and_pruned_again(tmp_path):
     """Per-layer sizes come from the config: the offloaded path reads a non-uniform model too."""
     model, stats = checkpoint(tmp_path, "llama")

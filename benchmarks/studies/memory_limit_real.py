@@ -3,7 +3,7 @@ model, on a randomly initialised model of a 0.5B model's shapes (Qwen2: hidden 8
 neurons a layer, 151936-token vocabulary, tied embeddings), from a model folder and from a .gguf
 with an empty conversion cache.
 
-    python -m benchmarks.studies.memory_limit_real --limit 1400M --layers 24 --max-tokens 2048
+    python -m benchmarks.studies.memory_limit_real --limit 1400M --layers 24 --max-tokens 2048 --compare
 
 Each command runs in a child process placed in a new memory cgroup (v1 or v2) of ``--limit``
 (swap off), created under this process's group and removed afterwards; the line gives the exit
@@ -91,6 +91,9 @@ def main() -> None:
     p.add_argument("--corpus", default=None, help="calibration text file (default: a generated one)")
     p.add_argument("--steps", default="folder calibrate,folder prune,gguf calibrate,gguf prune")
     p.add_argument("--work", default=None, help="a folder for the model and outputs (default: the system's)")
+    p.add_argument("--prune-flags", default="", help="more flags for prune, e.g. '--reconstruct lstsq'")
+    p.add_argument("--compare", action="store_true",
+                   help="run each prune again without the limit and say whether the checkpoints are equal")
     args = p.parse_args()
     limit = parse_size(args.limit)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
@@ -109,17 +112,38 @@ def main() -> None:
             cache = work / f"cache-{source}-{command}"  # empty: a .gguf is converted under the limit
             out = work / f"{source}-{command}" / ("stats.safetensors" if command == "calibrate" else "pruned")
             out.parent.mkdir()
+            flags = ["--ratio", "0.2", *args.prune_flags.split()] if command == "prune" else []
             argv = [command, "--model", model, "--corpus", str(corpus), "--part", "all", "--max-tokens",
-                    args.max_tokens, "--device", "cpu", "--out", str(out)] + (["--ratio", "0.2"] if command == "prune"
-                                                                               else [])
+                    args.max_tokens, "--device", "cpu", *flags]
+            env = {**os.environ, "GLU_PRUNE_CACHE": str(cache), "OMP_NUM_THREADS": "2"}
             evict(folder, gguf)
-            r = run(argv, limit, {**os.environ, "GLU_PRUNE_CACHE": str(cache), "OMP_NUM_THREADS": "2"},
-                    out.parent / "log.txt")
-            status = "ok" if r["code"] == 0 else ("killed (137)" if r["code"] == 137 else f"exit {r['code']}")
-            print(f"{step:<16} {status:<13} {r['seconds']:7.1f} s  group peak {r['peak'] / MiB:6.0f} MiB "
-                  f"({r['peak'] / limit:.0%} of the limit), RSS peak {r['rss'] / MiB:6.0f} MiB")
-            for line in r["lines"]:
-                print(f"{'':18}{line[:260]}")
+            r = run(argv + ["--out", str(out)], limit, env, out.parent / "log.txt")
+            report(step, r, limit)
+            if args.compare and command == "prune" and r["code"] == 0:
+                free = run(argv + ["--out", str(out) + "-unlimited"], None, env, out.parent / "log-unlimited.txt")
+                report(f"{step} (no limit)", free, None)
+                print(f"{'':18}checkpoints equal bit for bit: {same_tensors(out, Path(str(out) + '-unlimited'))}")
+
+
+def report(step: str, r: dict, limit: int | None) -> None:
+    status = "ok" if r["code"] == 0 else ("killed (137)" if r["code"] == 137 else f"exit {r['code']}")
+    share = f" ({r['peak'] / limit:.0%} of the limit)" if limit else ""
+    print(f"{step:<16} {status:<13} {r['seconds']:7.1f} s  group peak {r['peak'] / MiB:6.0f} MiB{share}, "
+          f"RSS peak {r['rss'] / MiB:6.0f} MiB")
+    for line in r["lines"]:
+        print(f"{'':18}{line[:260]}")
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two saved checkpoints hold the same tensor names with equal values and dtypes."""
+    import torch
+    from safetensors.torch import load_file
+
+    def state(folder: Path) -> dict:
+        return {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(shard).items()}
+
+    x, y = state(a), state(b)
+    return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
 
 
 if __name__ == "__main__":
