@@ -24,12 +24,13 @@ def refit_peak(width: int, kept: int, hidden: int, held_rows: int = 0) -> int:
     with held-out statistics, :class:`pruning.reconstruct.RidgeCandidates`' working set).
 
     With a held-out second moment (``held_rows`` 0): the fit and held-out second moments as read
-    (2 width²) and each normalised by its token count (2 width², the held-out one while its products
-    are formed), the kept block ``S[K, K]`` of each (2 K²), ``W S[:, K]`` and the held-out ``W H`` (a
-    width × K slice and hidden × width products), and each ridge's shifted matrix, its Cholesky
-    factor and the solve's hidden × K results. With ``held_rows`` held-out activations (float32 as
-    kept, fewer than the width) instead: the fit moment as read and normalised (2 width²), the rows in
-    float64 with their kept columns and their outputs ``x Wᵀ``, then per ridge the shifted matrix,
+    (2 width²), the held-out one normalised by its token count while its products are formed (width²;
+    the fit one is normalised in its kept columns only, width × K), the kept block ``S[K, K]`` of each
+    (2 K²), ``W S[:, K]`` and the held-out ``W H`` (a width × K slice and hidden × width products),
+    and each ridge's shifted matrix, its Cholesky factor and the solve's hidden × K results. With
+    ``held_rows`` held-out activations (float32 as kept, fewer than the width) instead: the fit
+    moment as read (width²) and its normalised kept columns (width × K), then the rows in float64
+    with their kept columns and their outputs ``x Wᵀ``, then per ridge the shifted matrix,
     the factor and the best one so far (5 K² with ``S[K, K]`` and the identity), the rows' solve (K ×
     rows) and its hidden × rows predictions and residuals; no refit's error reads the removed columns
     of the rows again. Float64 throughout, and the solver's workspace. Checked against the peak RSS of
@@ -38,12 +39,12 @@ def refit_peak(width: int, kept: int, hidden: int, held_rows: int = 0) -> int:
     if held_rows:
         h, rows = held_rows, held_rows * width // 2  # the float32 rows as kept, in float64 elements
         base = width * width + rows + hidden * width
-        forming = base + width * width + kept * width + kept * kept + hidden * kept + h * width + h * hidden + h * kept
+        forming = base + max(kept * width, h * width + h * hidden + h * kept) + kept * kept + hidden * kept
         solving = base + hidden * kept + 5 * kept * kept + 3 * h * kept + 4 * hidden * h
         plain = base + hidden * kept + kept * kept + h * kept + 2 * h * width + h * hidden
         return F64 * max(forming, solving, plain) + workspace
-    forming = 4 * width * width + kept * width + kept * kept + 3 * hidden * width + hidden * kept
-    solving = 3 * width * width + 5 * kept * kept + 4 * hidden * kept
+    forming = 3 * width * width + kept * width + kept * kept + 3 * hidden * width + hidden * kept
+    solving = 2 * width * width + 5 * kept * kept + 4 * hidden * kept
     return F64 * max(forming, solving) + workspace
 
 

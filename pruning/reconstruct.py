@@ -56,6 +56,21 @@ def moments(stats: LayerStats, centred: bool) -> tuple[torch.Tensor, torch.Tenso
     return (second - torch.outer(mean, mean) if centred else second), mean
 
 
+def kept_columns(stats: LayerStats, keep: torch.Tensor, centred: bool,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the kept columns of :func:`moments`' matrix, ``E[x x_Kᵀ]`` or ``Cov[x, x_K]`` (intermediate ×
+    |K|), and the mean) on ``device``, float64: normalised column by column, so no second copy of the
+    whole second moment is made."""
+    if not stats.has_moment:
+        raise GluPruneError("this reconstruction needs second-moment statistics: calibrate with second moments")
+    mean, moment = stats.mean.to(device), stats.moment()
+    columns = moment[:, keep.to(moment.device)].to(device)
+    columns /= max(stats.count, 1)
+    if centred:
+        columns -= torch.outer(mean, mean[keep])
+    return columns, mean
+
+
 def ridge_scale(s_kk: torch.Tensor) -> torch.Tensor:
     """What a ridge α multiplies: ``mean diag S[K, K]`` (at least 1e-12)."""
     return s_kk.diagonal().mean().clamp_min(1e-12)
@@ -130,10 +145,12 @@ class RidgeCandidates:
     def __init__(self, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, holdout, centred: bool,
                  pairs: list[PairedStats] | None = None):
         device, w = weight.device, weight.double()
-        second, mean = (t.to(device) for t in moments(fit, centred))
+        columns, mean = kept_columns(fit, keep, centred, device)
         self.keep, self.centred, self.device = keep, centred, device
         cross = pairs[0].means()[0].to(device) if pairs else None
-        self.target, self.s_kk = target_term(w, second, keep, cross), second[keep][:, keep]
+        self.target = w @ (columns if cross is None else cross[keep].T)  # target_term's T
+        self.s_kk = columns[keep]
+        del columns
         self.scale = ridge_scale(self.s_kk)
         self.fit_output = w @ mean if centred else None  # W m of the fit part, for the centred bias
         self.fit_mean_k = mean[keep]
