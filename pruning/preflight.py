@@ -30,17 +30,17 @@ def refit_peak(width: int, kept: int, hidden: int, held_rows: int = 0) -> int:
     and each ridge's shifted matrix, its Cholesky factor and the solve's hidden × K results. With
     ``held_rows`` held-out activations (float32 as kept, fewer than the width) instead: the fit
     moment as read (width²) and its normalised kept columns (width × K), then the rows in float64
-    with their kept columns and their outputs ``x Wᵀ``, then per ridge the shifted matrix,
-    the factor and the best one so far (5 K² with ``S[K, K]`` and the identity), the rows' solve (K ×
-    rows) and its hidden × rows predictions and residuals; no refit's error reads the removed columns
-    of the rows again. Float64 throughout, and the solver's workspace. Checked against the peak RSS of
-    a refit in tests/test_spill.py."""
+    with their kept columns and their outputs ``x Wᵀ``, then per ridge the shifted matrix
+    factorised in place (3 K² with ``S[K, K]`` and the solver's copy; the best ridge's factor is made
+    again once chosen, not kept), the rows' solve (K × rows) and its hidden × rows predictions and
+    residuals; no refit's error reads the removed columns of the rows again. Float64 throughout,
+    and the solver's workspace. Checked against the peak RSS of a refit in tests/test_spill.py."""
     workspace = min(SOLVER_WORKSPACE, 2 * F64 * kept * kept)
     if held_rows:
         h, rows = held_rows, held_rows * width // 2  # the float32 rows as kept, in float64 elements
         base = width * width + rows + hidden * width
         forming = base + max(kept * width, h * width + h * hidden + h * kept) + kept * kept + hidden * kept
-        solving = base + hidden * kept + 5 * kept * kept + 3 * h * kept + 4 * hidden * h
+        solving = base + hidden * kept + 3 * kept * kept + 3 * h * kept + 4 * hidden * h
         plain = base + hidden * kept + kept * kept + h * kept + 2 * h * width + h * hidden
         return F64 * max(forming, solving, plain) + workspace
     forming = 3 * width * width + kept * width + kept * kept + 3 * hidden * width + hidden * kept

@@ -169,7 +169,7 @@ class RidgeCandidates:
     def factor(self, index: int) -> torch.Tensor | None:
         shifted = self.s_kk.clone()  # S[K, K] + λI, the ridge added to the diagonal in place (no identity)
         shifted.diagonal().add_(RIDGE_GRID[index] * self.scale)
-        factor, info = torch.linalg.cholesky_ex(shifted)
+        factor, info = torch.linalg.cholesky_ex(shifted, out=(shifted, torch.empty((), dtype=torch.int32, device=shifted.device)))
         return factor if info == 0 else None
 
     def bias(self, new: torch.Tensor) -> torch.Tensor | None:
@@ -188,7 +188,8 @@ class RidgeCandidates:
                 prediction = self.target @ torch.cholesky_solve(rows_k.T, factor)
             else:
                 prediction = torch.cholesky_solve(self.target.T, factor).T @ rows_k.T
-            error, kept = float((residual - prediction).square().sum()) / max(len(rows_k), 1), factor
+            error = float((residual - prediction).square().sum()) / max(len(rows_k), 1)
+            kept = factor.new_empty(0)  # the best ridge's factor is made again when chosen
         else:
             kept = torch.cholesky_solve(self.target.T, factor).T
             error = self.held.error(kept, self.bias(kept))
@@ -202,7 +203,7 @@ class RidgeCandidates:
         if self.best is None:
             raise GluPruneError("every ridge left the refit singular: use more calibration tokens")
         error, index, kept = self.best
-        new = torch.cholesky_solve(self.target.T, kept).T if self.rows is not None else kept
+        new = torch.cholesky_solve(self.target.T, self.factor(index)).T if self.rows is not None else kept
         return error, RIDGE_GRID[index], new, self.bias(new)
 
 
