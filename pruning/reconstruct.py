@@ -169,7 +169,8 @@ class RidgeCandidates:
     def factor(self, index: int) -> torch.Tensor | None:
         shifted = self.s_kk.clone()  # S[K, K] + λI, the ridge added to the diagonal in place (no identity)
         shifted.diagonal().add_(RIDGE_GRID[index] * self.scale)
-        factor, info = torch.linalg.cholesky_ex(shifted, out=(shifted, torch.empty((), dtype=torch.int32, device=shifted.device)))
+        info = torch.empty((), dtype=torch.int32, device=shifted.device)
+        factor, info = torch.linalg.cholesky_ex(shifted, out=(shifted, info))  # in place: no third K²
         return factor if info == 0 else None
 
     def bias(self, new: torch.Tensor) -> torch.Tensor | None:
