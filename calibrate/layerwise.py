@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from calibrate.batches import real_tokens
 from calibrate.errors import GluPruneError
 from calibrate.footprint import calibration_peak, shapes_of
 from calibrate.glu import check_layers, decoder, decoder_layers, glu_layers
@@ -265,18 +266,24 @@ class Placement:
     spill: str | Path | None = None
 
 
-def check_layerwise_memory(sizes: list[int], streams: int, spilled: bool, floor: int = 0) -> None:
+def check_layerwise_memory(sizes: list[int], held_tokens: int | None, spilled: bool, floor: int = 0) -> None:
     """Refuse a layer-by-layer calibration whose second moments would not fit: one layer's when
     finished layers are spilled to files or released after use (sequential pruning), else every
-    layer's (all are held until the file is written); ``floor``: what an offloaded run holds besides
-    (:func:`calibrate.footprint.calibration_peak` without second moments)."""
+    layer's (all are held until the file is written); ``held_tokens``: the held-out slice's (None:
+    none), kept as float32 rows while fewer than a layer's neurons, else as a second moment too;
+    ``floor``: what an offloaded run holds besides (:func:`calibrate.footprint.calibration_peak`
+    without second moments)."""
+    def held(size: int) -> int:
+        return 0 if held_tokens is None else min(4 * held_tokens * size, second_moment_bytes([size]))
+
     if spilled:
-        needed = streams * second_moment_bytes([max(sizes)])
+        size = max(sizes)
+        needed = second_moment_bytes([size]) + held(size)
         log.info("second moment: %s per layer (one layer at a time)", human_bytes(needed))
         check_memory(needed + floor, what="one layer's weights, activations and second moments" if floor else
                      "the second-moment matrices")
         return
-    needed = streams * second_moment_bytes(sizes)
+    needed = second_moment_bytes(sizes) + sum(held(s) for s in sizes)
     log.info("second moment: %s for %d layers, held until the statistics are written", human_bytes(needed), len(sizes))
     check_memory(needed + floor, hint="calibrate fewer layers per file (--layers), or let prune calibrate "
                                       "(glu-prune prune --offload --corpus ...: one layer's second moments at a time)")
@@ -285,7 +292,7 @@ def check_layerwise_memory(sizes: list[int], streams: int, spilled: bool, floor:
 def offloaded_floor(model, batches: list[dict], layers: list[int], dtype: torch.dtype) -> int:
     """What a layer-by-layer run from the checkpoint holds at its peak without second moments: the
     embeddings, or the largest decoder layer, with every batch's captured activations."""
-    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+    tokens = real_tokens(batches)
     batch_tokens = max((b["input_ids"].numel() for b in batches), default=0)
     return calibration_peak(shapes_of(model, layers, dtype), tokens, batch_tokens, streams=0)
 
@@ -313,7 +320,7 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
         floor = offloaded_floor(model, batches + (holdout_batches or []), selected, loader.dtype)
     if second_moment:
         check_layerwise_memory([g.intermediate_size for g in glu_layers(model, selected)],
-                               streams=1 + (holdout_batches is not None),
+                               None if holdout_batches is None else real_tokens(holdout_batches),
                                spilled=spill is not None or sequential is not None, floor=floor)
     elif floor:
         check_memory(floor, what="the embeddings or one decoder layer, with the captured activations,",

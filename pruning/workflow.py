@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from calibrate import resources
-from calibrate.batches import make_batches
+from calibrate.batches import make_batches, real_tokens
 from calibrate.corpora import Corpus
 from calibrate.errors import GluPruneError
 from calibrate.files import check_output
@@ -280,8 +280,7 @@ def held_tokens(batches: list[dict] | None) -> int | None:
     """The real tokens of the held-out slice :func:`calibrate_corpus` takes from ``batches``."""
     if not batches or len(batches) < 2:
         return None
-    return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-               for b in split_holdout(batches, HOLDOUT)[1])
+    return real_tokens(split_holdout(batches, HOLDOUT)[1])
 
 
 @contextmanager

@@ -143,15 +143,20 @@ def test_spilled_statistics_equal_the_in_memory_ones(tmp_path):
 
 
 def test_layerwise_second_moments_are_checked_for_what_is_held(monkeypatch):
-    """Without spill files every layer's x xᵀ (and its held-out one) is held until the file is written."""
+    """Without spill files every layer's x xᵀ (and its held-out one) is held until the file is written;
+    a held-out slice of fewer tokens than neurons is held as its float32 rows instead."""
     from calibrate.layerwise import check_layerwise_memory
 
     one = 8 * 100 * 100  # a 100-neuron layer's float64 second moment
     monkeypatch.setattr(resources, "memory_limit", lambda: MemoryLimit(10 * one, "cgroup v2 memory.max"))
-    check_layerwise_memory([100] * 12, streams=2, spilled=True)  # 2 matrices at a time: fits
-    check_layerwise_memory([100] * 4, streams=2, spilled=False)  # 8 matrices: fits
+    check_layerwise_memory([100] * 12, 200, spilled=True)  # 2 matrices at a time: fits
+    check_layerwise_memory([100] * 4, 200, spilled=False)  # 8 matrices: fits
     with pytest.raises(GluPruneError, match=r"prune --offload --corpus"):
-        check_layerwise_memory([100] * 6, streams=2, spilled=False)  # 12 matrices: refused
+        check_layerwise_memory([100] * 6, 200, spilled=False)  # 12 matrices: refused
+    check_layerwise_memory([100] * 6, 50, spilled=False)  # 6 matrices and 6 half-size sets of rows: fits
+    check_layerwise_memory([100] * 8, None, spilled=False)  # 8 matrices, no held-out slice: fits
+    with pytest.raises(GluPruneError, match=r"prune --offload --corpus"):
+        check_layerwise_memory([100] * 7, 50, spilled=False)  # 7 matrices and 7 half-size sets of rows: refused
 
 
 def test_sequential_pruning_holds_one_layers_second_moments(monkeypatch):
