@@ -58,11 +58,17 @@ def calibration_peak(shapes: Shapes, tokens: int, batch_tokens: int, streams: in
     a time with its batches' activations and, with ``streams`` > 0, the layer's float64 second moments
     being summed (``streams`` of them: fit, held-out) and the float64 copy of a block of rows; ``held``:
     the bytes kept from the layers already done (their moments, when they are not spilled)."""
-    activations = activation_bytes(shapes, tokens, batch_tokens)
-    capture = shapes.embedding_bytes + activations
+    capture, layer = calibration_phases(shapes, tokens, batch_tokens)
     width = max(shapes.widths, default=0)
     summing = moment_bytes(width, streams) + (F64 * min(TOKEN_BLOCK, tokens) * width if streams else 0)
-    return max(capture, shapes.layer_bytes + activations + summing) + held
+    return max(capture, layer + summing) + held
+
+
+def calibration_phases(shapes: Shapes, tokens: int, batch_tokens: int) -> tuple[int, int]:
+    """A layer-by-layer calibration's two phases without second moments: (the embeddings while the
+    inputs are captured, the largest decoder layer), each with the activations."""
+    activations = activation_bytes(shapes, tokens, batch_tokens)
+    return shapes.embedding_bytes + activations, shapes.layer_bytes + activations
 
 
 def rewrite_peak(shapes: Shapes, held: int = 0) -> int:

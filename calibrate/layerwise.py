@@ -20,7 +20,7 @@ from torch import nn
 
 from calibrate.batches import real_tokens
 from calibrate.errors import GluPruneError
-from calibrate.footprint import calibration_peak, shapes_of
+from calibrate.footprint import calibration_phases, shapes_of
 from calibrate.glu import check_layers, decoder, decoder_layers, glu_layers
 from calibrate.hooks import TOKEN_BLOCK, HookOwner, real_rows, recording
 from calibrate.offload import ResidentLoader
@@ -266,13 +266,14 @@ class Placement:
     spill: str | Path | None = None
 
 
-def check_layerwise_memory(sizes: list[int], held_tokens: int | None, spilled: bool, floor: int = 0) -> None:
+def check_layerwise_memory(sizes: list[int], held_tokens: int | None, spilled: bool,
+                           floor: tuple[int, int] = (0, 0)) -> None:
     """Refuse a layer-by-layer calibration whose second moments would not fit: one layer's when
     finished layers are spilled to files or released after use (sequential pruning), else every
     layer's (all are held until the file is written); ``held_tokens``: the held-out slice's (None:
     none), kept as float32 rows while fewer than a layer's neurons, else as a second moment too;
-    ``floor``: what an offloaded run holds besides (:func:`calibrate.footprint.calibration_peak`
-    without second moments)."""
+    ``floor``: what an offloaded run holds besides, (while capturing the inputs, while running a
+    layer: :func:`offloaded_floor`); the second moments are summed in the second."""
     def held(size: int) -> int:
         return 0 if held_tokens is None else min(4 * held_tokens * size, second_moment_bytes([size]))
 
@@ -280,21 +281,21 @@ def check_layerwise_memory(sizes: list[int], held_tokens: int | None, spilled: b
         size = max(sizes)
         needed = second_moment_bytes([size]) + held(size)
         log.info("second moment: %s per layer (one layer at a time)", human_bytes(needed))
-        check_memory(needed + floor, what="one layer's weights, activations and second moments" if floor else
-                     "the second-moment matrices")
+        check_memory(max(floor[0], floor[1] + needed), what="one layer's weights, activations and second moments"
+                     if any(floor) else "the second-moment matrices")
         return
     needed = second_moment_bytes(sizes) + sum(held(s) for s in sizes)
     log.info("second moment: %s for %d layers, held until the statistics are written", human_bytes(needed), len(sizes))
-    check_memory(needed + floor, hint="calibrate fewer layers per file (--layers), or let prune calibrate "
+    check_memory(max(floor[0], floor[1] + needed), hint="calibrate fewer layers per file (--layers), or let prune calibrate "
                                       "(glu-prune prune --offload --corpus ...: one layer's second moments at a time)")
 
 
-def offloaded_floor(model, batches: list[dict], layers: list[int], dtype: torch.dtype) -> int:
-    """What a layer-by-layer run from the checkpoint holds at its peak without second moments: the
-    embeddings, or the largest decoder layer, with every batch's captured activations."""
+def offloaded_floor(model, batches: list[dict], layers: list[int], dtype: torch.dtype) -> tuple[int, int]:
+    """What a layer-by-layer run from the checkpoint holds without second moments: (the embeddings,
+    the largest decoder layer), each with every batch's captured activations."""
     tokens = real_tokens(batches)
     batch_tokens = max((b["input_ids"].numel() for b in batches), default=0)
-    return calibration_peak(shapes_of(model, layers, dtype), tokens, batch_tokens, streams=0)
+    return calibration_phases(shapes_of(model, layers, dtype), tokens, batch_tokens)
 
 
 def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
@@ -314,7 +315,7 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
     count = len(decoder_layers(model))
     selected = check_layers(layers, count)
     loader, device, spill = placement.loader, placement.device, placement.spill
-    floor = 0
+    floor = (0, 0)
     if loader is not None and loader.dtype is not None:
         batches, holdout_batches = list(batches), None if holdout_batches is None else list(holdout_batches)
         floor = offloaded_floor(model, batches + (holdout_batches or []), selected, loader.dtype)
@@ -322,8 +323,8 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
         check_layerwise_memory([g.intermediate_size for g in glu_layers(model, selected)],
                                None if holdout_batches is None else real_tokens(holdout_batches),
                                spilled=spill is not None or sequential is not None, floor=floor)
-    elif floor:
-        check_memory(floor, what="the embeddings or one decoder layer, with the captured activations,",
+    elif any(floor):
+        check_memory(max(floor), what="the embeddings or one decoder layer, with the captured activations,",
                      hint="fewer --max-tokens, or a larger memory limit")
     loader = loader or ResidentLoader()
     with loader.loaded(decoder(model).get_input_embeddings()):
