@@ -286,8 +286,9 @@ def check_layerwise_memory(sizes: list[int], held_tokens: int | None, spilled: b
         return
     needed = second_moment_bytes(sizes) + sum(held(s) for s in sizes)
     log.info("second moment: %s for %d layers, held until the statistics are written", human_bytes(needed), len(sizes))
-    check_memory(max(floor[0], floor[1] + needed), hint="calibrate fewer layers per file (--layers), or let prune calibrate "
-                                      "(glu-prune prune --offload --corpus ...: one layer's second moments at a time)")
+    check_memory(max(floor[0], floor[1] + needed),
+                 hint="calibrate fewer layers per file (--layers), or let prune calibrate "
+                      "(glu-prune prune --offload --corpus ...: one layer's second moments at a time)")
 
 
 def offloaded_floor(model, batches: list[dict], layers: list[int], dtype: torch.dtype) -> tuple[int, int]:
