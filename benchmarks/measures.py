@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+from calibrate.files import drop_cached
+
 MIB = 2**20
 
 
@@ -137,12 +139,4 @@ class Cgroup:
 def evict(*roots: Path) -> None:
     """Drop the files under ``roots`` from the page cache, so that a run reads them itself and its
     group is charged for them (a cached page stays charged to the group that first read it)."""
-    os.sync()
-    for root in roots:
-        for path in ([root] if root.is_file() else root.rglob("*") if root.exists() else []):
-            if path.is_file():
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
+    drop_cached(*roots)

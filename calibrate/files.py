@@ -99,3 +99,17 @@ def replace_dir(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def drop_cached(*roots: Path) -> None:
+    """Write the files under ``roots`` to disk and drop them from the page cache: a cached page stays
+    charged to the memory cgroup that touched it, and counts as in use until the kernel reclaims it."""
+    for root in roots:
+        for path in ([root] if root.is_file() else root.rglob("*") if root.exists() else []):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)

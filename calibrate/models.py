@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from calibrate.errors import ConfigError, GluPruneError
-from calibrate.files import atomic_dir
+from calibrate.files import atomic_dir, drop_cached
 from calibrate.glu import glu_layers
 from calibrate.manifest import layer_sizes
 from calibrate.resources import checkpoint_bytes
@@ -138,6 +138,7 @@ def convert_gguf(path: Path) -> Path:
     except Exception as exc:  # transformers and gguf raise many types for a broken file
         raise GluPruneError(f"{path} could not be read as a GGUF model ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}): is the file complete?") from exc
+    drop_cached(Path(path), target)  # what the conversion read and wrote is not this run's memory
     return target
 
 

@@ -2,6 +2,8 @@
 as transformers' whole-model conversion, with a few tensors in memory instead of all of them."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +116,21 @@ def test_a_conversion_by_an_older_converter_is_not_reused(tiny_gguf, tmp_path, m
     fresh = models.convert_gguf(path)
     assert fresh != stale and len(runs) == 1 and not (fresh / "stale").exists()
     assert models.convert_gguf(path) == fresh and len(runs) == 1  # the current converter's entry is reused
+
+
+def test_the_conversion_drops_what_it_read_and_wrote_from_the_page_cache(tiny_gguf, tmp_path, monkeypatch):
+    """Cached pages stay charged to a memory cgroup: the converted files and the .gguf are flushed and
+    dropped once converted, with the cache's files complete on disk."""
+    path, _ = tiny_gguf
+    monkeypatch.setenv("GLU_PRUNE_CACHE", str(tmp_path / "cache"))
+    advised, real = [], os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, *a: advised.append((os.readlink(f"/proc/self/fd/{fd}"), a))
+                        or real(fd, *a))
+    target = models.convert_gguf(path)
+    dropped = {Path(name) for name, advice in advised if advice == (0, 0, os.POSIX_FADV_DONTNEED)}
+    assert Path(path).resolve() in dropped
+    assert {p.resolve() for p in target.rglob("*") if p.is_file()} <= dropped
+    assert (target / "config.json").is_file() and list(target.glob("*.safetensors"))
 
 
 def test_a_large_vocabulary_s_tables_are_written_in_row_blocks_never_whole(tmp_path, monkeypatch):
