@@ -31,16 +31,18 @@ def refit_peak(width: int, kept: int, hidden: int, held_rows: int = 0) -> int:
     ``held_rows`` held-out activations (float32 as kept, fewer than the width) instead: the fit
     moment as read (width²) and its normalised kept columns (width × K), then the rows in float64
     with their kept columns and their outputs ``x Wᵀ``, then per ridge the shifted matrix
-    factorised in place (3 K² with ``S[K, K]`` and the solver's copy; the best ridge's factor is made
-    again once chosen, not kept), the rows' solve (K × rows) and its hidden × rows predictions and
-    residuals; no refit's error reads the removed columns of the rows again. Float64 throughout,
+    factorised in place (3 K² with ``S[K, K]`` and the solver's copy), the rows' solve (K × rows) and
+    its hidden × rows predictions and residuals; with fewer rows than outputs the best ridge's factor
+    is made again once chosen, otherwise each ridge's weight is solved (hidden × K) and the best one
+    kept; no refit's error reads the removed columns of the rows again. Float64 throughout,
     and the solver's workspace. Checked against the peak RSS of a refit in tests/test_spill.py."""
     workspace = min(SOLVER_WORKSPACE, 2 * F64 * kept * kept)
     if held_rows:
         h, rows = held_rows, held_rows * width // 2  # the float32 rows as kept, in float64 elements
         base = width * width + rows + hidden * width
         forming = base + max(kept * width, h * width + h * hidden + h * kept) + kept * kept + hidden * kept
-        solving = base + hidden * kept + 3 * kept * kept + 3 * h * kept + 4 * hidden * h
+        weights = 2 * hidden * kept if h >= hidden else 0  # this ridge's solved weight and the best one's
+        solving = base + hidden * kept + 3 * kept * kept + 3 * h * kept + 4 * hidden * h + weights
         plain = base + hidden * kept + kept * kept + h * kept + 2 * h * width + h * hidden
         return F64 * max(forming, solving, plain) + workspace
     forming = 3 * width * width + kept * width + kept * kept + 3 * hidden * width + hidden * kept

@@ -133,13 +133,14 @@ def none_error(weight: torch.Tensor, keep: torch.Tensor, holdout: LayerStats | t
 
 class RidgeCandidates:
     """Every ridge of ``RIDGE_GRID`` as a candidate refit of one layer, scored on held-out data on
-    demand: one Cholesky factorisation per ridge scored, its error exact (float64).
+    demand: one Cholesky factorisation per ridge scored, its error exact (float64); the best ridge's
+    weight is kept (hidden × |K|, smaller than a K² factor).
 
     ``holdout`` is either :class:`LayerStats` (the error through :class:`HeldOut`: one solve for the
     refit and one product with ``H[K, K]``) or the held-out activations themselves, a tensor
     (tokens × intermediate, real tokens only), which is cheaper when there are fewer held-out tokens
     than outputs: the solve runs on the held-out rows and the weights are solved once, for the
-    chosen ridge.
+    chosen ridge, whose factor is made again.
     """
 
     def __init__(self, weight: torch.Tensor, keep: torch.Tensor, fit: LayerStats, holdout, centred: bool,
@@ -187,10 +188,12 @@ class RidgeCandidates:
             rows_k, residual = self.rows
             if len(rows_k) < len(self.target):
                 prediction = self.target @ torch.cholesky_solve(rows_k.T, factor)
+                kept = factor.new_empty(0)  # the best ridge's factor is made again when chosen
             else:
-                prediction = torch.cholesky_solve(self.target.T, factor).T @ rows_k.T
+                kept = torch.cholesky_solve(self.target.T, factor).T  # the weight itself: kept if best
+                prediction = kept @ rows_k.T
+            del factor
             error = float((residual - prediction).square().sum()) / max(len(rows_k), 1)
-            kept = factor.new_empty(0)  # the best ridge's factor is made again when chosen
         else:
             kept = torch.cholesky_solve(self.target.T, factor).T
             error = self.held.error(kept, self.bias(kept))
@@ -204,7 +207,7 @@ class RidgeCandidates:
         if self.best is None:
             raise GluPruneError("every ridge left the refit singular: use more calibration tokens")
         error, index, kept = self.best
-        new = torch.cholesky_solve(self.target.T, self.factor(index)).T if self.rows is not None else kept
+        new = kept if kept.numel() else torch.cholesky_solve(self.target.T, self.factor(index)).T
         return error, RIDGE_GRID[index], new, self.bias(new)
 
 

@@ -195,7 +195,7 @@ print(status("VmHWM") - before)
 """
 
 
-@pytest.mark.parametrize("rows", [0, 512])
+@pytest.mark.parametrize("rows", [0, 512, 1024])  # 1024: more held-out rows than outputs, fewer than the width
 def test_one_refit_stays_within_the_working_set_the_pre_flight_counts(tmp_path, rows):
     """SmolLM2's width, in a fresh process: the refit's peak above what was held before it (the raw
     second moments or the float32 held-out rows, counted by refit_peak too) stays within refit_peak,
