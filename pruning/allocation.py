@@ -49,6 +49,35 @@ def spread_fractions(importance: dict[int, float], keep_fraction: float, spread:
     return dict(zip(layers, fractions.tolist()))
 
 
+def sample_layers(layers: list[int], count: int) -> list[int]:
+    """``count`` of ``layers`` (sorted): the first two and the last two (where a layer's sensitivity
+    changes fastest with depth; docs/allocation.md) and the rest spread evenly between them; all of
+    them when ``count`` is at least their number."""
+    layers = sorted(layers)
+    if count < 4:
+        raise GluPruneError(f"sampling {count} layer(s) cannot hold both ends of the depth: sample at least 4")
+    if count >= len(layers):
+        return layers
+    inner, middle = layers[2:-2], count - 4
+    step = (len(inner) + 1) / (middle + 1)
+    return sorted({*layers[:2], *layers[-2:], *(inner[round(k * step) - 1] for k in range(1, middle + 1))})
+
+
+def interpolate_layers(values: dict[int, float], layers: list[int]) -> dict[int, float]:
+    """``values`` measured on some layers, linearly interpolated in layer index to every one of ``layers``
+    (held constant beyond the first and last measured layer)."""
+    known = sorted(values)
+    if not known:
+        raise GluPruneError("no layer was measured: nothing to interpolate")
+    out = {}
+    for i in layers:
+        below = max((k for k in known if k <= i), default=known[0])
+        above = min((k for k in known if k >= i), default=known[-1])
+        t = 0.0 if above == below else (i - below) / (above - below)
+        out[i] = (1 - t) * float(values[below]) + t * float(values[above])
+    return out
+
+
 def counts_from_fractions(fractions: dict[int, float], sizes: dict[int, int], total_keep: int, min_keep: int,
                           multiple_of: int = 1) -> dict[int, int]:
     """Kept counts nearest ``fraction × size`` that are multiples of ``multiple_of``, at least

@@ -95,3 +95,37 @@ def test_cli_sensitivity_allocation_saves_a_model_that_reloads_with_its_sizes(tm
     assert sum(manifest["intermediate_sizes"]) == 3 * 48 and len(set(manifest["intermediate_sizes"])) > 1
     reloaded = load_pruned(tmp_path / "p")
     assert [g.intermediate_size for g in glu_layers(reloaded)] == manifest["intermediate_sizes"]
+
+
+def test_sample_layers_hold_both_ends_and_spread_the_rest_and_interpolation_is_linear_between_them():
+    from pruning.allocation import interpolate_layers, sample_layers
+    assert sample_layers(list(range(30)), 5) == [0, 1, 15, 28, 29]
+    assert sample_layers(list(range(30)), 6) == [0, 1, 10, 19, 28, 29]
+    assert sample_layers([5, 1, 3], 6) == [1, 3, 5]
+    with pytest.raises(GluPruneError, match="at least 4"):
+        sample_layers(list(range(10)), 3)
+    assert interpolate_layers({2: 1.0, 6: 3.0}, [0, 2, 3, 6, 8]) == {0: 1.0, 2: 1.0, 3: 1.5, 6: 3.0, 8: 3.0}
+
+
+def test_sampled_sensitivity_measures_the_sampled_layers_on_the_first_tokens_and_interpolates_the_rest(monkeypatch):
+    import pruning.allocators as allocators
+    model = tiny_model("llama", num_hidden_layers=6)
+    ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(2))
+    batches = [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}]
+    measured = []
+
+    def spy(model, plan, refit, batches):
+        measured.append((sorted(plan), len(batches)))
+        return layer_sensitivity(model, plan, refit, batches)
+
+    monkeypatch.setattr(allocators, "layer_sensitivity", spy)
+    config = PruneConfig(ratio=0.25, method="hybrid")
+    stats = stats_for(model)
+    run = allocators.Run(config.target, 0.2, model.config.hidden_size, model, None, batches,
+                         refit=lambda layer, kept: refit_layer(layer, kept, "none", None, None)[:2])
+    scores = {g.index: score_layer(g, config, stats.layers[g.index]) for g in glu_layers(model)}
+    full = allocators.Sensitivity(tokens=64).importance(run, scores, {})
+    sampled = allocators.Sensitivity(sampled=5, tokens=64, name="sensitivity-sampled").importance(run, scores, {})
+    assert measured == [([0, 1, 2, 3, 4, 5], 1), ([0, 1, 3, 4, 5], 1)]  # 64 tokens: the first batch only
+    assert all(sampled[i] == pytest.approx(full[i]) for i in (0, 1, 3, 4, 5))
+    assert sampled[2] == pytest.approx((full[1] + full[3]) / 2)

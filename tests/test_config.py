@@ -46,7 +46,8 @@ def test_obs_with_global_allocation_is_refused_because_it_would_be_nearly_unifor
 
 def test_the_registry_lists_what_each_entry_needs():
     assert {n for n, m in METHODS.items() if not m.data} == {"maw", "ppm", "l1", "l2", "vow", "random"}
-    assert [n for n, a in ALLOCATIONS.items() if not a.streamable] == ["sensitivity", "curve"]  # both measure on text
+    assert [n for n, a in ALLOCATIONS.items() if not a.streamable] == ["sensitivity", "sensitivity-sampled",
+                                                                       "curve"]  # they measure on text
     assert {n for n, r in RECONSTRUCTIONS.items() if r.second_moment} == {"lstsq", "lstsq-centred", "lstsq-local",
                                                                            "mlp"}  # local ones start from lstsq
     assert {n for n, r in RECONSTRUCTIONS.items() if r.needs_text} == {"lstsq-local", "mlp"}
