@@ -131,12 +131,3 @@ def real_tokens(batches: list[dict]) -> int:
     """The tokens of ``batches`` that are not padding."""
     return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
 
-
-def first_tokens(batches: list[dict], tokens: int) -> list[dict]:
-    """The first of ``batches`` (whole batches, at least one) that hold ``tokens`` real tokens."""
-    taken = []
-    for batch in batches:
-        taken.append(batch)
-        if real_tokens(taken) >= tokens:
-            break
-    return taken

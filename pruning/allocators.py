@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from calibrate.batches import first_tokens
 from calibrate.errors import GluPruneError
 from calibrate.glu import GLULayer
 from calibrate.stats import LayerStats
@@ -32,8 +31,7 @@ from pruning.importance import layer_sensitivity, output_gradient_moments
 from pruning.plan import Target, kept_count, plan_global, plan_uniform, top_k
 
 MIN_KEEP_FRACTION = 0.05  # non-uniform allocations keep at least this fraction of every layer
-SAMPLED_LAYERS = 5  # sensitivity-sampled: layers measured, and on how many held-out tokens (docs/allocation.md)
-SAMPLED_TOKENS = 2048
+SAMPLED_LAYERS = 5  # sensitivity-sampled: the layers measured (docs/allocation.md)
 GRADIENT_TOKENS = 4096  # held-out tokens for that metric: a backward pass costs about 2.6 forward passes on CPU
 
 Measure = Callable[[GLULayer, torch.Tensor, "LayerStats | None"], object]  # (layer, its scores, fit stats)
@@ -122,10 +120,9 @@ class Outliers(Spread):
 class Sensitivity(Spread):
     """Importance is the held-out loss of pruning each layer alone (uniformly, with the cut's refit);
     with ``sampled``, measured on that many layers (:func:`pruning.allocation.sample_layers`) and
-    interpolated between them; with ``tokens``, on the first held-out batches that hold that many."""
+    interpolated between them."""
 
     sampled: int | None = None
-    tokens: int | None = None
     name: str = "sensitivity"
 
     def importance(self, run, scores, measured):
@@ -133,9 +130,8 @@ class Sensitivity(Spread):
             raise GluPruneError(f"the {self.name} allocation measures each layer's loss on calibration text: "
                                 f"give held-out calibration batches")
         layers = sorted(scores) if self.sampled is None else sample_layers(list(scores), self.sampled)
-        text = run.text_batches if self.tokens is None else first_tokens(run.text_batches, self.tokens)
         trial = {i: top_k(scores[i], kept_count(scores[i].numel(), run.hidden, run.target)) for i in layers}
-        return interpolate_layers(layer_sensitivity(run.model, trial, run.refit, text), sorted(scores))
+        return interpolate_layers(layer_sensitivity(run.model, trial, run.refit, run.text_batches), sorted(scores))
 
 
 def layer_curve(layer: GLULayer, scores: torch.Tensor, stats: LayerStats, metric: torch.Tensor | None) -> torch.Tensor:

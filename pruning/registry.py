@@ -24,7 +24,7 @@ import torch
 from calibrate.errors import ConfigError, GluPruneError
 from calibrate.stats import LayerStats, PairedStats
 from pruning import reconstruct, scores
-from pruning.allocators import SAMPLED_LAYERS, SAMPLED_TOKENS, Allocator, Curve, Global, Outliers, Sensitivity, Uniform
+from pruning.allocators import SAMPLED_LAYERS, Allocator, Curve, Global, Outliers, Sensitivity, Uniform
 from pruning.scores import Score
 
 Refit = Callable[..., tuple]  # (weight, keep, fit, holdout, pairs, search) -> (down weight, bias or None, chosen)
@@ -112,10 +112,8 @@ ALLOCATIONS: dict[str, Allocation] = {
     "sensitivity": Allocation("more kept where pruning that layer alone costs more loss on held-out calibration "
                               "text", Sensitivity(), needs_text=True, streamable=False),
     "sensitivity-sampled": Allocation(f"sensitivity measured on {SAMPLED_LAYERS} layers (the first two, the last "
-                                      f"two, the rest between) and {SAMPLED_TOKENS} held-out tokens, linearly "
-                                      f"interpolated over the depth",
-                                      Sensitivity(sampled=SAMPLED_LAYERS, tokens=SAMPLED_TOKENS,
-                                                  name="sensitivity-sampled"),
+                                      f"two, the rest between), linearly interpolated over the depth",
+                                      Sensitivity(sampled=SAMPLED_LAYERS, name="sensitivity-sampled"),
                                       needs_text=True, streamable=False),
     "curve": Allocation("equal marginal refit error across layers, from each layer's closed-form error curve "
                         "(second moments) measured in the loss gradient's metric (one backward pass over "

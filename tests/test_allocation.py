@@ -107,7 +107,7 @@ def test_sample_layers_hold_both_ends_and_spread_the_rest_and_interpolation_is_l
     assert interpolate_layers({2: 1.0, 6: 3.0}, [0, 2, 3, 6, 8]) == {0: 1.0, 2: 1.0, 3: 1.5, 6: 3.0, 8: 3.0}
 
 
-def test_sampled_sensitivity_measures_the_sampled_layers_on_the_first_tokens_and_interpolates_the_rest(monkeypatch):
+def test_sampled_sensitivity_measures_only_the_sampled_layers_and_interpolates_the_rest(monkeypatch):
     import pruning.allocators as allocators
     model = tiny_model("llama", num_hidden_layers=6)
     ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(2))
@@ -124,8 +124,8 @@ def test_sampled_sensitivity_measures_the_sampled_layers_on_the_first_tokens_and
     run = allocators.Run(config.target, 0.2, model.config.hidden_size, model, None, batches,
                          refit=lambda layer, kept: refit_layer(layer, kept, "none", None, None)[:2])
     scores = {g.index: score_layer(g, config, stats.layers[g.index]) for g in glu_layers(model)}
-    full = allocators.Sensitivity(tokens=64).importance(run, scores, {})
-    sampled = allocators.Sensitivity(sampled=5, tokens=64, name="sensitivity-sampled").importance(run, scores, {})
-    assert measured == [([0, 1, 2, 3, 4, 5], 1), ([0, 1, 3, 4, 5], 1)]  # 64 tokens: the first batch only
+    full = allocators.Sensitivity().importance(run, scores, {})
+    sampled = allocators.Sensitivity(sampled=5, name="sensitivity-sampled").importance(run, scores, {})
+    assert measured == [([0, 1, 2, 3, 4, 5], 2), ([0, 1, 3, 4, 5], 2)]
     assert all(sampled[i] == pytest.approx(full[i]) for i in (0, 1, 3, 4, 5))
     assert sampled[2] == pytest.approx((full[1] + full[3]) / 2)

@@ -1,10 +1,11 @@
 """What an allocation costs against the uniform one, measured side by side in one run.
 
-Each allocation decides the same cut (score, allocate, plan, refit every layer: :func:`pruning.decide.decide`)
-of the same model from the same statistics and held-out calibration text (the last eighth of the
-calibration batches, as ``glu-prune prune`` holds it out), in turn; prints each one's seconds, its
-ratio to ``uniform``, the range of kept widths, and how closely its per-layer importance follows the
-full ``sensitivity`` one (Pearson correlation, when both were run). ``--out`` writes the figures and
+Each allocation prunes the same model (score, allocate, plan, refit and cut every layer:
+:func:`pruning.prune.prune`, what ``glu-prune prune`` runs after calibration, without the save)
+from the same statistics and held-out calibration text (the last eighth of the calibration
+batches, as ``glu-prune prune`` holds it out), in turn; prints each one's seconds, its ratio to
+``uniform``, the range of kept widths, and how closely its per-layer importance follows the full
+``sensitivity`` one (Pearson correlation, when both were run). ``--out`` writes the figures and
 each allocation's importance and kept widths as JSON.
 
     python -m benchmarks.studies.allocation_cost --stats S.safetensors [--model smollm2-135m]
@@ -26,7 +27,7 @@ from calibrate.models import load_model
 from calibrate.run import split_holdout
 from calibrate.stats import ActivationStats
 from pruning.config import PruneConfig
-from pruning.decide import decide
+from pruning.prune import prune
 from pruning.workflow import HOLDOUT, CalibrationSettings, calibration_batches
 
 
@@ -67,10 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     for allocation in args.allocations.split(","):
         config = PruneConfig(ratio=args.ratio, method="hybrid", allocation=allocation, reconstruct=args.reconstruct)
         start = time.perf_counter()
-        decision = decide(model, stats, config, text_batches=text)
+        manifest = prune(model, stats, config, text_batches=text).manifest.to_dict()
         seconds = time.perf_counter() - start
-        widths = {i: int(k.numel()) for i, k in decision.plan.items()}
-        rows[allocation] = {"seconds": seconds, "widths": widths, "importance": decision.importance}
+        widths = dict(enumerate(manifest["intermediate_sizes"]))
+        importance = {int(i): v for i, v in (manifest.get("layer_importance") or {}).items()} or None
+        rows[allocation] = {"seconds": seconds, "widths": widths, "importance": importance}
     base = rows.get("uniform", {}).get("seconds")
     full = rows.get("sensitivity", {}).get("importance")
     print(f"{'allocation':<22} {'seconds':>9} {'÷ uniform':>10} {'kept widths':>14} {'r (sensitivity)':>16}")
