@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tiny import INTERMEDIATE, saved_manifest, stats_for, tiny_model
+from tiny import FAMILIES, INTERMEDIATE, saved_manifest, stats_for, tiny_model
 
 from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
@@ -129,3 +129,48 @@ def test_sampled_sensitivity_measures_only_the_sampled_layers_and_interpolates_t
     assert measured == [([0, 1, 2, 3, 4, 5], 2), ([0, 1, 3, 4, 5], 2)]
     assert all(sampled[i] == pytest.approx(full[i]) for i in (0, 1, 3, 4, 5))
     assert sampled[2] == pytest.approx((full[1] + full[3]) / 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sensitivity_resumed_from_dense_outputs_equals_full_passes_bit_for_bit_and_skips_earlier_layers(family):
+    from pruning.importance import substituted
+    model = tiny_model(family, num_hidden_layers=4)
+    ids = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(8, 16, dtype=torch.long)
+    mask[1, 9:] = 0  # a padded row
+    batches = [{"input_ids": ids[:4], "attention_mask": mask[:4]}, {"input_ids": ids[4:], "attention_mask": mask[4:]}]
+    stats = stats_for(model)
+    config = PruneConfig(ratio=0.25, method="hybrid")
+    plan = {g.index: top_k(score_layer(g, config, stats.layers[g.index]), 40) for g in glu_layers(model)}
+
+    def refit(layer, kept):
+        return refit_layer(layer, kept, "none", None, None)[:2]
+
+    first_mlp_calls = []
+    handle = glu_layers(model)[0].mlp.register_forward_hook(lambda *_: first_mlp_calls.append(1))
+    resumed = layer_sensitivity(model, plan, refit, batches)
+    handle.remove()
+    base = mean_nll(model, batches)
+    for g in glu_layers(model):
+        masked = torch.zeros(g.down.weight.shape)
+        masked[:, plan[g.index]] = refit(g, plan[g.index])[0].float()
+        with substituted(g.down, masked, g.down.bias):
+            assert resumed[g.index] == mean_nll(model, batches) - base
+    assert len(first_mlp_calls) == 3 * len(batches)  # the base pass, the dense pass, the trial of layer 0
+
+
+def test_sensitivity_resumed_in_chunks_of_one_layer_gives_the_same_increases(monkeypatch):
+    import pruning.importance as importance
+    model = tiny_model("llama", num_hidden_layers=4)
+    batches = [{"input_ids": torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(s))}
+               for s in (1, 2)]
+    stats = stats_for(model)
+    config = PruneConfig(ratio=0.25, method="hybrid")
+    plan = {g.index: top_k(score_layer(g, config, stats.layers[g.index]), 40) for g in glu_layers(model)}
+
+    def refit(layer, kept):
+        return refit_layer(layer, kept, "none", None, None)[:2]
+
+    whole = layer_sensitivity(model, plan, refit, batches)
+    monkeypatch.setattr(importance, "RESUME_CACHE_BYTES", 1)  # one layer's dense outputs at a time
+    assert layer_sensitivity(model, plan, refit, batches) == whole
