@@ -44,19 +44,20 @@ RESUME_CACHE_BYTES = 512 * 2**20  # dense decoder-layer outputs held at once whi
 def layer_sensitivity(model, plan: dict[int, torch.Tensor], refit: Refit, batches: list[dict]) -> dict[int, float]:
     """Increase of mean NLL on ``batches`` when only layer l keeps its ``plan[l]`` neurons, refitted by
     ``refit(layer, kept) -> (weight, bias)``; the model is left unchanged. Each trial resumes from the
-    dense output of the layer before l, kept from one dense pass (:func:`resumed_at`), so the layers
-    before l are not run again: the same sums as full forward passes, at a fraction of their cost."""
-    base, count = total_nll(model, batches)
+    dense output of the layer before l, kept from the dense pass that also gives the base loss
+    (:func:`resumed_at`), so the layers before l are not run again: the same sums as full forward
+    passes, for less."""
     blocks = decoder_layers(model)
     hidden = model.config.hidden_size
     per_layer = sum(b["input_ids"].numel() for b in batches) * hidden * next(model.parameters()).element_size()
     order = sorted(plan)
     size = max(1, RESUME_CACHE_BYTES // max(per_layer, 1))
-    increase = {}
+    increase, base = {}, 0.0
     progress = bar(None, desc="layer sensitivity", unit="layer", default=False, total=len(order))
     for start in range(0, len(order), size):
         chunk = order[start:start + size]
-        outputs = dense_outputs(model, [i - 1 for i in chunk if i > 0], batches)
+        outputs, (dense, count) = dense_outputs(model, [i - 1 for i in chunk if i > 0], batches)
+        base = dense if start == 0 else base
         for layer in glu_layers(model, chunk):
             new_weight, bias = refit(layer, plan[layer.index])
             down = layer.down
@@ -73,17 +74,15 @@ def layer_sensitivity(model, plan: dict[int, torch.Tensor], refit: Refit, batche
     return increase
 
 
-def dense_outputs(model, indices: list[int], batches: list[dict]) -> dict[int, list]:
-    """Each decoder layer in ``indices``'s output (as the layer returns it) for every batch, from one pass."""
+def dense_outputs(model, indices: list[int], batches: list[dict]) -> tuple[dict[int, list], tuple[float, int]]:
+    """Each decoder layer in ``indices``'s output (as the layer returns it) for every batch, and the
+    model's :func:`total_nll` on ``batches``, from one pass."""
     blocks = decoder_layers(model)
     outputs: dict[int, list] = {i: [] for i in indices}
-    if not indices:
-        return outputs
     with HookOwner() as owned:
         for i in indices:
             owned.forward_hook(blocks[i], lambda _module, _args, out, i=i: outputs[i].append(out))
-        total_nll(model, batches)
-    return outputs
+        return outputs, total_nll(model, batches)
 
 
 @contextmanager
