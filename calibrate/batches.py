@@ -130,4 +130,3 @@ def make_batches(tokenizer, corpus: Corpus, seq_len: int = 128, max_tokens: int 
 def real_tokens(batches: list[dict]) -> int:
     """The tokens of ``batches`` that are not padding."""
     return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
-

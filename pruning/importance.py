@@ -52,26 +52,33 @@ def layer_sensitivity(model, plan: dict[int, torch.Tensor], refit: Refit, batche
     per_layer = sum(b["input_ids"].numel() for b in batches) * hidden * next(model.parameters()).element_size()
     order = sorted(plan)
     size = max(1, RESUME_CACHE_BYTES // max(per_layer, 1))
-    increase, base = {}, 0.0
+    increase = {}
     progress = bar(None, desc="layer sensitivity", unit="layer", default=False, total=len(order))
     for start in range(0, len(order), size):
         chunk = order[start:start + size]
         outputs, (dense, count) = dense_outputs(model, [i - 1 for i in chunk if i > 0], batches)
-        base = dense if start == 0 else base
+        if start == 0:
+            base = dense
         for layer in glu_layers(model, chunk):
-            new_weight, bias = refit(layer, plan[layer.index])
-            down = layer.down
-            masked = torch.zeros(down.weight.shape, dtype=torch.float64)
-            masked[:, plan[layer.index]] = new_weight
-            masked = masked.to(down.weight.dtype).to(down.weight.device)
-            full_bias = down.bias if bias is None else (bias.to(masked) + (down.bias if down.bias is not None else 0))
-            with substituted(down, masked, full_bias), resumed_at(blocks, layer.index, outputs.get(layer.index - 1)):
+            with substituted(layer.down, *trial_down(layer, plan[layer.index], refit)), \
+                    resumed_at(blocks, layer.index, outputs.get(layer.index - 1)):
                 total, _ = total_nll(model, batches)
             increase[layer.index] = total / max(count, 1) - base / max(count, 1)
             progress.update()
         del outputs
     progress.close()
     return increase
+
+
+def trial_down(layer: GLULayer, kept: torch.Tensor, refit: Refit) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of ``layer``'s down projection with only ``kept`` columns, refitted by ``refit``,
+    the removed columns zero (the layer's shape, dtype and device)."""
+    new_weight, bias = refit(layer, kept)
+    down = layer.down
+    masked = torch.zeros(down.weight.shape, dtype=torch.float64)
+    masked[:, kept] = new_weight
+    masked = masked.to(down.weight.dtype).to(down.weight.device)
+    return masked, down.bias if bias is None else (bias.to(masked) + (down.bias if down.bias is not None else 0))
 
 
 def dense_outputs(model, indices: list[int], batches: list[dict]) -> tuple[dict[int, list], tuple[float, int]]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from calibrate.batches import real_tokens
 from calibrate.corpora import load_corpus
 from calibrate.glu import glu_layers
 from calibrate.models import load_model
@@ -34,7 +35,7 @@ from pruning.allocation import sample_layers
 from pruning.allocators import SAMPLED_LAYERS
 from pruning.config import PruneConfig
 from pruning.decide import layer_stats, refit_layer, score_layer
-from pruning.importance import layer_sensitivity, mean_nll, substituted
+from pruning.importance import layer_sensitivity, mean_nll, substituted, trial_down
 from pruning.plan import kept_count, top_k
 from pruning.prune import prune
 from pruning.workflow import HOLDOUT, CalibrationSettings, calibration_batches
@@ -53,13 +54,7 @@ def full_pass_sensitivity(model, plan: dict, refit, batches: list[dict]) -> dict
     base = mean_nll(model, batches)
     increase = {}
     for layer in glu_layers(model, sorted(plan)):
-        new_weight, bias = refit(layer, plan[layer.index])
-        masked = torch.zeros(layer.down.weight.shape, dtype=torch.float64)
-        masked[:, plan[layer.index]] = new_weight
-        masked = masked.to(layer.down.weight.dtype)
-        full_bias = layer.down.bias if bias is None else bias.to(masked) + (
-            layer.down.bias if layer.down.bias is not None else 0)
-        with substituted(layer.down, masked, full_bias):
+        with substituted(layer.down, *trial_down(layer, plan[layer.index], refit)):
             increase[layer.index] = mean_nll(model, batches) - base
     return increase
 
@@ -112,10 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     corpus = load_corpus(args.corpus, data_dir=args.data_dir)
     text = split_holdout(calibration_batches(tokenizer, corpus, CalibrationSettings(max_tokens=args.tokens)),
                          HOLDOUT)[1]
-    held_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                      for b in text)
     print(f"{args.model}, {args.corpus}, ratio {args.ratio}, reconstruct {args.reconstruct}, "
-          f"{held_tokens} held-out tokens, {torch.get_num_threads()} threads")
+          f"{real_tokens(text)} held-out tokens, {torch.get_num_threads()} threads")
     if args.trials:
         time_trials(model, stats, text, args.ratio, args.reconstruct, args.turns)
         return
