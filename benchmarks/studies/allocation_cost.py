@@ -27,6 +27,7 @@ import torch
 
 from calibrate.batches import real_tokens
 from calibrate.corpora import load_corpus
+from calibrate.errors import GluPruneError
 from calibrate.glu import glu_layers
 from calibrate.models import load_model
 from calibrate.run import split_holdout
@@ -135,4 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except GluPruneError as error:
+        raise SystemExit(f"allocation_cost: error: {error}") from None

@@ -20,7 +20,9 @@ FIELDS = ("ratio", "corpus", "method", "seconds", "domain_ppl", "other_ppl", "ba
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The frontier's rows, numbers parsed; a missing column is refused."""
+    """The frontier's rows, numbers parsed; a missing file or column is refused."""
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: give the measured rows with --csv")
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
