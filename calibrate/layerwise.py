@@ -259,11 +259,15 @@ class Placement:
     embeddings, then one decoder layer at a time, in memory; None: the model is resident), ``device``
     (where the layers run) and ``spill`` (a folder: each finished layer's statistics in files there,
     :class:`calibrate.spill.SpilledLayers`; held-out rows in the 16 bits the refit scores them at,
-    :func:`calibrate.spill.half_rows`)."""
+    :func:`calibrate.spill.half_rows`); ``finish`` (index, fit, held-out or None), when given, is
+    called with each selected layer's statistics as soon as they are recorded, its weights still
+    loaded: their second moments and held-out rows are released after it (only the per-neuron sums
+    are kept, or spilled), so one layer's are held at a time."""
 
     loader: object | None = None
     device: torch.device | None = None
     spill: str | Path | None = None
+    finish: Callable[[int, LayerStats, LayerStats | None], None] | None = None
 
 
 def check_layerwise_memory(sizes: list[int], held_tokens: int | None, spilled: bool,
@@ -289,6 +293,12 @@ def check_layerwise_memory(sizes: list[int], held_tokens: int | None, spilled: b
     check_memory(max(floor[0], floor[1] + needed),
                  hint="calibrate fewer layers per file (--layers), or let prune calibrate "
                       "(glu-prune prune --offload --corpus ...: one layer's second moments at a time)")
+
+
+def release_moments(results: list[LayerStats]) -> None:
+    """Drop the x xᵀ sums and held-out rows of a layer whose statistics were used: one layer's at a time is held."""
+    for result in results:
+        result.second_moment = result.activations = None
 
 
 def offloaded_floor(model, batches: list[dict], layers: list[int], dtype: torch.dtype) -> tuple[int, int]:
@@ -323,7 +333,8 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
     if second_moment:
         check_layerwise_memory([g.intermediate_size for g in glu_layers(model, selected)],
                                None if holdout_batches is None else real_tokens(holdout_batches),
-                               spilled=spill is not None or sequential is not None, floor=floor)
+                               spilled=spill is not None or sequential is not None or placement.finish is not None,
+                               floor=floor)
     elif any(floor):
         check_memory(max(floor), what="the embeddings or one decoder layer, with the captured activations,",
                      hint="fewer --max-tokens, or a larger memory limit")
@@ -341,14 +352,16 @@ def calibrate_layerwise(model, batches: Iterable[dict], *, holdout: float = 0.0,
                 runner.advance(index)
                 continue
             results = runner.record(index, second_moment, advance=sequential is None)
+            if placement.finish is not None:
+                placement.finish(index, results[0], results[1] if len(results) > 1 else None)
+                release_moments(results)
             stats[index] = results[0]
             if len(results) > 1:
                 holdout[index] = results[1]
             if sequential is not None:
                 found = sequential.inputs(runner, index)
                 sequential.change(index, results[0], results[1] if len(results) > 1 else None, found)
-                for result in results:  # used: one layer's x xᵀ at a time is held
-                    result.second_moment = result.activations = None
+                release_moments(results)
                 runner.advance(index, dense=False)
     result = ActivationStats(stats, dict(meta or {}), holdout or None)
     changed = sequential is not None and loader.dtype is not None  # offloaded and cut: the checkpoint is not it

@@ -155,11 +155,14 @@ def offload_model(model_name: str, device: torch.device, dtype: torch.dtype):
 @dataclass(frozen=True)
 class Offloaded:
     """How an offloaded model is run: ``loader`` fills one module at a time from the checkpoint,
-    ``device`` is where each runs, ``spill`` (a folder) keeps each layer's statistics in files."""
+    ``device`` is where each runs, ``spill`` (a folder) keeps each layer's statistics in files,
+    ``finish`` is handed each layer's statistics as they are recorded
+    (:class:`calibrate.layerwise.Placement`)."""
 
     loader: object
     device: torch.device | None = None
     spill: str | Path | None = None
+    finish: object = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from calibrate.spill import half_rows, release_layer
 from calibrate.stats import ActivationStats, LayerStats, PairedStats
 from pruning.allocators import Run
 from pruning.config import PruneConfig
-from pruning.registry import ALLOCATIONS, reconstruct_layer, score_neurons
+from pruning.registry import ALLOCATIONS, METHODS, RECONSTRUCTIONS, SCHEDULES, reconstruct_layer, score_neurons
 
 
 @dataclass
@@ -67,15 +67,57 @@ def allocate(scores: dict[int, torch.Tensor], hidden: int, config: PruneConfig,
     return ALLOCATIONS[config.allocation].allocator.plan(scores, run, importance, curves or {})
 
 
+@dataclass
+class Decided:
+    """Layers already cut while they were calibrated (:class:`CutAsCalibrated`): each one's kept
+    neurons, its refit in ``refits`` (a dict, or e.g. :class:`calibrate.spill.SpilledTensors`) and
+    what the refit chose."""
+
+    keep: dict[int, torch.Tensor] = field(default_factory=dict)
+    refits: MutableMapping = field(default_factory=dict)
+    choices: dict[str, dict] = field(default_factory=dict)
+
+
+def cuts_as_calibrated(model, config: PruneConfig) -> bool:
+    """Whether every selected layer's cut follows from that layer's own statistics, so it can be
+    made as soon as the layer is calibrated and its second moments then dropped (never held for
+    every layer, never spilled): a one-shot cut, an allocation that plans each layer alone over
+    layers of one size, a score that reads no second moments and a least-squares refit."""
+    sizes = {layer.intermediate_size for layer in glu_layers(model, config.layer_list)}
+    return (not SCHEDULES[config.schedule].layerwise and ALLOCATIONS[config.allocation].per_layer and len(sizes) == 1
+            and not METHODS[config.method].second_moment
+            and config.reconstruct in RECONSTRUCTIONS and RECONSTRUCTIONS[config.reconstruct].second_moment)
+
+
+class CutAsCalibrated:
+    """The ``finish`` of a layer-by-layer calibration (:class:`calibrate.layerwise.Placement`) when
+    :func:`cuts_as_calibrated`: each layer scored, planned alone and refitted while its statistics
+    and weights are at hand, into ``decided``; :func:`decide` then checks the plan and skips them."""
+
+    def __init__(self, model, config: PruneConfig, decided: Decided):
+        self.model, self.config, self.decided = model, config, decided
+        self.run = Run(config.target, config.allocation_spread, model.config.hidden_size)
+
+    def __call__(self, index: int, fit: LayerStats, held: LayerStats | None) -> None:
+        layer = glu_layers(self.model, [index])[0]
+        scores = {index: score_layer(layer, self.config, fit)}
+        keep = ALLOCATIONS[self.config.allocation].allocator.plan(scores, self.run, None, {})[index]
+        weight, bias, info = refit_layer(layer, keep, self.config.reconstruct, fit, held)
+        self.decided.keep[index], self.decided.refits[index] = keep, (weight, bias)
+        self.decided.choices[str(index)] = info
+
+
 def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=None,
-           text_batches: list[dict] | None = None, refits: MutableMapping | None = None) -> Decision:
+           text_batches: list[dict] | None = None, refits: MutableMapping | None = None,
+           decided: Decided | None = None) -> Decision:
     """Score, allocate, plan and refit every selected layer of ``model`` (left unchanged).
 
     ``loader`` (:mod:`calibrate.offload`) fills one offloaded MLP at a time; ``text_batches`` are
     held-out calibration batches for the ``sensitivity`` and ``curve`` allocations; ``refits`` is
     where the refitted weights go (e.g. :class:`calibrate.spill.SpilledTensors`; default a dict).
     Statistics spilled to files are removed layer by layer once refitted
-    (:func:`calibrate.spill.release_layer`), before the refit is stored.
+    (:func:`calibrate.spill.release_layer`), before the refit is stored. Layers in ``decided``
+    (cut while calibrated) keep their refits there, once their kept neurons are checked against the plan.
     Progress bars only inside :func:`calibrate.progress.showing` (True).
     """
     def loaded(layer):
@@ -96,10 +138,16 @@ def decide(model, stats: ActivationStats | None, config: PruneConfig, loader=Non
             if measure is not None:
                 measured[layer.index] = measure(layer, scores[layer.index], fit)
     importance = allocator.importance(run, scores, measured)
-    decision = Decision(allocator.plan(scores, run, importance, measured),
-                        refits={} if refits is None else refits, importance=importance)
-    if config.reconstruct != "none":
-        for layer in bar(selected, desc="refit", unit="layer", default=False):
+    decided = decided or Decided(refits={} if refits is None else refits)
+    decision = Decision(allocator.plan(scores, run, importance, measured), refits=decided.refits,
+                        choices=dict(decided.choices), importance=importance)
+    for index, keep in decided.keep.items():
+        if not torch.equal(keep, decision.plan[index]):
+            raise GluPruneError(f"layer {index}'s kept neurons differ between its calibration and the cut: "
+                                f"prune from saved statistics instead (glu-prune calibrate, then prune --stats)")
+    todo = [layer for layer in selected if layer.index not in decided.keep]
+    if config.reconstruct != "none" and todo:
+        for layer in bar(todo, desc="refit", unit="layer", default=False):
             with loaded(layer):
                 weight, bias, info = refit_layer(layer, decision.plan[layer.index], config.reconstruct,
                                                  *layer_stats(stats, layer.index))

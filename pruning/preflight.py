@@ -4,6 +4,7 @@ a one-line refusal, with the fix, when it cannot fit even so."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from calibrate.errors import GluPruneError
@@ -61,6 +62,7 @@ class Plan:
     stats_disk: int
     refits_disk: int
     disk_if_spilled: int
+    cut_as_calibrated: bool = False  # each layer refitted as it is calibrated (pruning.decide.CutAsCalibrated)
 
     @property
     def disk_written(self) -> int:
@@ -68,13 +70,25 @@ class Plan:
 
 
 def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | None, *, tokens: int,
-                   batch_tokens: int, calibrating: bool, held_tokens: int | None = None) -> Plan:
+                   batch_tokens: int, calibrating: bool, held_tokens: int | None = None,
+                   cut_as_calibrated: bool = False) -> Plan:
     """The :class:`Plan` of pruning a model of ``shapes`` offloaded under ``limit``: in memory when every
     phase fits in ``SHARE`` of it with every layer's statistics and refits held, else spilled; refused
     (one line, the phase and the fix) when a phase does not fit even spilled. With no limit known it
     spills (what an offloaded prune did before it counted). ``held_tokens``: the held-out slice's real
     tokens (default an eighth of ``tokens``), which decide its spilled form and bytes
-    (:func:`calibrate.spill.spill_bytes`, :func:`calibrate.spill.spill_peak`)."""
+    (:func:`calibrate.spill.spill_bytes`, :func:`calibrate.spill.spill_peak`). With
+    ``cut_as_calibrated`` (:func:`pruning.decide.cuts_as_calibrated`) each layer is refitted while it
+    is calibrated: one layer's statistics are held, none spilled, only the refits; when that does not
+    fit, the plan that refits after calibrating."""
+    if cut_as_calibrated and calibrating:
+        with contextlib.suppress(GluPruneError):
+            return _plan(shapes, config, limit, tokens, batch_tokens, True, held_tokens, cut=True)
+    return _plan(shapes, config, limit, tokens, batch_tokens, calibrating, held_tokens)
+
+
+def _plan(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | None, tokens: int, batch_tokens: int,
+          calibrating: bool, held_tokens: int | None, cut: bool = False) -> Plan:
     second = calibrating and config.needs_second_moment
     refit = RECONSTRUCTIONS[config.reconstruct].second_moment  # a least-squares refit: it solves
     kept = [kept_count(w, shapes.hidden, config.target) for w in shapes.widths]
@@ -93,14 +107,17 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
     def peaks(spilled: bool) -> dict[str, int]:
         held_moments = moment_bytes(largest, STREAMS) if spilled and second else moments
         held_refits = (shapes.hidden * max(kept, default=0) * shapes.itemsize if refit else 0) if spilled else refits
+        if cut:  # the refit runs inside the calibration of its layer, beside the captured activations
+            return {"calibration": calibration_peak(shapes, tokens, batch_tokens, streams, held=held_refits)
+                    + one_refit, "rewrite": rewrite_peak(shapes, held=held_refits)}
         return {"calibration": calibration_peak(shapes, tokens, batch_tokens, streams,
                                                 held=0 if spilled else moments) if calibrating else 0,
                 "refit": (0 if spilled else held_moments) + one_refit + held_refits,
                 "rewrite": rewrite_peak(shapes, held=held_refits)}
 
-    layer_stats = [layer_spill_bytes(w, held) if second else 0 for w in shapes.widths]
+    layer_stats = [layer_spill_bytes(w, held) if second and not cut else 0 for w in shapes.widths]
     layer_refits = [shapes.hidden * k * shapes.itemsize if refit else 0 for k in kept]
-    disk = (sum(layer_stats), sum(layer_refits), spill_peak(layer_stats, layer_refits))
+    disk = (sum(layer_stats), sum(layer_refits), spill_peak(layer_stats, layer_refits), cut)
     whole = peaks(spilled=False)
     if limit is not None and max(whole.values()) <= SHARE * limit.bytes:
         return Plan(False, whole, *disk)

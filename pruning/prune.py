@@ -45,21 +45,25 @@ def check_bias_support(model, reconstruct: str) -> None:
                             f"models cannot reload with stock transformers: use lstsq")
 
 
-def check_inputs(model, stats: ActivationStats | None, config: PruneConfig, loader=None) -> None:
-    """Refuse statistics that are missing, lack second moments, or belong to another model, and a
-    bias reconstruction on a family that cannot reload a down_proj bias."""
+def check_inputs(model, stats: ActivationStats | None, config: PruneConfig, loader=None,
+                 refitted: bool = False) -> None:
+    """Refuse statistics that are missing, lack second moments (unless ``refitted``: used while
+    calibrating), or belong to another model, and a bias reconstruction on a family that cannot
+    reload a down_proj bias."""
     check_bias_support(model, config.reconstruct)
     if config.needs_stats and stats is None:
         raise GluPruneError(f"{config.what_needs('stats')} calibration statistics: calibrate first")
-    if stats is not None and config.needs_second_moment and not stats.has_second_moment:
+    if stats is not None and config.needs_second_moment and not stats.has_second_moment and not refitted:
         raise GluPruneError(f"method '{config.method}' with reconstruct '{config.reconstruct}' needs second-moment "
                             f"statistics, which these statistics lack: recalibrate with second moments")
     if stats is not None:
         stats.check_model(model, loader=loader)
 
 
-def prepare(model, stats: ActivationStats | None, config: PruneConfig, loader=None) -> tuple[PruneConfig, str, list]:
-    """(``config`` with ``reconstruct="auto"`` decided, why, every layer's size), inputs checked."""
+def prepare(model, stats: ActivationStats | None, config: PruneConfig, loader=None,
+            refitted: bool = False) -> tuple[PruneConfig, str, list]:
+    """(``config`` with ``reconstruct="auto"`` decided, why, every layer's size), inputs checked;
+    ``refitted``: every layer was cut as it was calibrated, its second moments already used."""
     has_second = stats is not None and stats.has_second_moment
     sizes_before = [layer.intermediate_size for layer in glu_layers(model)]
     config, auto = resolve_reconstruct(config, sizes_before, has_second, has_data=stats is not None,
@@ -67,7 +71,7 @@ def prepare(model, stats: ActivationStats | None, config: PruneConfig, loader=No
                                        hidden=model.config.hidden_size)
     for layer in glu_layers(model, config.layer_list):
         kept_count(layer.intermediate_size, model.config.hidden_size, config.target)  # a bad target fails first
-    check_inputs(model, stats, config, loader)
+    check_inputs(model, stats, config, loader, refitted)
     return config, auto, sizes_before
 
 

@@ -53,6 +53,7 @@ class Allocation:
     needs_text: bool = False
     streamable: bool = True
     ranks_across: bool = False  # ranks standardised scores across layers
+    per_layer: bool = False  # a layer's kept neurons follow from its own scores alone (the plan of one layer)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ METHODS: dict[str, Method] = {
 DEFAULT_METHOD = "hybrid"
 
 ALLOCATIONS: dict[str, Allocation] = {
-    "uniform": Allocation("the same size in every layer", Uniform()),
+    "uniform": Allocation("the same size in every layer", Uniform(), per_layer=True),
     "global": Allocation("scores standardised per layer and ranked across layers", Global(), ranks_across=True),
     "owl": Allocation("more kept where the down projection has more activation outliers (OWL)", Outliers(),
                       needs_stats=True),

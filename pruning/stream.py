@@ -11,7 +11,7 @@ import itertools
 import math
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from calibrate.shards import BLOCK_ELEMENTS, MAX_SHARD_BYTES, ShardWriter
 from calibrate.spill import SpilledTensors
 from calibrate.stats import ActivationStats
 from pruning.config import PruneConfig
-from pruning.decide import decide
+from pruning.decide import Decided, decide
 from pruning.prune import PruneResult, SequentialRun, cut_sequentially, make_manifest, prepare
 from pruning.registry import ALLOCATIONS, RECONSTRUCTIONS, SCHEDULES
 from pruning.save import model_card
@@ -56,6 +56,11 @@ def sliced_tensors(model, plan: dict[int, torch.Tensor], refits: Mapping) -> dic
     return rules
 
 
+def refit_store(spill: str | Path | None, dtype: torch.dtype | None) -> MutableMapping:
+    """Where refitted down weights wait until the rewrite: files under ``spill`` (in ``dtype``), else a dict."""
+    return SpilledTensors(Path(spill) / "refits", dtype=dtype) if spill is not None else {}
+
+
 @dataclass(frozen=True)
 class Output:
     """Where a pruned checkpoint goes: the folder ``out`` (replaced only with ``force``), with
@@ -67,11 +72,14 @@ class Output:
 
 
 def prune_checkpoint(model, loader: LayerLoader, stats: ActivationStats | None, config: PruneConfig, output: Output,
-                     *, notes: dict | None = None, spill: str | Path | None = None) -> PruneResult:
+                     *, notes: dict | None = None, spill: str | Path | None = None,
+                     decided: Decided | None = None) -> PruneResult:
     """Prune the checkpoint behind ``loader`` into ``output`` (written atomically); ``model`` is
     the empty (meta) model of :func:`calibrate.offload.offload_model`. With ``spill`` (a folder) the
-    refitted weights wait there, in the loader's dtype, until the rewrite. Returns the result: the meta
-    model with the pruned shapes, the plan and the manifest. Progress bars: :mod:`calibrate.progress`."""
+    refitted weights wait there, in the loader's dtype, until the rewrite; ``decided``: the layers
+    already cut as they were calibrated (:class:`pruning.decide.CutAsCalibrated`), with their refits.
+    Returns the result: the meta model with the pruned shapes, the plan and the manifest. Progress
+    bars: :mod:`calibrate.progress`."""
     start = time.perf_counter()
     for option, table, value in (("allocation", ALLOCATIONS, config.allocation),
                                  ("reconstruct", RECONSTRUCTIONS, config.reconstruct)):
@@ -81,10 +89,11 @@ def prune_checkpoint(model, loader: LayerLoader, stats: ActivationStats | None, 
     if not SCHEDULES[config.schedule].streamable or SCHEDULES[config.schedule].layerwise:
         raise ConfigError("schedule", config.schedule, "prune_checkpoint cuts one-shot: use "
                                                        "prune_sequential_checkpoint")
-    config, auto, sizes_before = prepare(model, stats, config, loader)
-    refits = SpilledTensors(Path(spill) / "refits", dtype=loader.dtype) if spill is not None else None
+    refitted = decided is not None and set(decided.keep) == {g.index for g in glu_layers(model, config.layer_list)}
+    config, auto, sizes_before = prepare(model, stats, config, loader, refitted=refitted)
+    refits = refit_store(spill, loader.dtype) if decided is None else None
     with showing(shown()):
-        decision = decide(model, stats, config, loader=loader, refits=refits)
+        decision = decide(model, stats, config, loader=loader, refits=refits, decided=decided)
     rules = sliced_tensors(model, decision.plan, decision.refits)
     apply_plan(model, decision.plan)  # on the meta model: new shapes and the config's sizes, no memory
     manifest = make_manifest(model, config, decision, sizes_before, stats, time.perf_counter() - start, auto)

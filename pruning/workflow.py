@@ -29,13 +29,14 @@ from calibrate.run import calibrate, split_holdout
 from calibrate.spill import check_disk
 from calibrate.stats import ActivationStats, library_version
 from pruning.config import PruneConfig, calibration_budget, resolve_reconstruct, widest_kept
+from pruning.decide import CutAsCalibrated, Decided, cuts_as_calibrated
 from pruning.depth import DepthConfig, measure_skip_loss, prune_depth
 from pruning.heal import HealConfig, heal, training_batches
 from pruning.plan import kept_count
 from pruning.preflight import plan_offloaded, refit_peak
 from pruning.prune import PruneResult, SequentialRun, prune, prune_sequential
 from pruning.registry import ALLOCATIONS, AUTO, AUTO_REFIT, RECONSTRUCTIONS, SCHEDULES
-from pruning.stream import Output, prune_checkpoint, prune_sequential_checkpoint
+from pruning.stream import Output, prune_checkpoint, prune_sequential_checkpoint, refit_store
 
 log = logging.getLogger("glu_prune")
 HOLDOUT = 0.125  # the held-out fraction of the calibration batches on which a refit chooses its ridge
@@ -103,7 +104,8 @@ def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: b
                      layer_importance: bool = False, skip_loss: bool = True) -> ActivationStats:
     """Statistics of ``batches`` (with second moments: and of a held-out slice for the refit's
     ridge); ``offloaded``: one decoder layer at a time from the checkpoint, each layer's
-    statistics kept in files under its ``spill`` folder when given (not in memory).
+    statistics kept in files under its ``spill`` folder when given (not in memory), and handed to
+    its ``finish`` as each is recorded (:class:`calibrate.layerwise.Placement`).
     ``layer_importance`` adds every layer's input-output cosine (same pass) and, with
     ``skip_loss``, each layer's skip loss on the held-out slice
     (:func:`pruning.depth.measure_skip_loss`); in memory only. Progress bars: :mod:`calibrate.progress`."""
@@ -120,7 +122,8 @@ def calibrate_corpus(model, batches: list[dict], meta: dict, *, second_moment: b
             stats.meta["layer_importance"] = stats.depth.kinds
         return stats
     return calibrate_layerwise(model, batches, holdout=holdout, layers=layers, second_moment=second_moment,
-                               meta=meta, placement=Placement(loader, offloaded.device, offloaded.spill))
+                               meta=meta, placement=Placement(loader, offloaded.device, offloaded.spill,
+                                                                     offloaded.finish))
 
 
 def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrating: bool,
@@ -150,12 +153,12 @@ def resolve(config: PruneConfig, model, stats: ActivationStats | None, calibrati
     return config, notes, settings
 
 
-def recheck_budget(config: PruneConfig, model, stats: ActivationStats, notes: dict) -> PruneConfig:
-    """After calibrating for an auto refit: no refit when the corpus gave fewer fitting tokens than it needs."""
+def recheck_budget(config: PruneConfig, model, fit_tokens: int, notes: dict) -> PruneConfig:
+    """For an auto refit, once the corpus is read: no refit when it gave fewer fitting tokens than it needs."""
     if "reconstruct_auto" not in notes or config.reconstruct != AUTO_REFIT:
         return config
     sizes, hidden = [g.intermediate_size for g in glu_layers(model)], model.config.hidden_size
-    checked, why = resolve_reconstruct(replace(config, reconstruct=AUTO), sizes, True, fit_tokens=stats.tokens,
+    checked, why = resolve_reconstruct(replace(config, reconstruct=AUTO), sizes, True, fit_tokens=fit_tokens,
                                        hidden=hidden)
     if checked.reconstruct == "none":
         log.info("reconstruct %s", why)
@@ -225,7 +228,7 @@ def _prune_with_corpus(model, tokenizer, config: PruneConfig, stats: ActivationS
     if stats is None and config.needs_stats:
         stats = calibrate_corpus(model, batches, meta, second_moment=config.needs_second_moment,
                                  layers=config.layer_list)
-        config = recheck_budget(config, model, stats, notes)
+        config = recheck_budget(config, model, stats.tokens, notes)
     text = split_holdout(batches, HOLDOUT)[1] if config.needs_text else None
     return prune(model, stats, config, inplace=inplace, text_batches=text, notes=notes)
 
@@ -253,27 +256,34 @@ def prune_offloaded(model_name: str, out: str | Path, config: PruneConfig, run: 
         return prune_sequential_checkpoint(model, run, batches, config, Output(out, tokenizer, force), notes)
     calibrating = config.needs_stats and stats is None
     batches = calibration_batches(tokenizer, corpus, settings) if calibrating else None
+    if calibrating and config.needs_second_moment:
+        config = recheck_budget(config, model, real_tokens(split_holdout(batches, HOLDOUT)[0]), notes)
     plan = plan_offloaded(shapes_of(model, config.layer_list, run.dtype), config, resources.memory_limit(),
                           tokens=settings.tokens, batch_tokens=settings.batch_size * settings.seq_len,
-                          calibrating=calibrating, held_tokens=held_tokens(batches))
+                          calibrating=calibrating, held_tokens=held_tokens(batches),
+                          cut_as_calibrated=calibrating and cuts_as_calibrated(model, config))
     folder = Path(spill_dir if spill_dir is not None else Path(out).absolute().parent)
     spilling = (plan.spill or spill_dir is not None) and plan.disk_if_spilled > 0
+    what = "the refitted weights" if plan.cut_as_calibrated else "the spilled statistics and refitted weights"
     if spilling:
         if not folder.is_dir():
             raise GluPruneError(f"spill folder {folder} does not exist: create it or choose another --spill-dir")
-        check_disk(folder, plan.disk_if_spilled, "the spilled statistics and refitted weights",
-                   written=plan.disk_written)
+        check_disk(folder, plan.disk_if_spilled, what, written=plan.disk_written)
     elif plan.disk_if_spilled:
-        log.info("every layer's statistics and refitted weights fit in memory (peak %s): nothing spilled to disk",
+        log.info("%s fit in memory (peak %s): nothing spilled to disk", what.replace("the spilled ", "every layer's "),
                  resources.human_bytes(max(plan.peaks.values())))
+    if plan.cut_as_calibrated:
+        log.info("each layer is refitted as it is calibrated: one layer's second moments at a time, never spilled")
+        notes["refit_when"] = "each layer as it was calibrated (the seconds recorded exclude its scoring and refit)"
     with spill_folder(folder, Path(out).name, spilling) as spill:
+        decided = Decided(refits=refit_store(spill, loader.dtype)) if plan.cut_as_calibrated else None
         if calibrating:
             stats = calibrate_corpus(model, batches, provenance(model_name, corpus, settings),
                                      second_moment=config.needs_second_moment, layers=config.layer_list,
-                                     offloaded=Offloaded(loader, device, spill))
-            config = recheck_budget(config, model, stats, notes)
+                                     offloaded=Offloaded(loader, device, spill,
+                                                         CutAsCalibrated(model, config, decided) if decided else None))
         return prune_checkpoint(model, loader, stats, config, Output(out, tokenizer, force), notes=notes,
-                                spill=spill)
+                                spill=spill, decided=decided)
 
 
 def held_tokens(batches: list[dict] | None) -> int | None:

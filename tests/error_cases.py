@@ -92,9 +92,12 @@ CASES = [
      "calibrate --model {d}/wide --corpus {d}/c.txt --second-moment --out {d}/s.st"),
     ("not enough memory for one layer's refit, even offloaded",
      "prune --model {d}/wide --corpus {d}/c.txt --ratio 0.2 --reconstruct lstsq --out {d}/p"),
-    ("not enough disk for an offloaded prune's spilled statistics",
+    ("not enough disk for an offloaded prune's refitted weights",
      "prune --model {d}/llama --corpus {d}/c.txt --offload --ratio 0.2 --reconstruct lstsq --spill-dir /proc "
      "--out {d}/p"),
+    ("not enough disk for an offloaded prune's spilled statistics (an allocation across layers)",
+     "prune --model {d}/llama --corpus {d}/c.txt --offload --ratio 0.2 --reconstruct lstsq --allocation global "
+     "--spill-dir /proc --out {d}/p"),
     ("--spill-dir missing",
      "prune --model {d}/llama --corpus {d}/c.txt --offload --ratio 0.2 --reconstruct lstsq --spill-dir {d}/no/such "
      "--out {d}/p"),

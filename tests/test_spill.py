@@ -37,13 +37,10 @@ def run(argv) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-@pytest.mark.parametrize("batch", [4, 1])
-def test_the_spilled_bytes_are_the_announced_bytes(tmp_path, monkeypatch, batch):
-    """Write, measure the folder, compare: the spill folder is kept (not removed after the cut), its
-    size is measured after every file written or removed, and the bytes written in all and the most
-    held at once equal the two counts announced before anything was written. Batches of 4 rows of 32
-    tokens hold out one batch (128 tokens, more than the 64 neurons: a packed x xᵀ), batches of one
-    row hold out two (64 tokens: their rows, in 16 bits)."""
+def spill_run(tmp_path, monkeypatch, *extra) -> tuple[str, list, dict, list]:
+    """Prune offloaded with a spill folder that is kept (not removed after the cut) and measured after
+    every file written or removed: (stderr, the (most held, written) counts announced before anything
+    was written, every file ever written with its size, the folder's size after each change)."""
     tiny_workspace(tmp_path)
     announced, kept, sizes, files = [], tmp_path / "kept-spill", [], {}
     check_disk, setitem, release = spill.check_disk, spill.SpilledTensors.__setitem__, spill.SpilledTensors.release
@@ -57,7 +54,7 @@ def test_the_spilled_bytes_are_the_announced_bytes(tmp_path, monkeypatch, batch)
         def run_and_measure(self, *args):
             method(self, *args)
             now = {str(f.relative_to(kept)): f.stat().st_size for f in kept.rglob("*") if f.is_file()}
-            files.update(now)  # every file ever written, with its size
+            files.update(now)
             sizes.append(sum(now.values()))
         return run_and_measure
 
@@ -66,8 +63,21 @@ def test_the_spilled_bytes_are_the_announced_bytes(tmp_path, monkeypatch, batch)
         announced.append((needed, k["written"])), check_disk(folder, needed, what, *a, **k)))
     monkeypatch.setattr(spill.SpilledTensors, "__setitem__", measured(setitem))
     monkeypatch.setattr(spill.SpilledTensors, "release", measured(release))
-    code, err = run(prune_args(tmp_path, "--spill-dir", str(tmp_path), "--batch-size", str(batch)))
+    code, err = run(prune_args(tmp_path, "--spill-dir", str(tmp_path), *extra))
     assert code == 0, err
+    assert sorted(str(f.relative_to(kept)) for f in kept.rglob("*.bin")) == [
+        f"refits/layer-{i}.0.bin" for i in range(3)]  # at the end, the refits only
+    return err, announced, files, sizes
+
+
+@pytest.mark.parametrize("batch", [4, 1])
+def test_the_spilled_bytes_are_the_announced_bytes(tmp_path, monkeypatch, batch):
+    """The path that refits after calibrating every layer (allocations that plan across layers):
+    the bytes written in all and the most held at once equal the two counts announced. Batches of 4
+    rows of 32 tokens hold out one batch (128 tokens, more than the 64 neurons: a packed x xᵀ),
+    batches of one row hold out two (64 tokens: their rows, in 16 bits)."""
+    monkeypatch.setattr("pruning.workflow.cuts_as_calibrated", lambda model, config: False)
+    err, announced, files, sizes = spill_run(tmp_path, monkeypatch, "--batch-size", str(batch))
     assert re.search(r"note: writing [\d.]+ KiB of the spilled statistics and refitted weights \(at most [\d.]+ KiB "
                      r"at once: a layer's statistics are removed once it is refitted\) to a temporary folder "
                      rf"in {tmp_path} \([\d.]+ [KMGT]iB free\), removed after use", err), err
@@ -80,9 +90,27 @@ def test_the_spilled_bytes_are_the_announced_bytes(tmp_path, monkeypatch, batch)
     assert files["refits/layer-0.0.bin"] == 32 * 48 * 4
     stats, refit = 64 * 65 // 2 * 8 + held[1], 32 * 48 * 4
     assert len(files) == 9 and announced[0] == (3 * stats, 3 * (stats + refit))
-    assert sorted(str(f.relative_to(kept)) for f in kept.rglob("*.bin")) == [
-        f"refits/layer-{i}.0.bin" for i in range(3)]  # the statistics removed once refitted
     assert sizes[-1] == 3 * refit
+
+
+@pytest.mark.parametrize("batch", [4, 1])
+def test_a_uniform_cut_refits_each_layer_as_calibrated_and_spills_only_the_refits(tmp_path, monkeypatch, batch):
+    """Uniform allocation, hybrid score, lstsq: each layer is cut while calibrated, its second moments
+    never written; the spill holds the three refitted down weights (32 x 48 float32), as announced,
+    and the checkpoint equals the one of the path that spills the statistics, bit for bit."""
+    from test_stream import tensors
+
+    err, announced, files, sizes = spill_run(tmp_path, monkeypatch, "--batch-size", str(batch))
+    assert "note: each layer is refitted as it is calibrated" in err
+    assert re.search(rf"note: writing 18.0 KiB of the refitted weights to a temporary folder in {tmp_path} ", err), err
+    assert files == {f"refits/layer-{i}.0.bin": 32 * 48 * 4 for i in range(3)}
+    assert announced == [(3 * 32 * 48 * 4, 3 * 32 * 48 * 4)] and max(sizes) == 3 * 32 * 48 * 4
+    (tmp_path / "out").rename(tmp_path / "as-calibrated")
+    monkeypatch.setattr("pruning.workflow.cuts_as_calibrated", lambda model, config: False)
+    shutil.rmtree(tmp_path / "kept-spill")
+    assert run(prune_args(tmp_path, "--batch-size", str(batch), "--spill-dir", str(tmp_path)))[0] == 0
+    after, before = tensors(tmp_path / "as-calibrated"), tensors(tmp_path / "out")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
 
 
 def test_the_spill_peak_is_the_most_held_at_once():
@@ -92,13 +120,18 @@ def test_the_spill_peak_is_the_most_held_at_once():
     assert spill.spill_peak([], []) == 0
 
 
-def test_a_spill_larger_than_the_free_disk_is_refused_in_one_line_with_nothing_left(tmp_path, monkeypatch):
+@pytest.mark.parametrize("as_calibrated", [True, False])
+def test_a_spill_larger_than_the_free_disk_is_refused_in_one_line_with_nothing_left(tmp_path, monkeypatch,
+                                                                                     as_calibrated):
     tiny_workspace(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(GiB, GiB - 10_000, 10_000))
+    if not as_calibrated:
+        monkeypatch.setattr("pruning.workflow.cuts_as_calibrated", lambda model, config: False)
     code, err = run(prune_args(tmp_path, "--spill-dir", str(tmp_path)))
     assert code == 2 and err.count("\n") == 1, err
-    assert err.startswith("glu-prune: error: the spilled statistics and refitted weights need ")
+    what = "the refitted weights" if as_calibrated else "the spilled statistics and refitted weights"
+    assert err.startswith(f"glu-prune: error: {what} need ")
     assert f"of disk in {tmp_path} but only 9.8 KiB is free: --spill-dir on a disk with room" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no spill folder
 
@@ -138,6 +171,26 @@ def test_spilling_is_decided_by_each_phase_s_peak():
     assert spilled.refits_disk == 24 * 896 * 3891 * 4
     assert spilled.disk_if_spilled == spilled.stats_disk  # each refit is smaller than the statistics it replaces
     assert plan(None).spill  # no limit known: spilled, as before the count
+
+
+def test_a_cut_as_calibrated_spills_no_statistics_and_falls_back_when_it_does_not_fit():
+    def cut(limit):
+        return plan_offloaded(SHAPES, PruneConfig(ratio=0.2, reconstruct="lstsq"), MemoryLimit(limit, "test"),
+                              tokens=8192, batch_tokens=1024, calibrating=True, cut_as_calibrated=True)
+
+    roomy = cut(64 * GiB)
+    assert roomy.cut_as_calibrated and not roomy.spill and roomy.stats_disk == 0 and set(roomy.peaks) == {
+        "calibration", "rewrite"}
+    assert roomy.disk_if_spilled == roomy.refits_disk == 24 * 896 * 3891 * 4  # the refits only
+    one_refit = refit_peak(4864, 3891, 896, 1024)  # beside the layer's activations, inside its calibration
+    held_everything = plan(64 * GiB).peaks["calibration"]  # every layer's second moments
+    assert one_refit + 24 * 896 * 3891 * 8 < roomy.peaks["calibration"] < held_everything / 4
+    tight = cut(5 * GiB // 2)  # the refits go to disk as they are made
+    assert tight.cut_as_calibrated and tight.spill and max(tight.peaks.values()) <= 0.8 * 5 * GiB // 2
+    refit_after = plan(int(one_refit / 0.8) + 64 * MiB)  # fits one refit beside one refitted weight...
+    assert not refit_after.cut_as_calibrated and refit_after.spill
+    fallback = cut(int(one_refit / 0.8) + 64 * MiB)  # ...not beside the activations too: the plan that refits after
+    assert fallback == refit_after
 
 
 def test_a_phase_that_cannot_fit_even_spilled_is_refused_in_one_line_with_the_fix():

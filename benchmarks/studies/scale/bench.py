@@ -16,6 +16,10 @@ fed random token ids (the last row of every batch half padding). Per shape it pr
   ``pruning.decide.refit_layer``, as the prune runs it), each ÷ its calibration;
 - the whole prune (calibration + ``pruning.prune.prune`` with ``lstsq``, the NEW path; the OLD total
   swaps in the OLD calibration and refit) ÷ the plain forward;
+- the prune as an offloaded uniform ``glu-prune prune`` now runs it: each layer scored, planned and
+  refitted as soon as it is calibrated (:class:`pruning.decide.CutAsCalibrated`), then the plan
+  checked (:func:`pruning.decide.decide`), ÷ the plain forward, with the bytes it spills (none of
+  the statistics);
 - peak resident memory (and CUDA peak) per phase, and how far the NEW statistics are from the OLD
   ones (max over layers of ||S_new - S_old||_F / ||S_old||_F).
 
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.measures import reset_peak, rss_mib
 from benchmarks.studies.scale.plan import (
     H100,
     LLAMA_8B,
@@ -57,7 +62,7 @@ from calibrate.offload import Offloaded, ResidentLoader
 from calibrate.progress import showing
 from calibrate.spill import spill_bytes
 from pruning.config import PruneConfig
-from pruning.decide import refit_layer
+from pruning.decide import CutAsCalibrated, Decided, decide, refit_layer
 from pruning.prune import prune
 from pruning.reconstruct import RIDGE_GRID
 from pruning.workflow import calibrate_corpus
@@ -107,17 +112,6 @@ def token_batches(tokens: int, seq_len: int, batch_size: int, vocab: int) -> lis
     return batches
 
 
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def rss_mib(field: str = "VmHWM") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 @contextmanager
 def phase(device: str, out: dict):
     """Times the block into ``out['seconds']`` (wall) and ``out['cpu']`` (this process's CPU time, less
@@ -125,7 +119,7 @@ def phase(device: str, out: dict):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    reset_peak_rss()
+    reset_peak()
     start, cpu = time.perf_counter(), time.process_time()
     yield out
     if device.startswith("cuda"):
@@ -133,7 +127,7 @@ def phase(device: str, out: dict):
         out["cuda"] = torch.cuda.max_memory_allocated() / MIB
     out["seconds"] = time.perf_counter() - start
     out["cpu"] = time.process_time() - cpu
-    out["rss"] = rss_mib()
+    out["rss"] = rss_mib("VmHWM")
 
 
 def plain_forward(model, batches: list[dict], device: str) -> dict:
@@ -163,6 +157,18 @@ def calibration(model, batches: list[dict], device: str, second_moment: bool, ol
                                      offloaded=Offloaded(ResidentLoader(), torch.device(device), spill))
     out["spilled"] = folder_bytes(spill)
     out["stats"] = stats
+    return out
+
+
+def as_calibrated(model, batches: list[dict], device: str, ratio: float, spill: Path) -> dict:
+    """The NEW calibration with each layer cut as it is calibrated, then the plan decided and checked."""
+    config, decided = PruneConfig(ratio=ratio, reconstruct="lstsq"), Decided()
+    with phase(device, {}) as out, showing(False):
+        finish = CutAsCalibrated(model, config, decided)
+        stats = calibrate_corpus(model, batches, {}, second_moment=True,
+                                 offloaded=Offloaded(ResidentLoader(), torch.device(device), spill, finish))
+        decide(model, stats, config, decided=decided)
+    out["spilled"] = folder_bytes(spill)
     return out
 
 
@@ -221,8 +227,9 @@ def bench(name: str, shape: BenchShape, args) -> dict:
         held_tokens = next(iter(new["stats"].holdout.values())).count
         announced = spill_bytes([shape.intermediate] * layers, held_tokens)
         fit_tokens = new["stats"].tokens
-        new_fit = old_fit = pruned = None
+        new_fit = old_fit = pruned = cut = None
         if args.refit:
+            cut = as_calibrated(model, batches, args.device, args.ratio, work / "as-calibrated")
             keep = kept_sets(model, new["stats"], args.ratio)
             new_fit = refits(model, new["stats"], keep, new_refit, args.device)
             old_fit = refits(model, old["stats"], keep, reference_refit, args.device) if args.old_refit else None
@@ -248,13 +255,15 @@ def bench(name: str, shape: BenchShape, args) -> dict:
         result["new_refit_ratio"] = new_fit["seconds"] / new["seconds"]
         result["new_total_ratio"] = (new["seconds"] + pruned["seconds"]) / f
         result["scored"] = new_fit["scored"]
+        result["seconds"]["as calibrated"], result["cpu"]["as calibrated"] = cut["seconds"], cut["cpu"]
+        result["as_calibrated_ratio"], result["as_calibrated_spilled"] = cut["seconds"] / f, cut["spilled"]
     if old_fit is not None:
         result["seconds"]["old refit"], result["cpu"]["old refit"] = old_fit["seconds"], old_fit["cpu"]
         result["old_refit_ratio"] = old_fit["seconds"] / old["seconds"]
         result["old_total_ratio"] = (old["seconds"] + old_fit["seconds"] + rest) / f
     print_result(name, shape, args, result, {"forward": forward, "no x xᵀ": first, "old calibration": old,
                                              "new calibration": new, "old refit": old_fit, "new refit": new_fit,
-                                             "new prune": pruned})
+                                             "new prune": pruned, "as calibrated": cut})
     return result
 
 
@@ -284,7 +293,8 @@ def print_result(name: str, shape: BenchShape, args, r: dict, phases: dict) -> N
         old_refit = f"OLD {r['old_refit_ratio']:.2f}x, " if "old_refit_ratio" in r else ""
         print(f"refit ÷ calibration: {old_refit}NEW {r['new_refit_ratio']:.2f}x")
         old_total = f"OLD {r['old_total_ratio']:.2f}x, " if "old_total_ratio" in r else ""
-        print(f"total prune ÷ plain forward: {old_total}NEW {r['new_total_ratio']:.2f}x")
+        print(f"total prune ÷ plain forward: {old_total}NEW {r['new_total_ratio']:.2f}x, each layer refitted as "
+              f"calibrated {r['as_calibrated_ratio']:.2f}x (spilled {r['as_calibrated_spilled'] / MIB:.1f} MiB)")
     print(f"bytes spilled: OLD {r['old_spilled'] / MIB:.1f} MiB, NEW {r['new_spilled'] / MIB:.1f} MiB "
           f"({r['new_spilled']} bytes; announced by calibrate.spill.spill_bytes: {r['announced']})")
     verdict = "within" if r["difference"] <= MOMENT_TOLERANCE else "OUTSIDE"
@@ -381,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for name in args.names:
         if name != "tiny" and args.device == "cpu":
             project(results[name], SHAPES[name])
-    print(f"\ntotal {time.perf_counter() - start:.0f} s; peak RSS of the process {rss_mib():.0f} MiB (since the "
+    print(f"\ntotal {time.perf_counter() - start:.0f} s; peak RSS of the process {rss_mib('VmHWM'):.0f} MiB (since the "
           f"last phase's reset)")
     return results
 
