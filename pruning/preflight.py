@@ -8,7 +8,7 @@ import contextlib
 from dataclasses import dataclass
 
 from calibrate.errors import GluPruneError
-from calibrate.footprint import F64, Shapes, calibration_peak, moment_bytes, rewrite_peak
+from calibrate.footprint import F64, Shapes, calibration_peak, calibration_phases, moment_bytes, rewrite_peak
 from calibrate.resources import MemoryLimit, human_bytes
 from calibrate.spill import layer_spill_bytes, spill_peak
 from pruning.config import PruneConfig
@@ -107,9 +107,10 @@ def _plan(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | None, tokens
     def peaks(spilled: bool) -> dict[str, int]:
         held_moments = moment_bytes(largest, STREAMS) if spilled and second else moments
         held_refits = (shapes.hidden * max(kept, default=0) * shapes.itemsize if refit else 0) if spilled else refits
-        if cut:  # the refit runs inside the calibration of its layer, beside the captured activations
-            return {"calibration": calibration_peak(shapes, tokens, batch_tokens, streams, held=held_refits)
-                    + one_refit, "rewrite": rewrite_peak(shapes, held=held_refits)}
+        if cut:  # each refit runs once its layer is calibrated, beside the layer and the captured activations
+            refitting = calibration_phases(shapes, tokens, batch_tokens)[1] + one_refit  # its moments in one_refit
+            return {"calibration": max(calibration_peak(shapes, tokens, batch_tokens, streams), refitting)
+                    + held_refits, "rewrite": rewrite_peak(shapes, held=held_refits)}
         return {"calibration": calibration_peak(shapes, tokens, batch_tokens, streams,
                                                 held=0 if spilled else moments) if calibrating else 0,
                 "refit": (0 if spilled else held_moments) + one_refit + held_refits,
