@@ -28,7 +28,8 @@ def add_heal(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=positive(int), default=256, help="training sequence length (default 256)")
     p.add_argument("--batch-size", type=positive(int), default=4)
     p.add_argument("--lr", type=positive(float), default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--warmup-steps", type=positive(int, zero=True), default=None,
+                   help="steps of linear warm-up (default a tenth of the steps, at most 10)")
     p.add_argument("--temperature", type=positive(float), default=2.0, help="distillation temperature (default 2)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term; 1 - alpha on the LM loss")
     p.add_argument("--lora", type=positive(int), default=None, help="train LoRA adapters of rank R (peft), merged")
@@ -61,7 +62,8 @@ def run_heal(args) -> None:
     student, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     teacher, _ = load_model(args.teacher, device=args.device, dtype=args.dtype)
     steps = args.steps or 200
-    config = HealConfig(steps=steps, lr=args.lr, warmup_steps=min(args.warmup_steps, steps // 10),
+    warmup = min(10, steps // 10) if args.warmup_steps is None else args.warmup_steps
+    config = HealConfig(steps=steps, lr=args.lr, warmup_steps=warmup,
                         temperature=args.temperature, alpha=args.alpha, lora_rank=args.lora,
                         gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast,
                         checkpoint_every=args.checkpoint_every, seed=args.seed, max_seconds=args.max_seconds)

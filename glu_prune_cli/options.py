@@ -17,14 +17,15 @@ from pruning.registry import ALLOCATIONS, AUTO, DEFAULT_METHOD, METHODS, MLP_TAR
 from pruning.workflow import CalibrationSettings
 
 
-def positive(kind):
+def positive(kind, zero: bool = False):
+    """An argparse type: a ``kind`` above zero (or at least zero, with ``zero``)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text}' is not a {kind.__name__}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"'{text}' must be positive")
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"'{text}' must be " + ("zero or more" if zero else "positive"))
         return value
 
     return parse

@@ -251,3 +251,6 @@ def test_cli_heal_measures_saves_and_reloads(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "healed").config.intermediate_size == 32
     assert not (tmp_path / "healed.heal-checkpoint").exists()
     assert main(heal_args + common) == 2  # exists, no --force
+    assert healing["config"]["warmup_steps"] == 0  # by default a tenth of the 6 steps
+    assert main(heal_args + common + ["--warmup-steps", "3", "--force"]) in (0, None)
+    assert saved_manifest(tmp_path / "healed")["healing"]["config"]["warmup_steps"] == 3  # as asked, not capped

@@ -52,6 +52,8 @@ def plot(rows: list[dict], out: Path) -> None:
     from matplotlib.ticker import NullFormatter
 
     ratios, corpora = sorted({r["ratio"] for r in rows}), sorted({r["corpus"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))  # one colour per method in every panel
+    colours = plt.get_cmap("tab20")
     fig, axes = plt.subplots(len(ratios), len(corpora), figsize=(6 * len(corpora), 4.4 * len(ratios)),
                              squeeze=False)
     for ax, (ratio, corpus) in zip(axes.flat, ((r, c) for r in ratios for c in corpora)):
@@ -59,7 +61,8 @@ def plot(rows: list[dict], out: Path) -> None:
         for method in dict.fromkeys(r["method"] for r in cell):
             points = sorted((r["seconds"], r["domain_ppl"]) for r in cell if r["method"] == method)
             xs, ys = zip(*points)
-            ax.plot(xs, ys, "o-" if len(points) > 1 else "o", label=method)
+            ax.plot(xs, ys, "o-" if len(points) > 1 else "o", label=method,
+                    color=colours(methods.index(method) % colours.N))
         ax.axhline(cell[0]["base_ppl"], color="grey", linestyle="--", label="base (unpruned)")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
