@@ -56,11 +56,11 @@ def activation_bytes(shapes: Shapes, tokens: int, batch_tokens: int) -> int:
 def calibration_peak(shapes: Shapes, tokens: int, batch_tokens: int, streams: int, held: int = 0) -> int:
     """Peak of a layer-by-layer calibration: the embeddings while capturing, then one decoder layer at
     a time with its batches' activations and, with ``streams`` > 0, the layer's float64 second moments
-    being summed (``streams`` of them: fit, held-out) and the float64 copy of a block of rows; ``held``:
+    being summed (``streams`` of them: fit, held-out) and the two float64 buffers of the first-order sums; ``held``:
     the bytes kept from the layers already done (their moments, when they are not spilled)."""
     capture, layer = calibration_phases(shapes, tokens, batch_tokens)
     width = max(shapes.widths, default=0)
-    summing = moment_bytes(width, streams) + (F64 * min(TOKEN_BLOCK, tokens) * width if streams else 0)
+    summing = moment_bytes(width, streams) + 2 * F64 * min(TOKEN_BLOCK, tokens) * width  # first-order buffers
     return max(capture, layer + summing) + held
 
 

@@ -18,7 +18,7 @@ from calibrate.layer_importance import LayerSimilarity, token_cosines
 from calibrate.moments import MOMENT_BLOCK, add_gram_upper, mirror_upper, product_dtype
 from calibrate.stats import LayerStats
 
-TOKEN_BLOCK = 4096  # tokens converted to float64 at a time (first-order sums)
+TOKEN_BLOCK = 256  # tokens converted to float64 at a time (first-order sums), into two reused buffers
 
 
 class HookOwner(ExitStack):
@@ -56,6 +56,25 @@ def layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def add_first_order(s: LayerStats, rows: torch.Tensor, block: int = TOKEN_BLOCK) -> None:
+    """Add ``rows`` (tokens × size) to the count, sums, |x| sums, x² sums and max |x| of ``s``, in
+    float64 on the sums' device: ``block`` rows at a time through two float64 buffers made once per
+    call (small buffers reused stay in memory; large fresh ones cost a page fault per page), each
+    column sum a float64 matrix-vector product with ones."""
+    s.count += rows.shape[0]
+    exact = torch.empty(min(block, rows.shape[0]), rows.shape[1], dtype=torch.float64, device=s.sum.device)
+    work, ones = torch.empty_like(exact), torch.ones(exact.shape[0], dtype=torch.float64, device=s.sum.device)
+    for chunk in rows.split(block):
+        x, w, one = exact[:chunk.shape[0]], work[:chunk.shape[0]], ones[:chunk.shape[0]]
+        x.copy_(chunk)
+        s.sum.addmv_(x.T, one)
+        torch.abs(x, out=w)
+        s.abs_sum.addmv_(w.T, one)
+        torch.maximum(s.max_abs, w.amax(0), out=s.max_abs)
+        torch.mul(x, x, out=w)
+        s.sq_sum.addmv_(w.T, one)
+
+
 class StopForward(Exception):
     """Raised by the last recorder so that nothing after the last recorded layer runs."""
 
@@ -63,9 +82,9 @@ class StopForward(Exception):
 class Recorder:
     """Accumulates statistics of one down_proj's input over the tokens where the mask is 1.
 
-    x xᵀ: the real rows wait (on their device, float32) until ``MOMENT_BLOCK`` of them are at hand,
-    then one product per block of exactly that many is added (the rest wait for the next batch or
-    the read), so the products, and the sums bit for bit, do not depend on the batch size. With
+    x xᵀ: the real rows are copied (on their device, float32) into a block of ``MOMENT_BLOCK`` rows,
+    and its product is added each time it is full (the rest wait for the next batch or the read),
+    so the products, and the sums bit for bit, do not depend on the batch size. With
     ``activations`` (and ``second_moment``) it keeps the rows themselves while it has seen no more
     tokens than the layer has neurons, and turns them into a second moment once it has.
     """
@@ -76,7 +95,8 @@ class Recorder:
         self.stop_after = False
         self._sums: LayerStats | None = None  # on the device of the first input; x xᵀ: upper strips only
         self._rows: list[torch.Tensor] | None = [] if second_moment and activations else None
-        self._pending: list[torch.Tensor] = []  # rows not yet in x xᵀ
+        self._block: torch.Tensor | None = None  # MOMENT_BLOCK rows' room; the first _filled not yet in x xᵀ
+        self._filled = 0
 
     def hook(self, module: nn.Module, args: tuple) -> None:
         self.accumulate(args[0], self.mask)
@@ -92,37 +112,39 @@ class Recorder:
         if self._sums is None:
             self._sums = LayerStats.zeros(self.size, self.second_moment and self._rows is None, rows.device)
         s = self._sums
-        s.count += rows.shape[0]
-        for block in rows.split(TOKEN_BLOCK):
-            block = block.to(s.sum.device, torch.float64)
-            magnitude = block.abs()
-            s.sum += block.sum(0)
-            s.abs_sum += magnitude.sum(0)
-            s.sq_sum += block.square().sum(0)
-            torch.maximum(s.max_abs, magnitude.amax(0), out=s.max_abs)
+        add_first_order(s, rows)
         if not self.second_moment:
             return
-        kept = rows.to(s.sum.device, product_dtype(rows.dtype), copy=True)
         if self._rows is not None:
-            self._rows.append(kept)
+            self._rows.append(rows.to(s.sum.device, product_dtype(rows.dtype), copy=True))
             if s.count <= self.size:
                 return
             # more tokens than neurons: the matrix is the smaller form now
             s.second_moment = torch.zeros(self.size, self.size, dtype=torch.float64, device=s.sum.device)
-            self._pending, self._rows = self._rows, None
+            kept, self._rows = self._rows, None
+            for part in kept:
+                self._push(part)
         else:
-            self._pending.append(kept)
-        self._flush(final=False)
+            self._push(rows)
 
-    def _flush(self, final: bool) -> None:
-        """Add the waiting rows' products: every full block of ``MOMENT_BLOCK`` (with ``final``, all)."""
-        waiting = sum(r.shape[0] for r in self._pending)
-        if not self._pending or (waiting < MOMENT_BLOCK and not final):
-            return
-        rows = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
-        full = waiting if final else waiting - waiting % MOMENT_BLOCK
-        add_gram_upper(self._sums.second_moment, rows[:full])
-        self._pending = [rows[full:].clone()] if full < waiting else []
+    def _push(self, rows: torch.Tensor) -> None:
+        """Copy ``rows`` into the block waiting for x xᵀ, adding its product each time it is full."""
+        while rows.shape[0]:
+            if self._block is None:
+                self._block = torch.empty(MOMENT_BLOCK, self.size, dtype=product_dtype(rows.dtype),
+                                          device=self._sums.sum.device)
+            take = min(MOMENT_BLOCK - self._filled, rows.shape[0])
+            self._block[self._filled:self._filled + take].copy_(rows[:take])
+            self._filled, rows = self._filled + take, rows[take:]
+            if self._filled == MOMENT_BLOCK:
+                add_gram_upper(self._sums.second_moment, self._block)
+                self._filled = 0
+
+    def _flush(self) -> None:
+        """Add the product of the rows still waiting (fewer than a block) and free the block."""
+        if self._filled:
+            add_gram_upper(self._sums.second_moment, self._block[:self._filled])
+        self._block, self._filled = None, 0
 
     @property
     def stats(self) -> LayerStats:
@@ -132,7 +154,7 @@ class Recorder:
         if self._rows is not None:
             return replace(self._sums, activations=torch.cat(self._rows)).cpu()
         if self._sums.second_moment is not None:
-            self._flush(final=True)
+            self._flush()
             mirror_upper(self._sums.second_moment)
         return self._sums.cpu()
 

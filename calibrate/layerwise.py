@@ -22,7 +22,7 @@ from calibrate.batches import real_tokens
 from calibrate.errors import GluPruneError
 from calibrate.footprint import calibration_phases, shapes_of
 from calibrate.glu import check_layers, decoder, decoder_layers, glu_layers
-from calibrate.hooks import TOKEN_BLOCK, HookOwner, real_rows, recording
+from calibrate.hooks import HookOwner, real_rows, recording
 from calibrate.offload import ResidentLoader
 from calibrate.progress import bar
 from calibrate.resources import check_memory, human_bytes, second_moment_bytes
@@ -165,7 +165,7 @@ class LayerRunner:
                     y = real_rows(seen["x"], d.mask)
                     if sums is None:
                         sums = PairedStats.zeros(x.shape[1], x.device)
-                    sums.add(x, y, TOKEN_BLOCK)
+                    sums.add(x, y)
                 results.append(sums.cpu())
                 dense_out.append(outs)
         return results, dense_out

@@ -4,16 +4,18 @@ a one-line refusal, with the fix, when it cannot fit even so."""
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from dataclasses import dataclass
 
 from calibrate.errors import GluPruneError
-from calibrate.footprint import F64, Shapes, calibration_peak, calibration_phases, moment_bytes, rewrite_peak
+from calibrate.footprint import F64, Shapes, activation_bytes, calibration_peak, moment_bytes, rewrite_peak
 from calibrate.resources import MemoryLimit, human_bytes
 from calibrate.spill import layer_spill_bytes, spill_peak
 from pruning.config import PruneConfig
 from pruning.plan import kept_count
 from pruning.registry import RECONSTRUCTIONS
+
+log = logging.getLogger("glu_prune")
 
 SHARE = 0.8  # of the memory limit a run plans to use: the rest for the libraries' own growth
 STREAMS = 2  # second moments per layer: the fit's and the held-out slice's
@@ -82,8 +84,13 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
     is calibrated: one layer's statistics are held, none spilled, only the refits; when that does not
     fit, the plan that refits after calibrating."""
     if cut_as_calibrated and calibrating:
-        with contextlib.suppress(GluPruneError):
+        try:
             return _plan(shapes, config, limit, tokens, batch_tokens, True, held_tokens, cut=True)
+        except GluPruneError:
+            needed = max(_plan(shapes, config, None, tokens, batch_tokens, True, held_tokens, cut=True).peaks.values())
+            log.info("refitting each layer as it is calibrated needs %s, more than %s of the %s available: "
+                     "refitting after calibrating", human_bytes(needed), human_bytes(SHARE * limit.bytes),
+                     human_bytes(limit.bytes))
     return _plan(shapes, config, limit, tokens, batch_tokens, calibrating, held_tokens)
 
 
@@ -107,8 +114,8 @@ def _plan(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | None, tokens
     def peaks(spilled: bool) -> dict[str, int]:
         held_moments = moment_bytes(largest, STREAMS) if spilled and second else moments
         held_refits = (shapes.hidden * max(kept, default=0) * shapes.itemsize if refit else 0) if spilled else refits
-        if cut:  # each refit runs once its layer is calibrated, beside the layer and the captured activations
-            refitting = calibration_phases(shapes, tokens, batch_tokens)[1] + one_refit  # its moments in one_refit
+        if cut:  # each refit runs once its layer's batches are done: beside the layer and the captured states
+            refitting = shapes.layer_bytes + activation_bytes(shapes, tokens, 0) + one_refit  # moments in one_refit
             return {"calibration": max(calibration_peak(shapes, tokens, batch_tokens, streams), refitting)
                     + held_refits, "rewrite": rewrite_peak(shapes, held=held_refits)}
         return {"calibration": calibration_peak(shapes, tokens, batch_tokens, streams,

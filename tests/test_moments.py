@@ -169,3 +169,30 @@ def test_activations_survive_save_load_and_spill(tmp_path):
     spilled = SpilledLayers(tmp_path / "spill")
     spilled[0] = stats.holdout[0]
     assert torch.equal(spilled[0].activations, stats.holdout[0].activations)
+
+
+def test_recorder_blocks_carry_over_batches_bit_for_bit_and_first_order_sums_are_float64(monkeypatch):
+    """Blocks of 7 rows for x xᵀ (several per batch, and rows carried from one batch to the next):
+    the sums do not depend on how the rows arrive, bit for bit; the first-order sums, 5 rows at a
+    time through the buffers, equal float64 ones."""
+    from calibrate import hooks
+    from calibrate.hooks import Recorder, add_first_order
+
+    monkeypatch.setattr(hooks, "MOMENT_BLOCK", 7)
+    rows = torch.randn(40, 24, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for sizes in ((40,), (1,) * 40, (3, 11, 6, 20), (13, 27)):
+        recorder = Recorder(0, 24, second_moment=True)
+        for part in rows.split(list(sizes)):
+            recorder.accumulate(part)
+        runs.append(recorder.stats)
+    for other in runs[1:]:
+        assert torch.equal(other.second_moment, runs[0].second_moment) and other.count == 40
+        assert relative(other.sum, runs[0].sum) < 1e-14 and torch.equal(other.max_abs, runs[0].max_abs)
+    assert relative(runs[0].second_moment, rows.double().T @ rows.double()) < MOMENT_TOLERANCE
+    exact = rows.double()
+    s = LayerStats.zeros(24)
+    add_first_order(s, rows, block=5)
+    assert s.count == 40 and torch.equal(s.max_abs, exact.abs().amax(0))
+    for got, want in ((s.sum, exact.sum(0)), (s.abs_sum, exact.abs().sum(0)), (s.sq_sum, exact.square().sum(0))):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)

@@ -185,8 +185,9 @@ def test_a_cut_as_calibrated_spills_no_statistics_and_falls_back_when_it_does_no
     one_refit = refit_peak(4864, 3891, 896, 1024)  # beside the layer's activations, inside its calibration
     held_everything = plan(64 * GiB).peaks["calibration"]  # every layer's second moments
     assert one_refit + 24 * 896 * 3891 * 8 < roomy.peaks["calibration"] < held_everything / 4
-    tight = cut(2 * GiB)  # the refits go to disk as they are made
-    assert tight.cut_as_calibrated and tight.spill and max(tight.peaks.values()) <= 0.8 * 2 * GiB
+    tight_limit = int(roomy.peaks["calibration"] / 0.8) - 1  # the refits held in memory just do not fit...
+    tight = cut(tight_limit)  # ...so they go to disk as they are made
+    assert tight.cut_as_calibrated and tight.spill and max(tight.peaks.values()) <= 0.8 * tight_limit
     refit_after = plan(int(one_refit / 0.8) + 64 * MiB)  # fits one refit beside one refitted weight...
     assert not refit_after.cut_as_calibrated and refit_after.spill
     fallback = cut(int(one_refit / 0.8) + 64 * MiB)  # ...not beside the activations too: the plan that refits after

@@ -96,6 +96,8 @@ def main() -> None:
                    help="run each prune again without the limit and say whether the checkpoints are equal")
     args = p.parse_args()
     limit = parse_size(args.limit)
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         folder, gguf, size = build(work, args.layers)

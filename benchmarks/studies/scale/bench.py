@@ -95,8 +95,7 @@ def build_model(shape: BenchShape, layers: int, vocab: int, device: str, dtype: 
                          num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-    return model
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
 def token_batches(tokens: int, seq_len: int, batch_size: int, vocab: int) -> list[dict]:
@@ -279,12 +278,14 @@ def print_result(name: str, shape: BenchShape, args, r: dict, phases: dict) -> N
             cuda = f" {p['cuda']:14.0f}" if "cuda" in p else ""
             print(f"{label:18} {p['seconds']:9.2f} {p['seconds'] / r['layers']:9.2f} {p['cpu']:9.2f} "
                   f"{p['rss']:13.0f}{cuda}")
-    c = r["cpu"]
-    print(f"by CPU time: calibration ÷ forward: without x xᵀ {c['first'] / c['forward']:.2f}, OLD "
-          f"{c['old'] / c['forward']:.2f}, NEW {c['new'] / c['forward']:.2f}" + (
-              f"; refit ÷ calibration: OLD {c['old refit'] / c['old']:.2f}," if "old refit" in c else "") + (
-              (" NEW" if "old refit" in c else "; refit ÷ calibration: NEW") + f" {c['new refit'] / c['new']:.2f}"
-              if "new refit" in c else ""))
+    c, f = r["cpu"], r["cpu"]["forward"]
+    by_cpu = [f"calibration ÷ forward: without x xᵀ {c['first'] / f:.2f}, OLD {c['old'] / f:.2f}, "
+              f"NEW {c['new'] / f:.2f}"]
+    if "new refit" in c:
+        old = f"OLD {c['old refit'] / c['old']:.2f}, " if "old refit" in c else ""
+        by_cpu += [f"refit ÷ calibration: {old}NEW {c['new refit'] / c['new']:.2f}", f"total ÷ forward: NEW "
+                   f"{(c['new'] + c['prune']) / f:.2f}, as calibrated {c['as calibrated'] / f:.2f}"]
+    print("by CPU time: " + "; ".join(by_cpu))
     print(f"plain forward: {r['forward_s']:.2f} s ({r['tokens'] / r['forward_s']:.0f} tokens/s)")
     print(f"calibration without x xᵀ ÷ plain forward: {r['first_order_ratio']:.2f}x")
     print(f"calibration with x xᵀ ÷ plain forward: OLD {r['old_calibration_ratio']:.2f}x, "
@@ -370,8 +371,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-old-refit", dest="old_refit", action="store_false", help="skip the OLD refit (slow)")
-    parser.add_argument("--no-refit", dest="refit", action="store_false",
-                        help="calibration only: no refit, no prune")
+    parser.add_argument("--no-refit", dest="refit", action="store_false", help="calibration only: no refit, no prune")
     args = parser.parse_args(argv)
     names = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in names if s not in SHAPES]

@@ -37,10 +37,10 @@ from benchmarks.studies.scale.plan import (
     kept,
     offload_peak_bytes,
 )
+from benchmarks.studies.scale.reference import OLD_TOKEN_BLOCK
 from calibrate.batches import make_batches
 from calibrate.corpora import load_corpus
 from calibrate.glu import decoder, glu_layers
-from calibrate.hooks import TOKEN_BLOCK
 from calibrate.layerwise import LayerRunner, capture_inputs
 from calibrate.offload import offload_model
 from calibrate.resources import human_bytes
@@ -100,7 +100,7 @@ def layer_costs(model_name: str, data_dir: str | None, tokens: int, seq_len: int
             "real": real}
 
 
-def bare_moment_seconds_per_k(size: int, tokens: int = TOKEN_BLOCK, repeats: int = 3) -> float:
+def bare_moment_seconds_per_k(size: int, tokens: int = OLD_TOKEN_BLOCK, repeats: int = 3) -> float:
     """One float32 → float64 conversion and x xᵀ addmm of ``tokens`` rows, per 1000 tokens."""
     x = torch.randn(tokens, size)
     s = torch.zeros(size, size, dtype=torch.float64)

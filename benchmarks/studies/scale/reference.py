@@ -8,8 +8,10 @@ from unittest import mock
 
 import torch
 
-from calibrate.hooks import TOKEN_BLOCK, Recorder, real_rows
+from calibrate.hooks import Recorder, real_rows
 from calibrate.stats import LayerStats
+
+OLD_TOKEN_BLOCK = 4096  # the former recorder's rows converted to float64 at a time
 
 
 def old_accumulate(self: Recorder, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -22,7 +24,7 @@ def old_accumulate(self: Recorder, x: torch.Tensor, mask: torch.Tensor | None = 
         self._sums = LayerStats.zeros(self.size, self.second_moment, rows.device)
     s = self._sums
     s.count += rows.shape[0]
-    for block in rows.split(TOKEN_BLOCK):
+    for block in rows.split(OLD_TOKEN_BLOCK):
         block = block.to(s.sum.device, torch.float64)
         magnitude = block.abs()
         s.sum += block.sum(0)
