@@ -87,11 +87,14 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
         try:
             return _plan(shapes, config, limit, tokens, batch_tokens, True, held_tokens, cut=True)
         except GluPruneError:
-            needed = max(_plan(shapes, config, None, tokens, batch_tokens, True, held_tokens, cut=True).peaks.values())
-            log.info("refitting each layer as it is calibrated needs %s, more than %s of the %s available: "
-                     "refitting after calibrating", human_bytes(needed), human_bytes(SHARE * limit.bytes),
-                     human_bytes(limit.bytes))
-    return _plan(shapes, config, limit, tokens, batch_tokens, calibrating, held_tokens)
+            pass
+    plan = _plan(shapes, config, limit, tokens, batch_tokens, calibrating, held_tokens)  # or refused
+    if cut_as_calibrated and calibrating:  # said only when the fallback fits
+        needed = max(_plan(shapes, config, None, tokens, batch_tokens, True, held_tokens, cut=True).peaks.values())
+        log.info("refitting each layer as it is calibrated needs %s, more than %s of the %s available: "
+                 "refitting after calibrating", human_bytes(needed), human_bytes(SHARE * limit.bytes),
+                 human_bytes(limit.bytes))
+    return plan
 
 
 def _plan(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | None, tokens: int, batch_tokens: int,

@@ -173,7 +173,7 @@ def test_spilling_is_decided_by_each_phase_s_peak():
     assert plan(None).spill  # no limit known: spilled, as before the count
 
 
-def test_a_cut_as_calibrated_spills_no_statistics_and_falls_back_when_it_does_not_fit():
+def test_a_cut_as_calibrated_spills_no_statistics_and_falls_back_when_it_does_not_fit(caplog):
     def cut(limit):
         return plan_offloaded(SHAPES, PruneConfig(ratio=0.2, reconstruct="lstsq"), MemoryLimit(limit, "test"),
                               tokens=8192, batch_tokens=1024, calibrating=True, cut_as_calibrated=True)
@@ -190,8 +190,10 @@ def test_a_cut_as_calibrated_spills_no_statistics_and_falls_back_when_it_does_no
     assert tight.cut_as_calibrated and tight.spill and max(tight.peaks.values()) <= 0.8 * tight_limit
     refit_after = plan(int(one_refit / 0.8) + 64 * MiB)  # fits one refit beside one refitted weight...
     assert not refit_after.cut_as_calibrated and refit_after.spill
-    fallback = cut(int(one_refit / 0.8) + 64 * MiB)  # ...not beside the activations too: the plan that refits after
+    with caplog.at_level(logging.INFO, logger="glu_prune"):
+        fallback = cut(int(one_refit / 0.8) + 64 * MiB)  # ...not beside the activations too: the plan that refits after
     assert fallback == refit_after
+    assert "refitting each layer as it is calibrated needs" in caplog.text  # said, with what it needs
 
 
 def test_a_phase_that_cannot_fit_even_spilled_is_refused_in_one_line_with_the_fix():
