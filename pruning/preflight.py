@@ -83,16 +83,17 @@ def plan_offloaded(shapes: Shapes, config: PruneConfig, limit: MemoryLimit | Non
     ``cut_as_calibrated`` (:func:`pruning.decide.cuts_as_calibrated`) each layer is refitted while it
     is calibrated: one layer's statistics are held, none spilled, only the refits; when that does not
     fit, the plan that refits after calibrating."""
+    cut_needs = None
     if cut_as_calibrated and calibrating:
         try:
             return _plan(shapes, config, limit, tokens, batch_tokens, True, held_tokens, cut=True)
-        except GluPruneError:
-            pass
+        except GluPruneError:  # its least (spilled) peak, said below if the fallback fits
+            least = _plan(shapes, config, None, tokens, batch_tokens, True, held_tokens, cut=True)
+            cut_needs = max(least.peaks.values())
     plan = _plan(shapes, config, limit, tokens, batch_tokens, calibrating, held_tokens)  # or refused
-    if cut_as_calibrated and calibrating:  # said only when the fallback fits
-        needed = max(_plan(shapes, config, None, tokens, batch_tokens, True, held_tokens, cut=True).peaks.values())
+    if cut_needs is not None:
         log.info("refitting each layer as it is calibrated needs %s, more than %s of the %s available: "
-                 "refitting after calibrating", human_bytes(needed), human_bytes(SHARE * limit.bytes),
+                 "refitting after calibrating", human_bytes(cut_needs), human_bytes(SHARE * limit.bytes),
                  human_bytes(limit.bytes))
     return plan
 
